@@ -1,0 +1,130 @@
+"""dnf-pipeline command line: parses options, calls one stage, prints a summary."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, List, Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Diffusion Noise Feature pipeline: shard, extract, train, eval, detect.")
+
+RUN_OPT = typer.Option(..., "--run", help="Run directory (created by `shard`).")
+DEVICE_OPT = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps.")
+
+
+@contextmanager
+def user_errors() -> Iterator[None]:
+    """Known failures print one clear line and exit 2 instead of a traceback."""
+    from pipeline.errors import USER_ERRORS
+
+    try:
+        yield
+    except USER_ERRORS as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+
+
+def _stop_on_sigterm() -> None:
+    """SIGTERM stops like Ctrl-C: the shard in progress is left unmarked and redone on resume."""
+    def handler(signum, frame):  # noqa: ARG001
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, handler)
+
+
+def _print(summary: dict, as_json: bool) -> None:
+    if as_json:
+        typer.echo(json.dumps(summary, indent=2))
+    else:
+        for k, v in summary.items():
+            if not isinstance(v, (list, dict)):
+                typer.echo(f"{k}: {v}")
+
+
+@app.command()
+def shard(
+    inputs: List[Path] = typer.Argument(..., help="Image folders, .csv/.jsonl lists, or image files."),
+    run: Path = RUN_OPT,
+    shard_size: int = typer.Option(1024, help="Images per shard (the unit of work and resume)."),
+    label: Optional[str] = typer.Option(None, help="Force the label of all inputs: real or fake."),
+    source: Optional[str] = typer.Option(None, help="Force the source (generator / set) name."),
+    split: Optional[str] = typer.Option(None, help="Force the split (train, val, test)."),
+    workers: int = typer.Option(2, help="Processes hashing and checking images."),
+    max_pixels: int = typer.Option(8192 * 8192, help="Reject images with more pixels."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+) -> None:
+    """Index images into deterministic manifest shards (key = sha256 of the bytes)."""
+    from stages.shard import run_shard
+
+    with user_errors():
+        summary = run_shard(inputs, run, shard_size, label, source, split, workers, max_pixels)
+    _print(summary, as_json)
+    if not as_json:
+        for row in summary["counts"]:
+            typer.echo(f"  {row['split']:>5} {row['label']:>4} {row['source']}: {row['images']}")
+        if summary["rejects"]:
+            typer.echo(f"rejected files are listed with their reason in {run / 'rejects.jsonl'}")
+
+
+@app.command()
+def extract(
+    run: Path = RUN_OPT,
+    model: Path = typer.Option(..., help="Local diffusers UNet2DModel or DDPM pipeline folder."),
+    size: int = typer.Option(256, help="Images are resized to size x size."),
+    timestep: int = typer.Option(0, help="Diffusion timestep t of the noise prediction."),
+    encoding: str = typer.Option("reference", help="reference (uint8, as the paper saves) or raw (float16)."),
+    batch_size: int = typer.Option(16, help="Images per UNet forward pass."),
+    workers: int = typer.Option(-1, help="Decoding processes (-1: cores - 1, at most 8)."),
+    device: str = DEVICE_OPT,
+    cache_dir: Optional[Path] = typer.Option(None, help="Cache folder (default RUN/cache/<feature-id>)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+) -> None:
+    """Compute the DNF of every image once into the feature cache; rerun to resume."""
+    from stages.extract import ExtractOptions, run_extract
+
+    _stop_on_sigterm()
+    opts = ExtractOptions(model=model, size=size, timestep=timestep, encoding=encoding,
+                          batch_size=batch_size, workers=workers, device=device, cache_dir=cache_dir)
+    with user_errors():
+        try:
+            summary = run_extract(run, opts)
+        except KeyboardInterrupt:
+            typer.echo("interrupted: finished shards are kept; run the same command to resume",
+                       err=True)
+            raise typer.Exit(130) from None
+    _print(summary, as_json)
+
+
+@app.command()
+def status(run: Path = RUN_OPT,
+           as_json: bool = typer.Option(False, "--json", help="Print the status as JSON.")) -> None:
+    """Shards done and pending, images, rejects and cache size of a run."""
+    from pipeline.status import format_status, run_status
+
+    with user_errors():
+        s = run_status(run)
+    typer.echo(json.dumps(s, indent=2) if as_json else format_status(s))
+
+
+@app.command("make-test-model")
+def make_test_model(out: Path = typer.Option(..., help="Folder to write the model to."),
+                    size: int = typer.Option(64, help="The UNet's sample size."),
+                    seed: int = typer.Option(0, help="Seed of the random weights.")) -> None:
+    """Write a tiny randomly initialised DDPM UNet folder, to try the pipeline without weights."""
+    from stages.noise_model import make_test_model as make
+
+    typer.echo(f"wrote {make(out, size, seed)}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    main()

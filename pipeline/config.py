@@ -1,0 +1,53 @@
+"""The extraction config: what makes two caches hold the same features, and its short id."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+
+# Bump when decoding or resizing changes in a way that changes DNF values.
+PREPROCESS_VERSION = "rgb-bicubic-aa-float-v1"
+ENCODINGS = ("reference", "raw")
+
+
+@dataclass(frozen=True)
+class FeatureConfig:
+    """Everything that determines the DNF values of an image (and nothing that does not)."""
+
+    model_fingerprint: str  # sha256 over the UNet's config and weights
+    timestep: int = 0
+    size: int = 256
+    encoding: str = "reference"  # reference: uint8 as save_image writes; raw: float16 eps
+    preprocess: str = PREPROCESS_VERSION
+
+    def __post_init__(self) -> None:
+        if self.encoding not in ENCODINGS:
+            raise ValueError(f"unknown encoding {self.encoding!r}: choose one of {', '.join(ENCODINGS)}")
+        if self.size < 8:
+            raise ValueError(f"--size must be at least 8 (got {self.size})")
+
+    @property
+    def dtype(self) -> str:
+        return "uint8" if self.encoding == "reference" else "float16"
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @property
+    def feature_id(self) -> str:
+        """A 16-hex-digit id of this config; names the cache folder."""
+        text = json.dumps(self.to_json(), sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def describe_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """Readable lines `name: old -> new` for every field that differs between two config dicts."""
+    lines = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            lines += describe_differences(a, b, f"{prefix}{k}.")
+        elif a != b:
+            lines.append(f"{prefix}{k}: {a!r} (cache) vs {b!r} (now)")
+    return lines

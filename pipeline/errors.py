@@ -1,0 +1,14 @@
+"""The errors a user can cause and fix (bad inputs, missing folders, mismatched configs).
+
+The CLI prints these as one line and exits 2; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+from stages.noise_model import ModelError
+from stages.shard import ShardError
+from storage.run import RunError
+from storage.zarr_cache import CacheError
+
+USER_ERRORS: tuple[type[Exception], ...] = (ShardError, RunError, CacheError, ModelError,
+                                            ValueError, FileNotFoundError)

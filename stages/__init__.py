@@ -1,0 +1,1 @@
+"""The pipeline's stages (shard, extract, train, evaluate, detect) and the domain pieces they use."""

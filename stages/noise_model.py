@@ -1,0 +1,108 @@
+"""The noise-feature model: a diffusers UNet2DModel loaded from a local folder, offline.
+
+`NoiseModel.predict(x, t)` is the DNF before encoding: the UNet's noise prediction eps for images
+`x` in [-1, 1] at timestep `t` (the reference uses t = 0, the first DDIM inversion step).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+
+WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+
+
+class ModelError(RuntimeError):
+    """A model folder that cannot be used; the message names the folder and what is missing."""
+
+
+def unet_folder(path: Path | str) -> Path:
+    """The folder holding the UNet's config.json: `path` itself or a pipeline folder's `unet/`."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ModelError(f"{path}: no such model folder (a diffusers UNet2DModel or pipeline folder; "
+                         f"`dnf-pipeline make-test-model --out DIR` writes a tiny one)")
+    for candidate in (path, path / "unet"):
+        if (candidate / "config.json").exists() and any((candidate / w).exists() for w in WEIGHT_NAMES):
+            return candidate
+    raise ModelError(f"{path}: holds no diffusers UNet (config.json and {WEIGHT_NAMES[0]}, "
+                     f"in the folder or in unet/)")
+
+
+def model_fingerprint(path: Path | str) -> str:
+    """sha256 over the UNet's architecture config and its weight bytes; names the model in a cache."""
+    folder = unet_folder(path)
+    config = json.loads((folder / "config.json").read_text())
+    config = {k: v for k, v in config.items() if not k.startswith("_")}  # drop version, origin
+    h = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
+    for name in WEIGHT_NAMES:
+        weights = folder / name
+        if weights.exists():
+            with open(weights, "rb") as f:
+                while chunk := f.read(1 << 24):
+                    h.update(chunk)
+            break
+    return h.hexdigest()
+
+
+class NoiseModel:
+    """A UNet2DModel on a device, in inference mode, predicting eps."""
+
+    def __init__(self, unet: torch.nn.Module, device: torch.device, fingerprint: str, path: str):
+        self.unet = unet.to(device).eval().requires_grad_(False)
+        self.device = device
+        self.fingerprint = fingerprint
+        self.path = path
+        self.levels = len(getattr(unet.config, "block_out_channels", (0,)))
+
+    def check_size(self, size: int) -> None:
+        """The UNet halves the image (levels - 1) times: refuse sizes it cannot take."""
+        step = 2 ** max(self.levels - 1, 0)
+        if size % step:
+            raise ModelError(f"--size {size} is not a multiple of {step}, which this UNet "
+                             f"({self.levels} levels, {self.path}) needs")
+
+    @torch.inference_mode()
+    def predict(self, x: torch.Tensor, timestep: int = 0) -> torch.Tensor:
+        """eps = unet(x, t) in float32, first three channels (learned-sigma models give six)."""
+        t = torch.full((x.shape[0],), timestep, device=x.device, dtype=torch.long)
+        out = self.unet(x, t).sample
+        return out[:, :3].float()
+
+
+def load_noise_model(path: Path | str, device: torch.device) -> NoiseModel:
+    """Load a UNet2DModel from a local folder, never from the network."""
+    from diffusers import UNet2DModel
+
+    folder = unet_folder(path)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        unet = UNet2DModel.from_pretrained(folder, local_files_only=True, low_cpu_mem_usage=False)
+    except Exception as e:  # diffusers raises many kinds; the user needs the folder and the cause
+        raise ModelError(f"{folder}: could not load a UNet2DModel ({type(e).__name__}: {e})") from e
+    if unet.config.in_channels != 3 or unet.config.out_channels < 3:
+        raise ModelError(f"{folder}: the UNet takes {unet.config.in_channels} and gives "
+                         f"{unet.config.out_channels} channels; DNF needs an RGB pixel-space model")
+    return NoiseModel(unet, device, model_fingerprint(folder), str(Path(path).resolve()))
+
+
+def make_test_model(out: Path | str, size: int = 64, seed: int = 0) -> Path:
+    """Write a tiny randomly initialised DDPM pipeline folder (UNet + linear-beta scheduler)."""
+    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DModel(
+        sample_size=size, in_channels=3, out_channels=3, layers_per_block=1,
+        block_out_channels=(16, 32), norm_num_groups=8, attention_head_dim=8,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+    )
+    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02,
+                              beta_schedule="linear")
+    out = Path(out)
+    DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(out, safe_serialization=True)
+    return out

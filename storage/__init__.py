@@ -1,0 +1,1 @@
+"""Everything that touches bytes on disk: run directory, manifest shards, feature caches."""

@@ -1,0 +1,75 @@
+"""Atomic file writes: a reader sees the old file or the whole new one, never a half-written one."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+
+def fsync_dir(path: Path) -> None:
+    """Flush a directory entry (a rename or a new file) to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Write `data` to `path` through a temporary file in the same folder and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def dumps_json(obj: Any) -> str:
+    """Canonical JSON text (sorted keys, indented) so equal objects give equal bytes."""
+    return json.dumps(obj, sort_keys=True, indent=2, ensure_ascii=False) + "\n"
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write `obj` as canonical JSON, atomically."""
+    write_bytes_atomic(path, dumps_json(obj).encode())
+
+
+def write_jsonl_atomic(path: Path, rows: list[dict]) -> None:
+    """Write one compact JSON object a line, atomically."""
+    # ASCII escapes keep file names with non-UTF-8 bytes (surrogates) round-tripping.
+    text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows)
+    write_bytes_atomic(path, text.encode())
+
+
+def read_json(path: Path) -> Any:
+    """Read a JSON file, naming the file in the error when it is not valid JSON."""
+    try:
+        return json.loads(Path(path).read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from e
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """Read a JSON-lines file; an empty or missing file gives an empty list."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    rows = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: not valid JSON ({e})") from e
+    return rows

@@ -1,0 +1,81 @@
+"""Fixtures: a tiny UNet folder and small image datasets made by the tests themselves."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def image_bytes(seed: int, size: tuple[int, int] = (48, 40), mode: str = "RGB", fmt: str = "PNG",
+                smooth: bool = False) -> bytes:
+    """A deterministic small image: noise (real-like) or a smooth gradient blob (fake-like)."""
+    rng = np.random.default_rng(seed)
+    w, h = size
+    if smooth:
+        yy, xx = np.mgrid[0:h, 0:w]
+        base = np.stack([(xx * (3 + c) + yy * (5 + seed % 7)) % 256 for c in range(3)], -1)
+        arr = base.astype(np.uint8)
+    else:
+        arr = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+    im = Image.fromarray(arr, "RGB")
+    if mode != "RGB":
+        im = im.convert(mode)
+    buf = io.BytesIO()
+    im.save(buf, fmt, **({"quality": 90} if fmt == "JPEG" else {}))
+    return buf.getvalue()
+
+
+def write(path: Path, data: bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
+
+
+def make_dataset(root: Path, per_class: int = 6, splits=("train", "val", "test"),
+                 sources=("progan",), size=(48, 40)) -> Path:
+    """CNNDetection layout `{split}/{source}/{0_real,1_fake}/` with PNG and JPEG, grey and RGBA."""
+    seed = 0
+    for split in splits:
+        for source in sources:
+            for label in ("0_real", "1_fake"):
+                for i in range(per_class):
+                    seed += 1
+                    mode = ["RGB", "L", "RGBA", "RGB"][i % 4]
+                    fmt = "JPEG" if (i % 3 == 0 and mode != "RGBA") else "PNG"
+                    data = image_bytes(seed, (size[0] + i, size[1] + 2 * i), mode, fmt,
+                                       smooth=label == "1_fake")
+                    ext = "jpg" if fmt == "JPEG" else "png"
+                    write(root / split / source / label / f"img_{i:03d}.{ext}", data)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    from stages.noise_model import make_test_model
+
+    return make_test_model(tmp_path_factory.mktemp("model") / "tiny", size=32)
+
+
+@pytest.fixture()
+def dataset(tmp_path) -> Path:
+    return make_dataset(tmp_path / "data")
+
+
+def cli(*args: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
+    """Run the real command line in a subprocess, as a user would."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run([sys.executable, str(ROOT / "cli.py"), *map(str, args)], capture_output=True,
+                          text=True, env=env, **kw)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"cli {args} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
