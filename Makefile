@@ -13,7 +13,7 @@ DEVICE     ?= auto
 SHARD_SIZE ?= 1024
 NAME       ?= default
 
-.PHONY: install test test-long lint quickstart shard extract status clean
+.PHONY: install test test-long lint quickstart shard extract status train eval clean
 
 install: $(STAMP)
 
@@ -43,6 +43,12 @@ shard: $(STAMP)
 extract: shard
 	$(CLI) extract --run $(RUN) --model $(MODEL) --device $(DEVICE)
 	$(CLI) status --run $(RUN)
+
+train: $(STAMP)
+	$(CLI) train --run $(RUN) --name $(NAME) --device $(DEVICE)
+
+eval: $(STAMP)
+	$(CLI) eval --run $(RUN) --checkpoint $(RUN)/train/$(NAME)/best.pt --split test --device $(DEVICE)
 
 status: $(STAMP)
 	$(CLI) status --run $(RUN)

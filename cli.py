@@ -101,6 +101,88 @@ def extract(
 
 
 @app.command()
+def train(
+    run: Path = RUN_OPT,
+    name: str = typer.Option("default", help="Results go to RUN/train/NAME/."),
+    epochs: int = typer.Option(20, help="At most this many epochs."),
+    batch_size: int = typer.Option(64, help="Samples per step."),
+    lr: float = typer.Option(1e-4, help="Adam learning rate."),
+    patience: int = typer.Option(5, help="Epochs without val-accuracy gain before lr /= 10."),
+    workers: int = typer.Option(2, help="DataLoader workers reading the cache."),
+    seed: int = typer.Option(0, help="Seed of the init, sample order and flips."),
+    device: str = DEVICE_OPT,
+    amp: bool = typer.Option(True, help="bf16 mixed precision on CUDA (ignored on CPU)."),
+    balance: bool = typer.Option(False, help="Sample real and fake equally often."),
+    init_weights: Optional[Path] = typer.Option(None, help="Local ImageNet ResNet50 weights."),
+    feature_id: Optional[str] = typer.Option(None, help="Which cache, when the run has several."),
+    sources: Optional[List[str]] = typer.Option(None, "--source", help="Train on these sources only."),
+    partial: bool = typer.Option(False, help="Allow a cache whose extraction is unfinished."),
+    max_batches: int = typer.Option(0, help="Batches per epoch at most (0: all)."),
+    resume: bool = typer.Option(False, help="Continue RUN/train/NAME from last.pt."),
+) -> None:
+    """Train a ResNet50 detector on the cached DNF of the train split (reference recipe)."""
+    from stages.train import TrainOptions, run_train
+
+    opts = TrainOptions(name=name, epochs=epochs, batch_size=batch_size, lr=lr, patience=patience,
+                        workers=workers, seed=seed, device=device, amp=amp, balance=balance,
+                        init_weights=str(init_weights) if init_weights else None,
+                        feature_id=feature_id, sources=list(sources or []), partial=partial,
+                        max_batches=max_batches)
+    _stop_on_sigterm()
+    with user_errors():
+        try:
+            summary = run_train(run, opts, resume=resume)
+        except KeyboardInterrupt:
+            typer.echo("interrupted: finished epochs are in last.pt; rerun with --resume", err=True)
+            raise typer.Exit(130) from None
+    _print(summary, False)
+
+
+@app.command("eval")
+def evaluate(
+    run: Path = RUN_OPT,
+    checkpoint: Path = typer.Option(..., help="best.pt / last.pt, or a reference .pth checkpoint."),
+    split: str = typer.Option("test", help="Which split to evaluate."),
+    name: Optional[str] = typer.Option(None, help="Results go to RUN/eval/NAME/."),
+    feature_id: Optional[str] = typer.Option(None, help="Which cache, when the run has several."),
+    batch_size: int = typer.Option(64, help="Samples per forward pass."),
+    workers: int = typer.Option(2, help="DataLoader workers reading the cache."),
+    device: str = DEVICE_OPT,
+) -> None:
+    """Predict a split from the cache; write predictions.csv, report.json and report.md."""
+    from stages.evaluate import run_eval
+
+    with user_errors():
+        summary = run_eval(run, checkpoint, split, name, feature_id, batch_size, workers, device)
+    typer.echo((Path(summary["out"]) / "report.md").read_text())
+    _print(summary, False)
+
+
+@app.command()
+def detect(
+    images: List[Path] = typer.Argument(..., help="Image files or folders."),
+    model: Path = typer.Option(..., help="The diffusion model folder the detector was trained with."),
+    checkpoint: Path = typer.Option(..., help="Detector checkpoint (ours or reference format)."),
+    device: str = DEVICE_OPT,
+    batch_size: int = typer.Option(16, help="Images per forward pass."),
+    threshold: float = typer.Option(0.5, help="Probability above which an image is called generated."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON object per line."),
+) -> None:
+    """Probability that each image is generated, computed directly (no cache)."""
+    from stages.detect import run_detect
+
+    with user_errors():
+        results = run_detect(images, model, checkpoint, device, batch_size, threshold)
+    for r in results:
+        if as_json:
+            typer.echo(json.dumps(r))
+        elif r["verdict"] == "error":
+            typer.echo(f"{r['path']}\t-\terror: {r['error']}")
+        else:
+            typer.echo(f"{r['path']}\t{r['probability']:.4f}\t{r['verdict']}")
+
+
+@app.command()
 def status(run: Path = RUN_OPT,
            as_json: bool = typer.Option(False, "--json", help="Print the status as JSON.")) -> None:
     """Shards done and pending, images, rejects and cache size of a run."""

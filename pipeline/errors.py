@@ -5,10 +5,13 @@ The CLI prints these as one line and exits 2; anything else is a bug and keeps i
 
 from __future__ import annotations
 
+from stages.classifier import CheckpointError
 from stages.noise_model import ModelError
 from stages.shard import ShardError
+from stages.train import TrainError
 from storage.run import RunError
 from storage.zarr_cache import CacheError
 
-USER_ERRORS: tuple[type[Exception], ...] = (ShardError, RunError, CacheError, ModelError,
-                                            ValueError, FileNotFoundError)
+USER_ERRORS: tuple[type[Exception], ...] = (
+    ShardError, RunError, CacheError, ModelError, CheckpointError, TrainError, ValueError,
+    FileNotFoundError)

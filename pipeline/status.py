@@ -7,14 +7,7 @@ from pathlib import Path
 
 from pipeline.queue import ShardQueue
 from storage.run import Run
-from storage.zarr_cache import ZarrCache
-
-
-def caches_of(run: Run) -> list[ZarrCache]:
-    """Every feature cache folder of the run, by feature id."""
-    if not run.cache_root.exists():
-        return []
-    return [ZarrCache(p) for p in sorted(run.cache_root.iterdir()) if (p / "config.json").exists()]
+from storage.zarr_cache import ZarrCache, caches_in
 
 
 def cache_status(cache: ZarrCache, num_shards: int) -> dict:
@@ -47,7 +40,7 @@ def run_status(run_dir: Path) -> dict:
         "files_seen": info["files"],
         "rejected_at_shard": info["rejects"],
         "duplicates": info["duplicates"],
-        "caches": [cache_status(c, info["num_shards"]) for c in caches_of(run)],
+        "caches": [cache_status(c, info["num_shards"]) for c in caches_in(run.cache_root)],
     }
 
 

@@ -51,6 +51,12 @@ def main() -> None:
     dnf("shard", str(data), "--run", str(run), "--shard-size", "16")
     dnf("extract", "--run", str(run), "--model", str(model), "--size", "32", "--batch-size", "8")
     dnf("status", "--run", str(run))
+    ckpt = run / "train" / "quickstart" / "best.pt"
+    if not ckpt.exists():
+        dnf("train", "--run", str(run), "--name", "quickstart", "--epochs", "2", "--batch-size", "16")
+    dnf("eval", "--run", str(run), "--checkpoint", str(ckpt), "--name", "quickstart")
+    dnf("detect", str(data / "test" / "toy" / "1_fake" / "000.png"), "--model", str(model),
+        "--checkpoint", str(ckpt))
 
 
 if __name__ == "__main__":

@@ -158,3 +158,24 @@ class ZarrCache:
         for dirpath, _, files in os.walk(self.root):
             total += sum(os.path.getsize(os.path.join(dirpath, f)) for f in files)
         return total
+
+
+def caches_in(cache_root: Path) -> list[ZarrCache]:
+    """Every feature cache folder under a run's `cache/`, by feature id."""
+    if not cache_root.exists():
+        return []
+    return [ZarrCache(p) for p in sorted(cache_root.iterdir()) if (p / "config.json").exists()]
+
+
+def find_cache(cache_root: Path, feature_id: str | None = None) -> ZarrCache:
+    """The cache with this feature id (a prefix will do), or the only cache when none is given."""
+    caches = caches_in(cache_root)
+    if feature_id:
+        caches = [c for c in caches if c.root.name.startswith(feature_id)]
+    if len(caches) == 1:
+        return caches[0]
+    names = ", ".join(c.root.name for c in caches_in(cache_root)) or "none"
+    if not caches:
+        raise CacheError(f"{cache_root}: no feature cache{' ' + feature_id if feature_id else ''} "
+                         f"(caches: {names}); run `extract` first")
+    raise CacheError(f"{cache_root}: several feature caches ({names}); choose one with --feature-id")

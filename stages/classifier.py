@@ -1,0 +1,84 @@
+"""The detector: torchvision ResNet50 with one logit, its input transform, and its checkpoints.
+
+Checkpoints are `{"model": state_dict, ...}` as the reference code saves them; ours add the feature
+config they were trained on. Loading never unpickles code (`torch.load(weights_only=True)`).
+"""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import torch
+from torch import nn
+from torchvision.models import resnet50
+
+
+class CheckpointError(RuntimeError):
+    """A file that is not a usable detector checkpoint; the message names it and says why."""
+
+
+def build_resnet50(init_weights: Path | None = None, seed: int | None = None) -> nn.Module:
+    """ResNet50 with `fc` 2048 -> 1; random init as the reference (fc weights from N(0, 0.02)),
+    or ImageNet weights from a local file when `init_weights` is given (never downloaded)."""
+    if seed is not None:
+        torch.manual_seed(seed)
+    model = resnet50(weights=None)
+    if init_weights is not None:
+        state = _load_state(Path(init_weights))
+        state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if unexpected or set(missing) - {"fc.weight", "fc.bias"}:
+            raise CheckpointError(f"{init_weights}: not ResNet50 weights (missing {missing[:3]}, "
+                                  f"unexpected {unexpected[:3]})")
+    model.fc = nn.Linear(2048, 1)
+    nn.init.normal_(model.fc.weight.data, 0.0, 0.02)
+    return model
+
+
+def classifier_input(dnf: torch.Tensor) -> torch.Tensor:
+    """Stored DNF to the network's input: uint8 / 255 (reference encoding), float16 eps as float."""
+    if dnf.dtype == torch.uint8:
+        return dnf.float().div_(255.0)
+    return dnf.float()
+
+
+def _load_state(path: Path) -> dict:
+    """A state dict from a file, safely; unwraps {"model": ...} / {"state_dict": ...} and `module.`."""
+    return _read(path)[0]
+
+
+def _read(path: Path) -> tuple[dict, dict]:
+    """(state dict, the other top-level entries) of a checkpoint file, loaded safely."""
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"{path}: refused: loading it would need more than plain tensors "
+                              f"(weights_only=True): {str(e).splitlines()[0]}") from e
+    except Exception as e:  # zip errors, truncated files, not a torch file at all
+        raise CheckpointError(f"{path}: not a torch checkpoint ({type(e).__name__}: {e})") from e
+    meta = {}
+    if isinstance(obj, dict):
+        for k in ("model", "state_dict"):
+            if isinstance(obj.get(k), dict):
+                meta = {m: v for m, v in obj.items() if m != k}
+                obj = obj[k]
+                break
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path}: holds no state dict of tensors")
+    return {k.removeprefix("module."): v for k, v in obj.items()}, meta
+
+
+def load_checkpoint(path: Path | str) -> tuple[nn.Module, dict]:
+    """The detector of a checkpoint (ours or the reference's) and its metadata (may be empty)."""
+    path = Path(path)
+    state, meta = _read(path)
+    model = build_resnet50()
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"{path}: not a ResNet50 detector with fc 2048 -> 1 "
+                              f"({str(e).splitlines()[0]})") from e
+    return model.eval(), meta

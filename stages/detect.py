@@ -1,0 +1,70 @@
+"""`detect`: is this image generated? DNF computed on the fly with the checkpoint's feature
+config (no cache), then the detector's probability."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from pipeline.device import resolve_device
+from stages.classifier import classifier_input, load_checkpoint
+from stages.extract import encode
+from stages.images import DecodeError, decode_rgb, preprocess
+from stages.noise_model import ModelError, load_noise_model
+
+REFERENCE_FEATURE = {"size": 256, "timestep": 0, "encoding": "reference"}
+
+
+def list_images(inputs: list[Path]) -> list[Path]:
+    """Files as given; folders walked in sorted order."""
+    out = []
+    for inp in map(Path, inputs):
+        if inp.is_dir():
+            for dirpath, dirnames, files in os.walk(inp):
+                dirnames.sort()
+                out += [Path(dirpath) / f for f in sorted(files)]
+        else:
+            out.append(inp)
+    return out
+
+
+@torch.inference_mode()
+def run_detect(inputs: list[Path], model_path: Path, checkpoint: Path, device: str = "auto",
+               batch_size: int = 16, threshold: float = 0.5) -> list[dict]:
+    """One result per image: path, probability of being generated, verdict (or the error)."""
+    dev = resolve_device(device)
+    detector, meta = load_checkpoint(checkpoint)
+    detector.to(dev)
+    feature = meta.get("feature", REFERENCE_FEATURE)
+    noise_model = load_noise_model(model_path, dev)
+    expected = feature.get("model_fingerprint")
+    if expected and expected != noise_model.fingerprint:
+        raise ModelError(f"{model_path} is not the diffusion model {checkpoint} was trained with "
+                         f"(weights fingerprint {noise_model.fingerprint[:12]} vs {expected[:12]})")
+    results, batch = [], []
+
+    def flush() -> None:
+        if not batch:
+            return
+        x = torch.stack([t for _, t in batch]).to(dev)
+        dnf = encode(noise_model.predict(x, feature["timestep"]), feature["encoding"])
+        probs = torch.sigmoid(detector(classifier_input(dnf)).float().squeeze(1)).cpu().tolist()
+        for (res, _), p in zip(batch, probs, strict=True):
+            res.update(probability=round(p, 6), verdict="generated" if p > threshold else "real")
+        batch.clear()
+
+    for path in list_images(inputs):
+        res = {"path": str(path)}
+        results.append(res)
+        try:
+            img = decode_rgb(path.read_bytes())
+        except (DecodeError, OSError) as e:
+            res.update(probability=None, verdict="error", error=str(e))
+            continue
+        batch.append((res, preprocess(img, feature["size"])))
+        if len(batch) >= batch_size:
+            flush()
+    flush()
+    return results

@@ -1,0 +1,130 @@
+"""`eval`: predictions for every sample of a split and the per-source report papers print.
+
+Each source (generator / test set) gets accuracy at 0.5, AP, ROC AUC, real and fake accuracy.
+A source holding only generated images (DiffusionForensics `<set>/<generator>`) is scored against
+the real images of its set (`<set>/real`, or every real image of the split when there is no set),
+as the field reports per-generator AP.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.config import describe_differences
+from pipeline.device import resolve_device
+from stages.classifier import load_checkpoint
+from stages.train import binary_metrics, predict
+from storage.atomic import write_bytes_atomic, write_json_atomic
+from storage.feature_dataset import cache_index
+from storage.run import Run
+from storage.zarr_cache import CacheError, find_cache
+
+METRIC_COLUMNS = ("n_real", "n_fake", "acc", "ap", "auc", "real_acc", "fake_acc")
+
+
+def check_feature_match(checkpoint: Path, meta: dict, cache_config: dict, cache_root: Path) -> str:
+    """Refuse a cache of other features than the checkpoint's; a note for reference checkpoints."""
+    if "feature" not in meta:
+        enc = cache_config["feature"]["encoding"]
+        if enc != "reference":
+            raise CacheError(f"{checkpoint} is a reference-format checkpoint (trained on the reference "
+                             f"encoding) but {cache_root} holds {enc!r} features")
+        return "reference checkpoint: no feature config recorded; assumes the reference encoding"
+    diff = describe_differences(meta["feature"], cache_config["feature"])
+    if diff:
+        raise CacheError(f"{checkpoint} was trained on other features than {cache_root} holds:\n  "
+                         + "\n  ".join(d.replace("(cache)", "(checkpoint)").replace("(now)", "(cache)")
+                                       for d in diff))
+    return "feature config matches the checkpoint"
+
+
+def source_groups(sources: list[str], labels: np.ndarray) -> dict[str, np.ndarray]:
+    """Row masks per source; single-class fake sources get their set's real images added."""
+    sources_arr = np.asarray(sources, dtype=object)
+    groups = {}
+    for src in sorted(set(sources)):
+        mask = sources_arr == src
+        if np.all(labels[mask] == 1):
+            prefix = src.split("/")[0] if "/" in src else None
+            reals = labels == 0
+            if prefix is not None:
+                same_set = np.array([s.startswith(prefix + "/") for s in sources], dtype=bool)
+                if (reals & same_set).any():
+                    reals &= same_set
+            mask = mask | reals
+        groups[src] = mask
+    return groups
+
+
+def report(labels: np.ndarray, probs: np.ndarray, sources: list[str]) -> dict:
+    """Per-source and overall metrics."""
+    groups = source_groups(sources, labels)
+    rows = {src: binary_metrics(labels[m], probs[m]) for src, m in groups.items()}
+    per_generator = {src: r for src, r in rows.items() if r["n_fake"]}
+    mean = {k: float(np.mean([r[k] for r in per_generator.values() if r[k] is not None]))
+            for k in ("acc", "ap") if any(r[k] is not None for r in per_generator.values())}
+    return {"sources": rows, "overall": binary_metrics(labels, probs), "mean_over_sources": mean}
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "-"
+    return f"{100 * v:.1f}" if isinstance(v, float) else str(v)
+
+
+def report_markdown(rep: dict, title: str) -> str:
+    """The report as a table: a row per source, then the mean over sources and overall."""
+    head = ["source", "real", "fake", "acc", "AP", "AUC", "real acc", "fake acc"]
+    lines = [f"# {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for src, r in rep["sources"].items():
+        lines.append("| " + " | ".join([src] + [_fmt(r[k]) for k in METRIC_COLUMNS]) + " |")
+    o, m = rep["overall"], rep["mean_over_sources"]
+    lines.append("| **mean over sources** | | | " + _fmt(m.get("acc")) + " | " + _fmt(m.get("ap"))
+                 + " | | | |")
+    lines.append("| **overall** | " + " | ".join(_fmt(o[k]) for k in METRIC_COLUMNS) + " |")
+    lines += ["", "Metrics in percent: accuracy at threshold 0.5; AP = average precision; "
+              "sources with only generated images are scored with the real images of their set."]
+    return "\n".join(lines) + "\n"
+
+
+def run_eval(run_dir: Path, checkpoint: Path, split: str = "test", name: str | None = None,
+             feature_id: str | None = None, batch_size: int = 64, workers: int = 2,
+             device: str = "auto") -> dict:
+    """Predict every cached sample of `split`, write predictions.csv, report.json, report.md."""
+    run = Run(run_dir)
+    run.info()
+    model, meta = load_checkpoint(checkpoint)
+    cache = find_cache(run.cache_root, feature_id or meta.get("feature_id"))
+    cache_config = cache.config()
+    note = check_feature_match(checkpoint, meta, cache_config, cache.root)
+    index = cache_index(cache, split)
+    if len(index) == 0:
+        raise CacheError(f"{cache.root}: no cached samples in split {split!r}")
+    dev = resolve_device(device)
+    model.to(dev)
+    if dev.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    probs = predict(model, cache, index, dev, batch_size, workers)
+    paths = {e.key: e.path for e in run.entries()}
+    name = name or f"{Path(checkpoint).parent.name}-{split}"
+    out = run.root / "eval" / name
+    out.mkdir(parents=True, exist_ok=True)
+    lines = [["key", "path", "source", "label", "probability"]]
+    lines += [[k, paths.get(k, ""), s, int(y), f"{p:.6f}"]
+              for k, s, y, p in zip(index.keys, index.sources, index.labels, probs, strict=True)]
+    with open(out / "predictions.csv.tmp", "w", newline="") as f:
+        csv.writer(f).writerows(lines)
+    (out / "predictions.csv.tmp").replace(out / "predictions.csv")
+    # metrics from the probabilities exactly as written, so the report can be recomputed from the CSV
+    rounded = np.array([float(r[4]) for r in lines[1:]])
+    rep = report(index.labels, rounded, index.sources)
+    rep.update({"checkpoint": str(checkpoint), "split": split, "feature_id": cache_config["feature_id"],
+                "note": note})
+    write_json_atomic(out / "report.json", rep)
+    write_bytes_atomic(out / "report.md", report_markdown(
+        rep, f"{name}: {Path(checkpoint).name} on {split} ({cache_config['feature_id']})").encode())
+    return {"out": str(out), **{k: rep["overall"][k] for k in ("n", "acc", "ap", "auc")}, "note": note}

@@ -1,0 +1,243 @@
+"""`train`: a ResNet50 detector from the feature cache, with the reference recipe by default.
+
+Adam (lr 1e-4, betas 0.9/0.999), BCE-with-logits, random horizontal flip, and CNNDetection's
+schedule: when validation accuracy has not improved by 0.001 for `patience` epochs, lr /= 10;
+stop once lr < 1e-6 or after `epochs`. Each epoch's randomness (order, flips) derives from
+(seed, epoch), so `--resume` from `last.pt` continues exactly as an uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from pipeline.config import describe_differences
+from pipeline.device import resolve_device
+from pipeline.progress import Progress
+from stages.classifier import build_resnet50, classifier_input
+from storage.atomic import write_bytes_atomic
+from storage.feature_dataset import CacheDataset, CacheIndex, cache_index
+from storage.run import Run, RunError
+from storage.zarr_cache import ZarrCache, find_cache
+
+MIN_LR = 1e-6
+IMPROVE_DELTA = 1e-3
+
+
+@dataclass
+class TrainOptions:
+    """Options of a training run; those in `RECIPE` must match when resuming."""
+
+    name: str = "default"
+    epochs: int = 20
+    batch_size: int = 64
+    lr: float = 1e-4
+    patience: int = 5
+    workers: int = 2
+    seed: int = 0
+    device: str = "auto"
+    amp: bool = True  # mixed precision (bf16) on CUDA only
+    balance: bool = False  # sample real and fake equally often
+    init_weights: str | None = None  # local ImageNet ResNet50 weights; default: random init
+    feature_id: str | None = None
+    sources: list[str] = field(default_factory=list)  # train on these sources only
+    partial: bool = False  # allow a cache whose extraction has not finished
+    max_batches: int = 0  # stop each epoch after this many batches (0: all); for smoke tests
+
+
+RECIPE = ("batch_size", "lr", "patience", "seed", "balance", "init_weights", "feature_id", "sources")
+
+
+class TrainError(RuntimeError):
+    """A training run that cannot start or resume as asked."""
+
+
+def epoch_order(labels: np.ndarray, seed: int, epoch: int, balance: bool) -> list[int]:
+    """The sample order of one epoch: a permutation, or class-balanced draws with replacement."""
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    n = len(labels)
+    if not balance:
+        return torch.randperm(n, generator=g).tolist()
+    counts = np.bincount(labels, minlength=2).astype(np.float64)
+    weights = torch.from_numpy(1.0 / counts[labels])
+    return torch.multinomial(weights, n, replacement=True, generator=g).tolist()
+
+
+def random_flip(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Flip each sample horizontally with probability 1/2 (drawn from `g`, on the CPU)."""
+    mask = (torch.rand(x.shape[0], generator=g) < 0.5).to(x.device)
+    return torch.where(mask[:, None, None, None], x.flip(-1), x)
+
+
+def autocast(device: torch.device, enabled: bool):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled and device.type == "cuda")
+
+
+@torch.inference_mode()
+def predict(model: nn.Module, cache: ZarrCache, index: CacheIndex, device: torch.device,
+            batch_size: int, workers: int, amp: bool = False) -> np.ndarray:
+    """Probabilities of being generated for every row of the index, in order."""
+    model.eval()
+    loader = DataLoader(CacheDataset(cache, index), batch_size=batch_size, shuffle=False,
+                        num_workers=workers, pin_memory=device.type == "cuda")
+    probs = []
+    for x, _ in loader:
+        x = classifier_input(x.to(device, non_blocking=True))
+        if device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(device, amp):
+            logits = model(x).float().squeeze(1)
+        probs.append(torch.sigmoid(logits).cpu().numpy())
+    return np.concatenate(probs) if probs else np.zeros(0, dtype=np.float32)
+
+
+def binary_metrics(labels: np.ndarray, probs: np.ndarray) -> dict:
+    """Accuracy at 0.5, AP, ROC AUC, real and fake accuracy (scikit-learn), with counts."""
+    from sklearn.metrics import accuracy_score, average_precision_score, roc_auc_score
+
+    labels = np.asarray(labels).astype(int)
+    pred = (np.asarray(probs) > 0.5).astype(int)
+    both = len(np.unique(labels)) == 2
+    real, fake = labels == 0, labels == 1
+    return {
+        "n": int(len(labels)), "n_real": int(real.sum()), "n_fake": int(fake.sum()),
+        "acc": float(accuracy_score(labels, pred)) if len(labels) else None,
+        "ap": float(average_precision_score(labels, probs)) if both else None,
+        "auc": float(roc_auc_score(labels, probs)) if both else None,
+        "real_acc": float(accuracy_score(labels[real], pred[real])) if real.any() else None,
+        "fake_acc": float(accuracy_score(labels[fake], pred[fake])) if fake.any() else None,
+    }
+
+
+def _rng_state() -> dict:
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def save_checkpoint(path: Path, model: nn.Module, extra: dict) -> None:
+    """Atomically: a kill while saving leaves the previous checkpoint intact."""
+    import io
+
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), **extra}, buf)
+    write_bytes_atomic(path, buf.getvalue())
+
+
+def run_train(run_dir: Path, opts: TrainOptions, resume: bool = False) -> dict:
+    """Train (or resume) `RUN/train/NAME/`; return the final epoch's metrics."""
+    run = Run(run_dir)
+    run.info()
+    cache = find_cache(run.cache_root, opts.feature_id)
+    cache_config = cache.config()
+    pending = cache_config["manifest"]["num_shards"] - len(cache.done_shards())
+    if pending and not opts.partial:
+        raise TrainError(f"{cache.root}: extraction is not finished ({pending} shards pending); "
+                         f"run `extract` again, or pass --partial to train on what is there")
+    train_idx = cache_index(cache, "train", opts.sources or None)
+    val_idx = cache_index(cache, "val", opts.sources or None)
+    if len(train_idx) == 0 or len(np.unique(train_idx.labels)) < 2:
+        raise TrainError(f"{cache.root}: the train split needs real and fake images "
+                         f"(has {np.bincount(train_idx.labels, minlength=2).tolist()} real/fake)")
+    out = run.root / "train" / opts.name
+    last = out / "last.pt"
+    device = resolve_device(opts.device)
+    model = build_resnet50(Path(opts.init_weights) if opts.init_weights else None, seed=opts.seed)
+    model.to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.Adam(model.parameters(), lr=opts.lr, betas=(0.9, 0.999))
+    state = {"epoch": 0, "lr": opts.lr, "best_acc": -1.0, "stale": 0, "best_epoch": None}
+    recipe = {k: getattr(opts, k) for k in RECIPE}
+    if last.exists() and not resume:
+        raise TrainError(f"{out} already holds a training run; pass --resume to continue it, "
+                         f"or choose another --name")
+    if resume:
+        if not last.exists():
+            raise TrainError(f"{last} not found: nothing to resume; drop --resume to start")
+        ckpt = torch.load(last, map_location="cpu", weights_only=True)
+        diff = describe_differences(ckpt["train"]["recipe"], recipe)
+        if diff:
+            raise TrainError(f"{last} was trained with other settings:\n  " + "\n  ".join(diff))
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        state = ckpt["train"]["state"]
+        torch.set_rng_state(ckpt["rng"]["torch"])
+    out.mkdir(parents=True, exist_ok=True)
+    loss_fn = nn.BCEWithLogitsLoss()
+    meta = {"feature": cache_config["feature"], "feature_id": cache_config["feature_id"]}
+    init = f"imagenet:{opts.init_weights}" if opts.init_weights else "random (reference)"
+    metrics_path = out / "metrics.jsonl"
+    if not resume:
+        metrics_path.write_text("")
+    dataset = CacheDataset(cache, train_idx)
+    record = {}
+    while state["epoch"] < opts.epochs and state["lr"] >= MIN_LR:
+        epoch = state["epoch"]
+        for group in optimizer.param_groups:
+            group["lr"] = state["lr"]
+        order = epoch_order(train_idx.labels, opts.seed, epoch, opts.balance)
+        if opts.max_batches:
+            order = order[: opts.max_batches * opts.batch_size]
+        flip_g = torch.Generator().manual_seed(opts.seed * 100_003 + 50_000 + epoch)
+        loader = DataLoader(dataset, batch_size=opts.batch_size, sampler=order, num_workers=opts.workers,
+                            pin_memory=device.type == "cuda", drop_last=False,
+                            persistent_workers=False)
+        model.train()
+        progress = Progress(len(order), f"train {opts.name} epoch {epoch + 1}", unit="sample")
+        t0, data_wait, losses = time.perf_counter(), 0.0, []
+        t_wait = time.perf_counter()
+        for x, y in loader:
+            data_wait += time.perf_counter() - t_wait
+            x = random_flip(classifier_input(x.to(device, non_blocking=True)), flip_g)
+            if device.type == "cuda":
+                x = x.contiguous(memory_format=torch.channels_last)
+            y = y.to(device, non_blocking=True).float()
+            with autocast(device, opts.amp):
+                logits = model(x).float().squeeze(1)
+            loss = loss_fn(logits, y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+            progress.update(len(y), f"loss {losses[-1]:.4f}")
+            t_wait = time.perf_counter()
+        progress.close()
+        train_s = time.perf_counter() - t0
+        val = binary_metrics(val_idx.labels, predict(model, cache, val_idx, device, opts.batch_size,
+                                                     opts.workers, opts.amp)) if len(val_idx) else {}
+        val_acc = val.get("acc") or 0.0
+        improved = val_acc > state["best_acc"] + IMPROVE_DELTA
+        if improved:
+            state.update(best_acc=val_acc, stale=0, best_epoch=epoch + 1)
+        else:
+            state["stale"] += 1
+        record = {
+            "epoch": epoch + 1, "lr": state["lr"], "train_loss": float(np.mean(losses)),
+            "train_samples": len(order), "train_seconds": round(train_s, 3),
+            "train_samples_per_s": round(len(order) / train_s, 2),
+            "data_wait_fraction": round(data_wait / train_s, 3),
+            **{f"val_{k}": v for k, v in val.items()}, "init": init,
+        }
+        if state["stale"] >= opts.patience:
+            state.update(lr=state["lr"] / 10, stale=0)
+        state["epoch"] = epoch + 1
+        extra = {**meta, "train": {"recipe": recipe, "state": state, "init": init,
+                                   "options": asdict(opts)}}
+        if improved:
+            save_checkpoint(out / "best.pt", model, extra)
+        save_checkpoint(last, model, {**extra, "optimizer": optimizer.state_dict(), "rng": _rng_state()})
+        with open(metrics_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        progress.write(f"epoch {epoch + 1}: loss {record['train_loss']:.4f}, val acc {val_acc:.4f}, "
+                       f"{record['train_samples_per_s']} samples/s, lr {state['lr']:g}")
+    if not (out / "best.pt").exists():
+        raise RunError(f"{out}: no epoch was trained (epochs={opts.epochs})")
+    return {"out": str(out), "epochs_done": state["epoch"], "best_epoch": state["best_epoch"],
+            "best_val_acc": state["best_acc"], **{k: v for k, v in record.items() if k != "init"}}
