@@ -39,11 +39,17 @@ def extract(run: Path, model: Path, **kw) -> dict:
 
 def test_end_to_end_values_match_reference(tmp_path, tiny_model):
     data = make_dataset(tmp_path / "data", per_class=3)
-    run_shard([data], tmp_path / "run", shard_size=5)
-    summary = extract(tmp_path / "run", tiny_model)
+    write(data / "test/progan/0_real/corrupt.jpg", image_bytes(77, fmt="JPEG")[:300])
+    write(data / "test/progan/1_fake/readme.png", b"<html>not an image</html>")
+    shard_summary = run_shard([data], tmp_path / "run", shard_size=5)
+    # batch 1 as below: on the CPU the batch size can move eps in the last float bits
+    summary = extract(tmp_path / "run", tiny_model, batch_size=1)
     run = Run(tmp_path / "run")
     entries = run.entries()
     assert summary["images"] == len(entries) == 18 and summary["rejected"] == 0
+    # every input file is accounted for: cached, rejected (with a reason) or a duplicate
+    assert shard_summary["files"] == 20 == summary["images"] + len(run.rejects()) + len(run.duplicates())
+    assert {r["path"].rsplit("/", 1)[-1] for r in run.rejects()} == {"corrupt.jpg", "readme.png"}
     group = zarr.open_group(summary["cache"] + "/features.zarr", mode="r")  # plain zarr reads it
     assert group["dnf"].shape == (18, 3, SIZE, SIZE) and group["dnf"].dtype == np.uint8
     assert [str(k) for k in group["key"][:]] == [e.key for e in entries]

@@ -57,6 +57,19 @@ def test_resume_continues_exactly(cached_run):
     assert json.loads(lines[0])["init"] == "random (reference)"
 
 
+def test_init_weights_from_a_local_file(cached_run, tmp_path):
+    from torchvision.models import resnet50
+
+    torch.manual_seed(5)
+    imagenet_like = resnet50(weights=None)  # 1000-class head: only the backbone is taken
+    torch.save(imagenet_like.state_dict(), tmp_path / "r50.pth")
+    run_train(cached_run, opts("init", epochs=1, init_weights=str(tmp_path / "r50.pth")))
+    first = json.loads((cached_run / "train/init/metrics.jsonl").read_text().splitlines()[0])
+    assert first["init"].startswith("imagenet:")
+    with pytest.raises(CheckpointError, match="no such checkpoint"):
+        run_train(cached_run, opts("init2", init_weights=str(tmp_path / "none.pth")))
+
+
 def test_lr_schedule_drops_and_stops(cached_run):
     # patience 1: the second epoch can only match or beat the first by < 0.001 rarely; with lr
     # 1e-5 two drops reach 1e-7 < 1e-6 and training stops before `epochs`.
