@@ -31,7 +31,7 @@ def user_errors() -> Iterator[None]:
 
 
 def _stop_on_sigterm() -> None:
-    """SIGTERM stops like Ctrl-C: the shard in progress is left unmarked and redone on resume."""
+    """SIGTERM stops like Ctrl-C (training keeps its finished epochs in last.pt)."""
     def handler(signum, frame):  # noqa: ARG001
         raise KeyboardInterrupt
     signal.signal(signal.SIGTERM, handler)
@@ -84,20 +84,25 @@ def extract(
     workers: int = typer.Option(-1, help="Decoding processes (-1: cores - 1, at most 8)."),
     device: str = DEVICE_OPT,
     cache_dir: Optional[Path] = typer.Option(None, help="Cache folder (default RUN/cache/<feature-id>)."),
+    redo: Optional[List[int]] = typer.Option(None, "--redo", help="Compute this shard again (repeatable)."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
-    """Compute the DNF of every image once into the feature cache; rerun to resume."""
+    """Compute the DNF of every image once into the feature cache; rerun to resume.
+
+    Ctrl-C or SIGTERM stops after the current batch; a second Ctrl-C stops at once."""
+    from pipeline.signals import Stopped
     from stages.extract import ExtractOptions, run_extract
 
-    _stop_on_sigterm()
     opts = ExtractOptions(model=model, size=size, timestep=timestep, encoding=encoding,
-                          batch_size=batch_size, workers=workers, device=device, cache_dir=cache_dir)
+                          batch_size=batch_size, workers=workers, device=device, cache_dir=cache_dir,
+                          redo=tuple(redo or ()))
     with user_errors():
         try:
             summary = run_extract(run, opts)
-        except KeyboardInterrupt:
-            typer.echo("interrupted: finished shards are kept; run the same command to resume",
-                       err=True)
+        except (Stopped, KeyboardInterrupt) as e:
+            how = e.signame if isinstance(e, Stopped) else "a second Ctrl-C"
+            typer.echo(f"extract stopped by {how}: finished shards are kept, the shard in progress "
+                       f"is not marked done; run the same command to resume", err=True)
             raise typer.Exit(130) from None
     _print(summary, as_json)
 
@@ -193,6 +198,30 @@ def status(run: Path = RUN_OPT,
     with user_errors():
         s = run_status(run)
     typer.echo(json.dumps(s, indent=2) if as_json else format_status(s))
+
+
+@app.command()
+def verify(run: Path = RUN_OPT,
+           feature_id: Optional[str] = typer.Option(None, help="Check only this cache."),
+           as_json: bool = typer.Option(False, "--json", help="Print the result as JSON.")) -> None:
+    """Re-read every done shard and check it against its checksum and the manifest."""
+    from pipeline.verify import run_verify
+
+    with user_errors():
+        result = run_verify(run, feature_id)
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+    else:
+        for c in result["caches"]:
+            typer.echo(f"{c['cache']}: {c['shards_checked']} done shards checked, "
+                       f"{len(c['problems'])} bad, {c['shards_pending']} pending")
+            for p in c["problems"]:
+                shard = f"shard {p['shard']:05d}" if p["shard"] is not None else "cache"
+                typer.echo(f"  {shard}: {p['problem']}\n    fix: {p['hint']}")
+        if not result["caches"]:
+            typer.echo(f"{run}: no feature cache to verify")
+    if not result["ok"]:
+        raise typer.Exit(1)
 
 
 @app.command("make-test-model")

@@ -116,7 +116,8 @@ def run_eval(run_dir: Path, checkpoint: Path, split: str = "test", name: str | N
     lines = [["key", "path", "source", "label", "probability"]]
     lines += [[k, paths.get(k, ""), s, int(y), f"{p:.6f}"]
               for k, s, y, p in zip(index.keys, index.sources, index.labels, probs, strict=True)]
-    with open(out / "predictions.csv.tmp", "w", newline="") as f:
+    # surrogateescape: file names with non-UTF-8 bytes are written back as their original bytes
+    with open(out / "predictions.csv.tmp", "w", newline="", errors="surrogateescape") as f:
         csv.writer(f).writerows(lines)
     (out / "predictions.csv.tmp").replace(out / "predictions.csv")
     # metrics from the probabilities exactly as written, so the report can be recomputed from the CSV

@@ -22,11 +22,12 @@ from pipeline.config import FeatureConfig
 from pipeline.device import resolve_device
 from pipeline.progress import Progress
 from pipeline.queue import ShardQueue
+from pipeline.signals import StopFlag, graceful_stop
 from stages.images import DecodeError, decode_rgb, preprocess
 from stages.noise_model import NoiseModel, load_noise_model
 from stages.shard import DEFAULT_MAX_PIXELS
-from storage.run import Entry, Run, RunError
-from storage.zarr_cache import NOT_CACHED, ZarrCache, shard_checksum
+from storage.run import Entry, Run, RunError, within_roots
+from storage.zarr_cache import NOT_CACHED, CacheError, ZarrCache, shard_checksum
 
 
 def encode(eps: torch.Tensor, encoding: str) -> torch.Tensor:
@@ -39,8 +40,10 @@ def encode(eps: torch.Tensor, encoding: str) -> torch.Tensor:
     raise ValueError(f"unknown encoding {encoding!r}")
 
 
-def read_checked(entry: Entry) -> bytes:
-    """The image's bytes, refusing a file that changed since `shard` hashed it."""
+def read_checked(entry: Entry, roots: list[str] | None = None) -> bytes:
+    """The image's bytes, refusing a file outside the run's inputs or changed since `shard`."""
+    if roots is not None and not within_roots(entry.path, roots):
+        raise DecodeError("outside the run's input folders: the manifest path was edited (../?)")
     try:
         with open(entry.path, "rb") as f:
             data = f.read()
@@ -56,15 +59,15 @@ def read_checked(entry: Entry) -> bytes:
 class ShardImages(Dataset):
     """The images of one manifest shard, preprocessed; a failure gives its reason, not an error."""
 
-    def __init__(self, entries: list[Entry], size: int, max_pixels: int):
-        self.entries, self.size, self.max_pixels = entries, size, max_pixels
+    def __init__(self, entries: list[Entry], size: int, max_pixels: int, roots: list[str] | None):
+        self.entries, self.size, self.max_pixels, self.roots = entries, size, max_pixels, roots
 
     def __len__(self) -> int:
         return len(self.entries)
 
     def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str | None]:
         try:
-            img = decode_rgb(read_checked(self.entries[i]), self.max_pixels)
+            img = decode_rgb(read_checked(self.entries[i], self.roots), self.max_pixels)
             return i, preprocess(img, self.size), None
         except DecodeError as e:
             return i, None, str(e)
@@ -90,6 +93,7 @@ class ExtractOptions:
     device: str = "auto"
     cache_dir: Path | None = None
     max_pixels: int = DEFAULT_MAX_PIXELS
+    redo: tuple[int, ...] = ()  # shards to compute again although marked done
 
     def num_workers(self) -> int:
         if self.workers >= 0:
@@ -119,10 +123,13 @@ def open_cache(run: Run, model: NoiseModel, opts: ExtractOptions) -> tuple[ZarrC
 
 
 def extract_shard(run: Run, cache: ZarrCache, shard_id: int, model: NoiseModel,
-                  opts: ExtractOptions, progress: Progress) -> dict:
-    """Compute, write and mark done one manifest shard; return its done marker."""
+                  opts: ExtractOptions, progress: Progress, stop: StopFlag) -> dict:
+    """Compute, write and mark done one manifest shard; return its done marker.
+
+    `stop` is checked after every batch: a stop leaves the shard unmarked, to be redone."""
     entries = run.shard_entries(shard_id)
-    start = shard_id * run.info()["shard_size"]
+    info = run.info()
+    start = shard_id * info["shard_size"]
     n, size = len(entries), opts.size
     dnf = np.zeros((n, 3, size, size), dtype="uint8" if opts.encoding == "reference" else "float16")
     labels = np.full(n, NOT_CACHED, dtype=np.int8)
@@ -130,8 +137,8 @@ def extract_shard(run: Run, cache: ZarrCache, shard_id: int, model: NoiseModel,
     device = model.device
     workers = min(opts.num_workers(), max(0, (n + opts.batch_size - 1) // opts.batch_size))
     loader = DataLoader(
-        ShardImages(entries, size, opts.max_pixels), batch_size=opts.batch_size, shuffle=False,
-        num_workers=workers, collate_fn=_collate, pin_memory=device.type == "cuda",
+        ShardImages(entries, size, opts.max_pixels, info.get("roots")), batch_size=opts.batch_size,
+        shuffle=False, num_workers=workers, collate_fn=_collate, pin_memory=device.type == "cuda",
         prefetch_factor=4 if workers else None)
     for idx, batch, failed in loader:
         for i, reason in failed:
@@ -143,8 +150,8 @@ def extract_shard(run: Run, cache: ZarrCache, shard_id: int, model: NoiseModel,
             dnf[idx] = out
             labels[idx] = [entries[i].label for i in idx]
         progress.update(len(idx) + len(failed))
+        stop.check()
     keys = [e.key for e in entries]
-    cache.write_shard(start, dnf, labels, [e.split for e in entries], [e.source for e in entries], keys)
     marker = {
         "shard": shard_id,
         "rows": [start, start + n],
@@ -153,8 +160,30 @@ def extract_shard(run: Run, cache: ZarrCache, shard_id: int, model: NoiseModel,
         "rejected": rejected,
         "checksum": shard_checksum(dnf, labels, keys),
     }
-    cache.mark_done(shard_id, marker)
+    try:
+        cache.write_shard(start, dnf, labels, [e.split for e in entries], [e.source for e in entries],
+                          keys)
+        cache.mark_done(shard_id, marker)
+    except OSError as e:
+        raise CacheError(
+            f"shard {shard_id:05d}: writing to {cache.root} failed: {e.strerror or e}. "
+            f"Shards finished before are kept and this one is not marked done; "
+            f"free space (or fix the folder) and run `extract` again to resume") from e
     return marker
+
+
+def _extract_pending(run: Run, cache: ZarrCache, queue: ShardQueue, pending: list[int],
+                     model: NoiseModel, opts: ExtractOptions, progress: Progress, stop: StopFlag,
+                     done_now: list[int], skipped: list[int]) -> None:
+    for shard_id in pending:
+        stop.check()
+        with queue.try_claim(shard_id) as claimed:
+            if not claimed or cache.done_path(shard_id).exists():
+                skipped.append(shard_id)
+                continue
+            extract_shard(run, cache, shard_id, model, opts, progress, stop)
+        done_now.append(shard_id)
+        progress.update(0, f"shard {shard_id} done", force_log=True)
 
 
 def run_extract(run_dir: Path, opts: ExtractOptions) -> dict:
@@ -166,24 +195,26 @@ def run_extract(run_dir: Path, opts: ExtractOptions) -> dict:
     model.check_size(opts.size)
     cache, feature = open_cache(run, model, opts)
     queue = ShardQueue(cache.claims_dir, info["num_shards"], lambda s: cache.done_path(s).exists())
+    for shard_id in opts.redo:
+        if not 0 <= shard_id < info["num_shards"]:
+            raise RunError(f"--redo {shard_id}: the run has shards 0 to {info['num_shards'] - 1}")
+        with queue.try_claim(shard_id) as claimed:
+            if not claimed:
+                raise CacheError(f"--redo {shard_id}: another process is working on that shard")
+            cache.done_path(shard_id).unlink(missing_ok=True)
     pending = queue.pending()
     todo_images = sum(len(run.shard_entries(s)) for s in pending)
     progress = Progress(todo_images, f"extract {feature.feature_id}")
-    done_now, skipped, images, rejected = [], [], 0, 0
+    done_now: list[int] = []
+    skipped: list[int] = []
     t0 = time.perf_counter()
-    try:
-        for shard_id in pending:
-            with queue.try_claim(shard_id) as claimed:
-                if not claimed or cache.done_path(shard_id).exists():
-                    skipped.append(shard_id)
-                    continue
-                marker = extract_shard(run, cache, shard_id, model, opts, progress)
-            done_now.append(shard_id)
-            images += marker["cached"]
-            rejected += len(marker["rejected"])
-            progress.update(0, f"shard {shard_id} done", force_log=True)
-    finally:
-        progress.close()
+    with graceful_stop() as stop:
+        try:
+            _extract_pending(run, cache, queue, pending, model, opts, progress, stop, done_now, skipped)
+        finally:
+            progress.close()
+    images = sum(cache.done_marker(s)["cached"] for s in done_now)
+    rejected = sum(len(cache.done_marker(s)["rejected"]) for s in done_now)
     elapsed = time.perf_counter() - t0
     return {
         "cache": str(cache.root),

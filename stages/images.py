@@ -49,6 +49,8 @@ def decode_rgb(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tenso
             img = _pillow_rgb(data)
         except (OSError, SyntaxError, ValueError, EOFError) as e:
             raise DecodeError(f"truncated or corrupt image: {e}") from e
+    if img.ndim == 4:  # animated GIF / WebP: the first frame
+        img = img[0]
     if img.dtype == torch.uint16:  # 16-bit PNG: scale to the 8-bit range the model expects
         img = (img.to(torch.int32) // 257).to(torch.uint8)
     if img.shape[0] != 3:

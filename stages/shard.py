@@ -21,7 +21,7 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 
 import pipeline
-from storage.run import Entry, Run, RunError
+from storage.run import Entry, Run, RunError, within_roots
 
 SPLIT_NAMES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
 REAL_NAMES = {"0_real", "real", "nature"}
@@ -43,6 +43,7 @@ class Candidate:
     label: int | None
     source: str | None
     split: str | None
+    reason: str | None = None  # set when the candidate is refused before it is read
 
 
 def parse_label(value: object) -> int | None:
@@ -121,11 +122,13 @@ def _read_list(path: Path) -> list[Candidate]:
         if not row.get("path"):
             raise ShardError(f"{path}: row {n} has no 'path' (columns: path, label, source, split)")
         p = Path(str(row["path"]))
-        p = p if p.is_absolute() else base / p
+        p = os.path.normpath(p if p.is_absolute() else base / p)
         label = parse_label(row["label"]) if row.get("label") not in (None, "") else None
         split = row.get("split") or None
+        outside = None if within_roots(p, [os.path.abspath(base)]) else \
+            f"outside the list file's folder {os.path.abspath(base)} (paths may not leave it)"
         out.append(Candidate(os.path.abspath(p), label, row.get("source") or path.stem,
-                             SPLIT_NAMES.get(str(split).lower(), split) if split else None))
+                             SPLIT_NAMES.get(str(split).lower(), split) if split else None, outside))
     return out
 
 
@@ -155,9 +158,21 @@ def collect(inputs: list[Path], label: str | None = None, source: str | None = N
             forced_label if forced_label is not None else c.label,
             source or c.source or "unknown",
             split or c.split or "train",
+            c.reason,
         )
         for c in found
     ]
+
+
+def input_roots(inputs: list[Path]) -> list[str]:
+    """The folders (or single files) the run may read: a list file's folder, a folder itself."""
+    roots = []
+    for inp in map(Path, inputs):
+        if inp.is_file() and inp.suffix.lower() in LIST_SUFFIXES:
+            roots.append(os.path.abspath(inp.parent))
+        else:
+            roots.append(os.path.abspath(inp))
+    return sorted(set(roots))
 
 
 def probe_file(path: str, max_pixels: int = DEFAULT_MAX_PIXELS,
@@ -211,12 +226,14 @@ def _probe_star(args: tuple[str, int, int]) -> dict:
 def build_manifest(candidates: list[Candidate], workers: int, max_pixels: int,
                    max_bytes: int) -> tuple[list[Entry], list[dict], list[dict]]:
     """Probe every candidate; return (entries sorted by key, rejects, duplicates)."""
-    jobs = [(c.path, max_pixels, max_bytes) for c in candidates]
+    jobs = [(c.path, max_pixels, max_bytes) for c in candidates if c.reason is None]
     if workers > 1 and len(jobs) > 64:
         with get_context("spawn").Pool(workers) as pool:
             results = pool.map(_probe_star, jobs, chunksize=32)
     else:
         results = [_probe_star(j) for j in jobs]
+    results_iter = iter(results)
+    results = [{"reason": c.reason} if c.reason else next(results_iter) for c in candidates]
     rejects, by_key = [], {}
     for c, r in zip(candidates, results, strict=True):
         if "reason" in r:
@@ -261,6 +278,7 @@ def run_shard(inputs: list[Path], run_dir: Path, shard_size: int = 1024, label: 
         "tool": "dnf-pipeline",
         "version": pipeline.__version__,
         "inputs": sorted(os.path.abspath(p) for p in inputs),
+        "roots": input_roots(inputs),
         "options": {"label": label, "source": source, "split": split,
                     "max_pixels": max_pixels, "max_bytes": max_bytes},
         "shard_size": shard_size,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -24,6 +25,16 @@ class Entry:
 
     def to_json(self) -> dict:
         return asdict(self)
+
+
+def within_roots(path: str, roots: list[str]) -> bool:
+    """True when `path`, normalised lexically (`..` resolved, symlinks kept), lies in a root."""
+    norm = os.path.normpath(path)
+    for root in roots:
+        root = os.path.normpath(root)
+        if norm == root or norm.startswith(root.rstrip(os.sep) + os.sep):
+            return True
+    return False
 
 
 class RunError(RuntimeError):

@@ -1,0 +1,69 @@
+"""`verify`: re-read every done shard of a run's caches and check it against its done marker
+(checksum, rows, count) and the manifest (keys, labels). Reports each bad shard with a hint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from storage.run import Run
+from storage.zarr_cache import NOT_CACHED, ZarrCache, caches_in, find_cache, shard_checksum
+
+
+def verify_shard(run: Run, cache: ZarrCache, shard_id: int, shard_size: int) -> str | None:
+    """None when the shard is intact, else what is wrong with it."""
+    marker = cache.done_marker(shard_id)
+    entries = run.shard_entries(shard_id)
+    start, end = shard_id * shard_size, shard_id * shard_size + len(entries)
+    if marker.get("rows") != [start, end] or marker.get("count") != len(entries):
+        return f"done marker says rows {marker.get('rows')}, the manifest shard has rows [{start}, {end}]"
+    shard_file = cache.zarr_path / "dnf" / "c" / str(shard_id) / "0" / "0" / "0"
+    if not shard_file.exists():
+        return f"marked done but its data is missing ({shard_file})"
+    try:
+        dnf, label, keys = cache.read_rows(start, end)
+    except Exception as e:  # corrupt compressed chunks or shard index
+        return f"data unreadable ({type(e).__name__}: {e})"
+    if keys != [e.key for e in entries]:
+        return "keys differ from the manifest"
+    rejected = {r["key"] for r in marker["rejected"]}
+    expected = np.array([NOT_CACHED if e.key in rejected else e.label for e in entries], dtype=np.int8)
+    if not np.array_equal(label, expected):
+        return "labels differ from the manifest"
+    if shard_checksum(dnf, label, keys) != marker["checksum"]:
+        return "data differs from the checksum in its done marker (changed or corrupted bytes)"
+    return None
+
+
+def verify_cache(run: Run, cache: ZarrCache) -> dict:
+    info = run.info()
+    config = cache.config()
+    problems = []
+    if config["manifest"]["fingerprint"] != run.manifest_fingerprint():
+        problems.append({"shard": None, "problem": "the manifest changed after this cache was made",
+                         "hint": "re-shard into a new run"})
+    done = sorted(cache.done_shards())
+    for s in done:
+        if s >= info["num_shards"]:
+            problems.append({"shard": s, "problem": "done marker for a shard the manifest lacks",
+                             "hint": f"delete {cache.done_path(s)}"})
+            continue
+        problem = verify_shard(run, cache, s, info["shard_size"])
+        if problem:
+            problems.append({"shard": s, "problem": problem,
+                             "hint": f"dnf-pipeline extract --run {run.root} --model "
+                                     f"{config.get('about', {}).get('model_path', 'MODEL')} "
+                                     f"--size {config['feature']['size']} --timestep "
+                                     f"{config['feature']['timestep']} --encoding "
+                                     f"{config['feature']['encoding']} --redo {s}"})
+    return {"cache": str(cache.root), "shards_checked": len(done),
+            "shards_pending": info["num_shards"] - len(done), "problems": problems}
+
+
+def run_verify(run_dir: Path, feature_id: str | None = None) -> dict:
+    run = Run(run_dir)
+    caches = [find_cache(run.cache_root, feature_id)] if feature_id else caches_in(run.cache_root)
+    reports = [verify_cache(run, c) for c in caches]
+    return {"run": str(run.root), "caches": reports,
+            "ok": all(not r["problems"] for r in reports)}
