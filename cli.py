@@ -224,6 +224,33 @@ def verify(run: Path = RUN_OPT,
         raise typer.Exit(1)
 
 
+@app.command("convert-model")
+def convert_model(
+    src: Path = typer.Argument(..., help="Original checkpoint (.ckpt / .pt)."),
+    out: Path = typer.Option(..., help="Folder to write the diffusers pipeline to."),
+    fmt: str = typer.Option("auto", "--format", help="auto, ddim or adm."),
+    config: Optional[Path] = typer.Option(None, help="Reference-style YAML of the architecture."),
+) -> None:
+    """Convert a DDIM 'simple' or OpenAI ADM checkpoint into a diffusers folder, once."""
+    from stages.convert import convert_model as convert
+
+    with user_errors():
+        summary = convert(src, out, fmt, config)
+    _print(summary, False)
+
+
+@app.command("export-png")
+def export_png(run: Path = RUN_OPT,
+               out: Path = typer.Option(..., help="Folder for the PNG tree."),
+               feature_id: Optional[str] = typer.Option(None, help="Which cache, when several.")) -> None:
+    """Write the cache as the reference code's DNF PNG folder tree."""
+    from stages.export_png import run_export_png
+
+    with user_errors():
+        summary = run_export_png(run, out, feature_id)
+    _print(summary, False)
+
+
 @app.command("make-test-model")
 def make_test_model(out: Path = typer.Option(..., help="Folder to write the model to."),
                     size: int = typer.Option(64, help="The UNet's sample size."),

@@ -1,0 +1,46 @@
+"""`export-png`: write a reference-encoded cache as the reference code's PNG folder tree (same
+relative paths under `--out`, suffix `.png`), so the reference's own train / eval code can read it."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from storage.feature_dataset import cache_index
+from storage.run import Run
+from storage.zarr_cache import CacheError, find_cache
+
+
+def relative_name(path: str, roots: list[str]) -> Path:
+    """The image's path below its input root (prefixed with the root's name when there are several)."""
+    for root in roots:
+        root = os.path.normpath(root)
+        if os.path.normpath(path).startswith(root + os.sep):
+            rel = Path(os.path.relpath(path, root))
+            return Path(Path(root).name) / rel if len(roots) > 1 else rel
+    return Path(Path(path).name)
+
+
+def run_export_png(run_dir: Path, out: Path, feature_id: str | None = None) -> dict:
+    run = Run(run_dir)
+    info = run.info()
+    cache = find_cache(run.cache_root, feature_id)
+    config = cache.config()
+    if config["feature"]["encoding"] != "reference":
+        raise CacheError(f"{cache.root} holds raw float16 features, which have no PNG form; "
+                         f"extract with --encoding reference to export")
+    paths = {e.key: e.path for e in run.entries()}
+    roots = info.get("roots") or []
+    dnf = cache.open_read()["dnf"]
+    written = 0
+    for split in sorted({e.split for e in run.entries()}):
+        index = cache_index(cache, split)
+        for row, key in zip(index.rows, index.keys, strict=True):
+            target = Path(out) / relative_name(paths[key], roots).with_suffix(".png")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(np.ascontiguousarray(dnf[int(row)].transpose(1, 2, 0))).save(target)
+            written += 1
+    return {"out": str(out), "images": written, "feature_id": config["feature_id"]}
