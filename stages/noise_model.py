@@ -57,7 +57,8 @@ class NoiseModel:
         self.device = device
         self.fingerprint = fingerprint
         self.path = path
-        self.levels = len(getattr(unet.config, "block_out_channels", (0,)))
+        config = dict(unet.config)
+        self.levels = len(config.get("block_out_channels") or config.get("channel_mult") or (0,))
 
     def check_size(self, size: int) -> None:
         """The UNet halves the image (levels - 1) times: refuse sizes it cannot take."""
@@ -75,13 +76,18 @@ class NoiseModel:
 
 
 def load_noise_model(path: Path | str, device: torch.device) -> NoiseModel:
-    """Load a UNet2DModel from a local folder, never from the network."""
+    """Load a UNet2DModel (or a converted ADM UNet) from a local folder, never from the network."""
     from diffusers import UNet2DModel
 
     folder = unet_folder(path)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    model_class = UNet2DModel
+    if json.loads((folder / "config.json").read_text()).get("_class_name") == "ADMUNet":
+        from stages.adm import ADMUNet
+
+        model_class = ADMUNet
     try:
-        unet = UNet2DModel.from_pretrained(folder, local_files_only=True, low_cpu_mem_usage=False)
+        unet = model_class.from_pretrained(folder, local_files_only=True, low_cpu_mem_usage=False)
     except Exception as e:  # diffusers raises many kinds; the user needs the folder and the cause
         raise ModelError(f"{folder}: could not load a UNet2DModel ({type(e).__name__}: {e})") from e
     if unet.config.in_channels != 3 or unet.config.out_channels < 3:
