@@ -37,6 +37,14 @@ def _stop_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
+def _int_list(text: str, option: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        typer.echo(f"error: {option} {text!r}: expected integers separated by commas", err=True)
+        raise typer.Exit(2) from None
+
+
 def _print(summary: dict, as_json: bool) -> None:
     if as_json:
         typer.echo(json.dumps(summary, indent=2))
@@ -85,6 +93,10 @@ def extract(
     device: str = DEVICE_OPT,
     cache_dir: Optional[Path] = typer.Option(None, help="Cache folder (default RUN/cache/<feature-id>)."),
     redo: Optional[List[int]] = typer.Option(None, "--redo", help="Compute this shard again (repeatable)."),
+    inversion_steps: int = typer.Option(1, help="DDIM inversion steps (1: the reference, eps at t)."),
+    ddim_steps: int = typer.Option(20, help="Steps of the DDIM schedule linspace(0, T, steps + 1)."),
+    keep: str = typer.Option("0", help="Inversion steps whose noise estimate is kept, e.g. 0,1,2."),
+    combine: str = typer.Option("stack", help="stack (3 channels per kept step) or mean."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
     """Compute the DNF of every image once into the feature cache; rerun to resume.
@@ -95,7 +107,8 @@ def extract(
 
     opts = ExtractOptions(model=model, size=size, timestep=timestep, encoding=encoding,
                           batch_size=batch_size, workers=workers, device=device, cache_dir=cache_dir,
-                          redo=tuple(redo or ()))
+                          redo=tuple(redo or ()), inversion_steps=inversion_steps,
+                          ddim_steps=ddim_steps, keep=_int_list(keep, "--keep"), combine=combine)
     with user_errors():
         try:
             summary = run_extract(run, opts)

@@ -20,19 +20,40 @@ class FeatureConfig:
     size: int = 256
     encoding: str = "reference"  # reference: uint8 as save_image writes; raw: float16 eps
     preprocess: str = PREPROCESS_VERSION
+    # Beyond the reference: DDIM inversion over `inversion_steps` steps of the schedule
+    # linspace(0, T, ddim_steps + 1), keeping the noise estimates of steps `keep`.
+    inversion_steps: int = 1
+    ddim_steps: int = 20
+    keep: tuple[int, ...] = (0,)
+    combine: str = "stack"  # stack: 3 channels per kept step; mean: their average
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "keep", tuple(int(k) for k in self.keep))
         if self.encoding not in ENCODINGS:
             raise ValueError(f"unknown encoding {self.encoding!r}: choose one of {', '.join(ENCODINGS)}")
         if self.size < 8:
             raise ValueError(f"--size must be at least 8 (got {self.size})")
+        if not 1 <= self.inversion_steps <= self.ddim_steps:
+            raise ValueError(f"--inversion-steps must be 1 to --ddim-steps ({self.ddim_steps})")
+        if not self.keep or any(not 0 <= k < self.inversion_steps for k in self.keep):
+            raise ValueError(f"--keep {list(self.keep)}: steps must lie in 0..{self.inversion_steps - 1}")
+        if self.combine not in ("stack", "mean"):
+            raise ValueError(f"--combine {self.combine!r}: stack or mean")
+        if self.inversion_steps > 1 and self.timestep != 0:
+            raise ValueError("--timestep applies to single-step features; inversion starts at t = 0")
+
+    @property
+    def channels(self) -> int:
+        return 3 * len(self.keep) if self.combine == "stack" else 3
 
     @property
     def dtype(self) -> str:
         return "uint8" if self.encoding == "reference" else "float16"
 
     def to_json(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        d["keep"] = list(self.keep)
+        return d
 
     @property
     def feature_id(self) -> str:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from pipeline.config import FeatureConfig
 from pipeline.device import resolve_device
 from stages.classifier import classifier_input, load_checkpoint
 from stages.extract import encode
@@ -39,6 +40,7 @@ def run_detect(inputs: list[Path], model_path: Path, checkpoint: Path, device: s
     detector.to(dev)
     feature = meta.get("feature", REFERENCE_FEATURE)
     noise_model = load_noise_model(model_path, dev)
+    config = FeatureConfig(**{**feature, "model_fingerprint": noise_model.fingerprint})
     expected = feature.get("model_fingerprint")
     if expected and expected != noise_model.fingerprint:
         raise ModelError(f"{model_path} is not the diffusion model {checkpoint} was trained with "
@@ -49,7 +51,7 @@ def run_detect(inputs: list[Path], model_path: Path, checkpoint: Path, device: s
         if not batch:
             return
         x = torch.stack([t for _, t in batch]).to(dev)
-        dnf = encode(noise_model.predict(x, feature["timestep"]), feature["encoding"])
+        dnf = encode(noise_model.features(x, config), config.encoding)
         probs = torch.sigmoid(detector(classifier_input(dnf)).float().squeeze(1)).cpu().tolist()
         for (res, _), p in zip(batch, probs, strict=True):
             res.update(probability=round(p, 6), verdict="generated" if p > threshold else "real")

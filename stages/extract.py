@@ -94,6 +94,15 @@ class ExtractOptions:
     cache_dir: Path | None = None
     max_pixels: int = DEFAULT_MAX_PIXELS
     redo: tuple[int, ...] = ()  # shards to compute again although marked done
+    inversion_steps: int = 1
+    ddim_steps: int = 20
+    keep: tuple[int, ...] = (0,)
+    combine: str = "stack"
+
+    def feature(self, fingerprint: str) -> FeatureConfig:
+        return FeatureConfig(fingerprint, self.timestep, self.size, self.encoding,
+                             inversion_steps=self.inversion_steps, ddim_steps=self.ddim_steps,
+                             keep=self.keep, combine=self.combine)
 
     def num_workers(self) -> int:
         if self.workers >= 0:
@@ -107,22 +116,24 @@ def open_cache(run: Run, model: NoiseModel, opts: ExtractOptions) -> tuple[ZarrC
     if info["images"] == 0:
         raise RunError(f"{run.root}: the manifest has no images ({info['rejects']} rejected; see "
                        f"{run.rejects_path})")
-    feature = FeatureConfig(model.fingerprint, opts.timestep, opts.size, opts.encoding)
+    feature = opts.feature(model.fingerprint)
     cache = ZarrCache(opts.cache_dir or run.cache_root / feature.feature_id)
     config = {
         "feature_id": feature.feature_id,
         "feature": feature.to_json(),
         "backend": cache.backend,
         "dtype": feature.dtype,
+        "channels": feature.channels,
         "manifest": {"fingerprint": run.manifest_fingerprint(), "images": info["images"],
                      "shard_size": info["shard_size"], "num_shards": info["num_shards"]},
         "about": {"model_path": model.path, "tool_version": pipeline.__version__},
     }
-    cache.open_or_create(config, info["images"], info["shard_size"], opts.size, feature.dtype)
+    cache.open_or_create(config, info["images"], info["shard_size"], opts.size, feature.dtype,
+                         feature.channels)
     return cache, feature
 
 
-def extract_shard(run: Run, cache: ZarrCache, shard_id: int, model: NoiseModel,
+def extract_shard(run: Run, cache: ZarrCache, shard_id: int, model: NoiseModel, feature: FeatureConfig,
                   opts: ExtractOptions, progress: Progress, stop: StopFlag) -> dict:
     """Compute, write and mark done one manifest shard; return its done marker.
 
@@ -131,7 +142,7 @@ def extract_shard(run: Run, cache: ZarrCache, shard_id: int, model: NoiseModel,
     info = run.info()
     start = shard_id * info["shard_size"]
     n, size = len(entries), opts.size
-    dnf = np.zeros((n, 3, size, size), dtype="uint8" if opts.encoding == "reference" else "float16")
+    dnf = np.zeros((n, feature.channels, size, size), dtype=feature.dtype)
     labels = np.full(n, NOT_CACHED, dtype=np.int8)
     rejected = []
     device = model.device
@@ -146,7 +157,7 @@ def extract_shard(run: Run, cache: ZarrCache, shard_id: int, model: NoiseModel,
                              "stage": "extract"})
         if batch is not None:
             x = batch.to(device, non_blocking=True)
-            out = encode(model.predict(x, opts.timestep), opts.encoding).cpu().numpy()
+            out = encode(model.features(x, feature), opts.encoding).cpu().numpy()
             dnf[idx] = out
             labels[idx] = [entries[i].label for i in idx]
         progress.update(len(idx) + len(failed))
@@ -173,15 +184,16 @@ def extract_shard(run: Run, cache: ZarrCache, shard_id: int, model: NoiseModel,
 
 
 def _extract_pending(run: Run, cache: ZarrCache, queue: ShardQueue, pending: list[int],
-                     model: NoiseModel, opts: ExtractOptions, progress: Progress, stop: StopFlag,
-                     done_now: list[int], skipped: list[int]) -> None:
+                     model: NoiseModel, feature: FeatureConfig, opts: ExtractOptions,
+                     progress: Progress, stop: StopFlag, done_now: list[int],
+                     skipped: list[int]) -> None:
     for shard_id in pending:
         stop.check()
         with queue.try_claim(shard_id) as claimed:
             if not claimed or cache.done_path(shard_id).exists():
                 skipped.append(shard_id)
                 continue
-            extract_shard(run, cache, shard_id, model, opts, progress, stop)
+            extract_shard(run, cache, shard_id, model, feature, opts, progress, stop)
         done_now.append(shard_id)
         progress.update(0, f"shard {shard_id} done", force_log=True)
 
@@ -210,7 +222,8 @@ def run_extract(run_dir: Path, opts: ExtractOptions) -> dict:
     t0 = time.perf_counter()
     with graceful_stop() as stop:
         try:
-            _extract_pending(run, cache, queue, pending, model, opts, progress, stop, done_now, skipped)
+            _extract_pending(run, cache, queue, pending, model, feature, opts, progress, stop,
+                             done_now, skipped)
         finally:
             progress.close()
     images = sum(cache.done_marker(s)["cached"] for s in done_now)

@@ -11,6 +11,7 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
 
 WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
@@ -57,6 +58,7 @@ class NoiseModel:
         self.device = device
         self.fingerprint = fingerprint
         self.path = path
+        self._alphas: torch.Tensor | None = None
         config = dict(unet.config)
         self.levels = len(config.get("block_out_channels") or config.get("channel_mult") or (0,))
 
@@ -66,6 +68,42 @@ class NoiseModel:
         if size % step:
             raise ModelError(f"--size {size} is not a multiple of {step}, which this UNet "
                              f"({self.levels} levels, {self.path}) needs")
+
+    def alphas_cumprod(self) -> torch.Tensor:
+        """alpha-bar_t of the model's training schedule (scheduler/ beside the UNet, or DDPM's
+        linear 1e-4..0.02 over 1000 steps when the folder has none)."""
+        if self._alphas is None:
+            from diffusers import DDPMScheduler
+
+            folder = Path(self.path)
+            sched_dir = folder / "scheduler"
+            if not sched_dir.is_dir():
+                sched_dir = folder.parent / "scheduler"
+            if (sched_dir / "scheduler_config.json").exists():
+                scheduler = DDPMScheduler.from_pretrained(sched_dir, local_files_only=True)
+            else:
+                scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02)
+            self._alphas = scheduler.alphas_cumprod.to(torch.float64)
+        return self._alphas
+
+    @torch.inference_mode()
+    def features(self, x: torch.Tensor, feature) -> torch.Tensor:
+        """The DNF before encoding for a FeatureConfig: eps at the timestep (the reference), or the
+        kept noise estimates of a DDIM inversion, stacked on the channels or averaged."""
+        if feature.inversion_steps == 1:
+            return self.predict(x, feature.timestep)
+        ac = self.alphas_cumprod()
+        seq = [int(v) for v in np.linspace(0, len(ac), feature.ddim_steps + 1)]
+        kept, xt = [], x
+        for i in range(feature.inversion_steps):
+            eps = self.predict(xt, seq[i])
+            if i in feature.keep:
+                kept.append(eps)
+            if i + 1 < feature.inversion_steps:
+                a, a_next = ac[seq[i]].item(), ac[min(seq[i + 1], len(ac) - 1)].item()
+                x0 = (xt - (1 - a) ** 0.5 * eps) / a ** 0.5
+                xt = a_next ** 0.5 * x0 + (1 - a_next) ** 0.5 * eps
+        return torch.cat(kept, dim=1) if feature.combine == "stack" else torch.stack(kept).mean(0)
 
     @torch.inference_mode()
     def predict(self, x: torch.Tensor, timestep: int = 0) -> torch.Tensor:

@@ -148,7 +148,8 @@ def run_train(run_dir: Path, opts: TrainOptions, resume: bool = False) -> dict:
     out = run.root / "train" / opts.name
     last = out / "last.pt"
     device = resolve_device(opts.device)
-    model = build_resnet50(Path(opts.init_weights) if opts.init_weights else None, seed=opts.seed)
+    model = build_resnet50(Path(opts.init_weights) if opts.init_weights else None, seed=opts.seed,
+                           in_channels=cache_config.get("channels", 3))
     model.to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)

@@ -3,7 +3,8 @@ sample, done markers written last and atomically.
 
 Layout of `RUN/cache/<feature-id>/`:
     config.json          the extraction config (also in the zarr group's attributes)
-    features.zarr/       arrays dnf (N, 3, S, S), label (N,) int8, split, source, key (N,) strings
+    features.zarr/       arrays dnf (N, C, S, S) (C = 3, or 3 per kept inversion step),
+                         label (N,) int8, split, source, key (N,) strings
     done/00000.json      shard id, rows, counts, extract-time rejects, sha256 of the shard's data
 
 Rows of manifest shard i are [i * shard_size, i * shard_size + len(shard)). A row whose image
@@ -91,7 +92,8 @@ class ZarrCache:
             raise CacheError(f"{self.root}: no feature cache here (config.json missing); run `extract`")
         return read_json(self.config_path)
 
-    def open_or_create(self, config: dict, num_rows: int, shard_size: int, size: int, dtype: str) -> None:
+    def open_or_create(self, config: dict, num_rows: int, shard_size: int, size: int, dtype: str,
+                       channels: int = 3) -> None:
         """Create the cache for `config`, or check that the existing one was made with the same.
 
         `config["about"]` is informational (paths, versions) and never compared.
@@ -111,8 +113,8 @@ class ZarrCache:
             self.root.mkdir(parents=True, exist_ok=True)
             group = zarr.open_group(self.zarr_path, mode="w", zarr_format=3)
             group.create_array(
-                "dnf", shape=(num_rows, 3, size, size), dtype=dtype,
-                chunks=(1, 3, size, size), shards=(shard_size, 3, size, size),
+                "dnf", shape=(num_rows, channels, size, size), dtype=dtype,
+                chunks=(1, channels, size, size), shards=(shard_size, channels, size, size),
                 compressors=ZstdCodec(level=3), fill_value=0)
             group.create_array("label", shape=(num_rows,), dtype="int8", chunks=(shard_size,),
                                fill_value=NOT_CACHED)

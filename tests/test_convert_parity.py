@@ -259,3 +259,45 @@ def test_export_png_tree(converted, tmp_path):
         rel = Path(e.path).relative_to(data).with_suffix(".png")
         png = np.asarray(Image.open(tmp_path / "png" / rel)).transpose(2, 0, 1)
         assert np.array_equal(png, dnf[row])
+
+
+def test_ddim_inversion_features(converted, tmp_path):
+    """K-step DDIM inversion keeping chosen steps, against the DDIM update written out here."""
+    from diffusers import DDPMScheduler
+
+    data = make_dataset(tmp_path / "data", per_class=2, splits=("train", "val"))
+    run_shard([data], tmp_path / "run")
+    common = dict(model=converted["model"], size=32, encoding="raw", workers=0, device="cpu",
+                  batch_size=1, inversion_steps=3, ddim_steps=20)
+    stacked = run_extract(tmp_path / "run", ExtractOptions(**common, keep=(0, 2), combine="stack"))
+    mean = run_extract(tmp_path / "run", ExtractOptions(**common, keep=(0, 2), combine="mean"))
+    s = zarr.open_group(stacked["cache"] + "/features.zarr", mode="r")["dnf"][:].astype(np.float32)
+    m = zarr.open_group(mean["cache"] + "/features.zarr", mode="r")["dnf"][:].astype(np.float32)
+    assert s.shape[1] == 6 and m.shape[1] == 3
+    ac = DDPMScheduler(beta_start=1e-4, beta_end=0.02, num_train_timesteps=1000).alphas_cumprod.double()
+    seq = [0, 50, 100]
+    e = Run(tmp_path / "run").entries()[0]
+    x = read_image(e.path).float()
+    x = torch.cat([x] * 3) if x.shape[0] == 1 else x[:3]
+    xt = T.Resize((32, 32), interpolation=T.InterpolationMode.BICUBIC)(x)[None] / 255.0 * 2.0 - 1.0
+    eps_all = []
+    for i in range(3):
+        with torch.no_grad():
+            eps = reference_forward(converted["sd"], xt, torch.full((1,), float(seq[i])), CFG["ch_mult"],
+                                    CFG["num_res_blocks"], CFG["attn_levels"])
+        eps_all.append(eps[0])
+        if i < 2:
+            a, an = ac[seq[i]].item(), ac[seq[i + 1]].item()
+            x0 = (xt - (1 - a) ** 0.5 * eps) / a ** 0.5
+            xt = an ** 0.5 * x0 + (1 - an) ** 0.5 * eps
+    want = torch.cat([eps_all[0], eps_all[2]]).numpy()
+    assert np.abs(s[0] - want).max() < 2e-3
+    assert np.abs(m[0] - (eps_all[0] + eps_all[2]).numpy() / 2).max() < 2e-3
+    assert not np.allclose(eps_all[0].numpy(), eps_all[2].numpy(), atol=1e-2)  # steps differ
+    # the classifier takes the 6 stacked channels
+    from stages.train import TrainOptions, run_train
+
+    run_train(tmp_path / "run", TrainOptions(name="inv", epochs=1, batch_size=4, workers=0, device="cpu",
+                                             feature_id=stacked["feature_id"]))
+    with pytest.raises(ValueError, match="--keep \\[3\\]"):
+        run_extract(tmp_path / "run", ExtractOptions(**{**common, "keep": (3,)}))
