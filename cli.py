@@ -88,8 +88,12 @@ def extract(
     size: int = typer.Option(256, help="Images are resized to size x size."),
     timestep: int = typer.Option(0, help="Diffusion timestep t of the noise prediction."),
     encoding: str = typer.Option("reference", help="reference (uint8, as the paper saves) or raw (float16)."),
-    batch_size: int = typer.Option(16, help="Images per UNet forward pass."),
+    batch_size: int = typer.Option(0, help="Images per UNet forward pass (0: from free GPU memory; "
+                                           "16 on the CPU)."),
     workers: int = typer.Option(-1, help="Decoding processes (-1: cores - 1, at most 8)."),
+    precision: str = typer.Option("auto", help="auto (= fp32, the reference's numbers), bf16 or fp16."),
+    compile: bool = typer.Option(False, "--compile", help="torch.compile the UNet."),
+    gpu_decode: bool = typer.Option(False, "--gpu-decode", help="Decode JPEGs on the GPU (nvJPEG)."),
     device: str = DEVICE_OPT,
     cache_dir: Optional[Path] = typer.Option(None, help="Cache folder (default RUN/cache/<feature-id>)."),
     redo: Optional[List[int]] = typer.Option(None, "--redo", help="Compute this shard again (repeatable)."),
@@ -108,7 +112,8 @@ def extract(
     opts = ExtractOptions(model=model, size=size, timestep=timestep, encoding=encoding,
                           batch_size=batch_size, workers=workers, device=device, cache_dir=cache_dir,
                           redo=tuple(redo or ()), inversion_steps=inversion_steps,
-                          ddim_steps=ddim_steps, keep=_int_list(keep, "--keep"), combine=combine)
+                          ddim_steps=ddim_steps, keep=_int_list(keep, "--keep"), combine=combine,
+                          precision=precision, compile=compile, gpu_decode=gpu_decode)
     with user_errors():
         try:
             summary = run_extract(run, opts)

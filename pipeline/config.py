@@ -26,6 +26,7 @@ class FeatureConfig:
     ddim_steps: int = 20
     keep: tuple[int, ...] = (0,)
     combine: str = "stack"  # stack: 3 channels per kept step; mean: their average
+    precision: str = "fp32"  # fp32 (the reference's numbers), bf16 or fp16 autocast
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "keep", tuple(int(k) for k in self.keep))

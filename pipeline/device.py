@@ -5,6 +5,20 @@ from __future__ import annotations
 import torch
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_precision(name: str, device: torch.device) -> str:
+    """`auto` is fp32 everywhere: the reference's numbers. bf16 / fp16 are opt-in (faster, and
+    DNF values move; the README gives by how much). fp32 on CUDA also turns TF32 off."""
+    if name == "auto":
+        name = "fp32"
+    if name not in PRECISIONS:
+        raise ValueError(f"--precision {name!r}: choose auto, fp32, bf16 or fp16")
+    if name == "fp32" and device.type == "cuda":
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+    return name
 
 
 def resolve_device(name: str = "auto") -> torch.device:

@@ -16,6 +16,19 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
+class Claim:
+    """This process's hold on one shard; released explicitly (or by the kernel when it dies)."""
+
+    def __init__(self, shard_id: int, fd: int):
+        self.shard_id, self._fd = shard_id, fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+
 class ShardQueue:
     """Hands out pending shards, each to one process at a time."""
 
@@ -30,25 +43,28 @@ class ShardQueue:
     def pending(self) -> list[int]:
         return [s for s in range(self.num_shards) if not self.is_done(s)]
 
-    @contextmanager
-    def try_claim(self, shard_id: int) -> Iterator[bool]:
-        """Yield True while this process holds the shard's claim, False if another process does."""
+    def claim(self, shard_id: int) -> Claim | None:
+        """The shard's claim, or None when another process holds it."""
         self.claims_dir.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.lock_path(shard_id), os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                yield False
-                return
-            os.ftruncate(fd, 0)
-            os.write(fd, f"{socket.gethostname()} {os.getpid()}\n".encode())
-            try:
-                yield True
-            finally:
-                fcntl.flock(fd, fcntl.LOCK_UN)
-        finally:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
             os.close(fd)
+            return None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{socket.gethostname()} {os.getpid()}\n".encode())
+        return Claim(shard_id, fd)
+
+    @contextmanager
+    def try_claim(self, shard_id: int) -> Iterator[bool]:
+        """Yield True while this process holds the shard's claim, False if another process does."""
+        claim = self.claim(shard_id)
+        try:
+            yield claim is not None
+        finally:
+            if claim is not None:
+                claim.release()
 
     def holder(self, shard_id: int) -> str | None:
         """`host pid` of the process working on the shard now, or None when nobody is."""

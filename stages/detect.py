@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from pipeline.config import FeatureConfig
-from pipeline.device import resolve_device
+from pipeline.device import resolve_device, resolve_precision
 from stages.classifier import classifier_input, load_checkpoint
 from stages.extract import encode
 from stages.images import DecodeError, decode_rgb, preprocess
@@ -39,7 +39,7 @@ def run_detect(inputs: list[Path], model_path: Path, checkpoint: Path, device: s
     detector, meta = load_checkpoint(checkpoint)
     detector.to(dev)
     feature = meta.get("feature", REFERENCE_FEATURE)
-    noise_model = load_noise_model(model_path, dev)
+    noise_model = load_noise_model(model_path, dev, resolve_precision(feature.get("precision", "fp32"), dev))
     config = FeatureConfig(**{**feature, "model_fingerprint": noise_model.fingerprint})
     expected = feature.get("model_fingerprint")
     if expected and expected != noise_model.fingerprint:
