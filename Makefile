@@ -13,7 +13,7 @@ DEVICE     ?= auto
 SHARD_SIZE ?= 1024
 NAME       ?= default
 
-.PHONY: install test test-long lint quickstart shard extract status train eval clean
+.PHONY: install test test-long lint quickstart shard extract status train eval bench clean
 
 install: $(STAMP)
 
@@ -52,6 +52,10 @@ eval: $(STAMP)
 
 status: $(STAMP)
 	$(CLI) status --run $(RUN)
+
+# Speed figures (a script, not a test); sizes are options of benchmarks/bench.py.
+bench: $(STAMP)
+	$(BIN)/python benchmarks/bench.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache

@@ -133,3 +133,19 @@ def test_kill_and_resume_gives_identical_cache(tmp_path, tiny_model):
     assert cache_files(tmp_path / "run" / "cache" / clean_cache.name) == cache_files(clean_cache)
     status = cli("status", "--run", tmp_path / "run").stdout
     assert "12/12 shards done" in status and "72 images cached" in status
+
+
+@pytest.mark.parametrize("encoding", ["reference", "raw"])
+def test_direct_shard_reader_equals_zarr(tmp_path, tiny_model, encoding):
+    from storage.feature_dataset import ShardChunkReader
+
+    data = make_dataset(tmp_path / "data", per_class=3, splits=("train",))
+    run_shard([data], tmp_path / "run", shard_size=4)  # 6 images: the last shard is partial
+    os.remove(Run(tmp_path / "run").shard_entries(1)[1].path)  # a rejected row keeps the fill value
+    summary = extract(tmp_path / "run", tiny_model, encoding=encoding)
+    assert summary["rejected"] == 1
+    array = zarr.open_array(summary["cache"] + "/features.zarr/dnf", mode="r")
+    reader = ShardChunkReader(Path(summary["cache"]) / "features.zarr" / "dnf")
+    for row in range(array.shape[0]):
+        got = reader[row]
+        assert got.dtype == array.dtype and np.array_equal(got, array[row]), row

@@ -1,0 +1,311 @@
+"""`make bench`: extraction and training speed, host cost and cache size, side by side in one run.
+
+Prints, for each UNet (tiny and mid-size on the CPU; also the bedroom-size config on CUDA, random
+weights): extract images/s of the pipeline, of the model alone on pre-made tensors (the bound), and
+their ratio; a reference-style loop (per-image read and resize, fp32 forward at batch 16, one PNG
+per image with save_image) on the same images and its speed-up; host cost per image in
+CPU-core-milliseconds; training samples/s from the cache vs the ResNet50 alone vs a PNG
+ImageFolder; cache bytes per image per encoding vs the reference's PNG files.
+
+    python benchmarks/bench.py [--images 48] [--size 256] [--device auto] [--precisions fp32,bf16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from pipeline.device import resolve_device, resolve_precision  # noqa: E402
+from stages.extract import ExtractOptions, auto_batch_size, encode, run_extract  # noqa: E402
+from stages.images import decode_rgb, preprocess  # noqa: E402
+from stages.noise_model import load_noise_model, make_test_model  # noqa: E402
+from stages.shard import run_shard  # noqa: E402
+
+UNETS = {
+    "mid": dict(block_out_channels=(32, 32, 64, 64, 128, 128), layers_per_block=1,
+                down_block_types=("DownBlock2D",) * 4 + ("AttnDownBlock2D", "DownBlock2D"),
+                up_block_types=("UpBlock2D", "AttnUpBlock2D") + ("UpBlock2D",) * 4),
+    "bedroom": dict(block_out_channels=(128, 128, 256, 256, 512, 512), layers_per_block=2,
+                    down_block_types=("DownBlock2D",) * 4 + ("AttnDownBlock2D", "DownBlock2D"),
+                    up_block_types=("UpBlock2D", "AttnUpBlock2D") + ("UpBlock2D",) * 4,
+                    downsample_padding=0, flip_sin_to_cos=False, freq_shift=1, norm_eps=1e-6),
+}
+
+
+def make_unet(name: str, out: Path, size: int) -> Path:
+    if name == "tiny":
+        return make_test_model(out, size=64)
+    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=size, attention_head_dim=None, norm_num_groups=32, **UNETS[name])
+    DDPMPipeline(unet=unet, scheduler=DDPMScheduler()).save_pretrained(out, safe_serialization=True)
+    return out
+
+
+def make_jpegs(folder: Path, n: int, size: int) -> None:
+    """Photo-like JPEGs (smooth structure plus grain), half 'real' and half 'fake', train split."""
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        label = "0_real" if i % 2 else "1_fake"
+        yy, xx = np.mgrid[0:size, 0:size] / size
+        base = np.stack([np.sin(xx * (3 + c + i % 5) + yy * (2 + i % 3)) for c in range(3)], -1)
+        arr = np.clip((base * 0.4 + 0.5) * 255 + rng.normal(0, 12, (size, size, 3)), 0, 255)
+        path = folder / "train" / "bench" / label / f"{i:04d}.jpg"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(arr.astype(np.uint8)).save(path, quality=90)
+
+
+def median_rate(fn, units: int, repeats: int = 3) -> float:
+    """units / median seconds of `fn` over `repeats` runs (after one warm-up)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return units / statistics.median(times)
+
+
+def model_bound(model, n: int, batch: int, size: int) -> float:
+    x = torch.rand(batch, 3, size, size, device=model.device) * 2 - 1
+    batches = -(-n // batch)
+
+    def run():
+        for _ in range(batches):
+            model.predict(x)
+        if model.device.type == "cuda":
+            torch.cuda.synchronize()
+    return median_rate(run, batches * batch, repeats=2)
+
+
+def reference_loop(model_dir: Path, files: list[Path], size: int, device, workers: int, out: Path) -> float:
+    """The paper's extraction loop: DataLoader of read_image + Resize, fp32 batch 16, save_image."""
+    import torchvision.transforms as T
+    from torch.utils.data import DataLoader, Dataset
+    from torchvision.io import read_image
+    from torchvision.utils import save_image
+
+    class RefSet(Dataset):
+        def __len__(self):
+            return len(files)
+
+        def __getitem__(self, i):
+            x = read_image(str(files[i])).float()
+            x = T.Resize((size, size), interpolation=T.InterpolationMode.BICUBIC)(x)
+            return (x / 255.0) * 2.0 - 1.0, str(out / f"{i:05d}.png")
+
+    model = load_noise_model(model_dir, device, "fp32", channels_last=False)
+    out.mkdir(parents=True, exist_ok=True)
+
+    def run():
+        for x, paths in DataLoader(RefSet(), batch_size=16, num_workers=workers):
+            eps = model.predict(x.to(device), 0)
+            for item, p in zip(eps, paths, strict=True):
+                save_image(item, p)
+    return median_rate(run, len(files), repeats=1)
+
+
+def host_cost_ms(files: list[Path], size: int, cache_dir: Path) -> dict:
+    """CPU-core-ms per image of everything but the model: read + hash, decode + resize, encode, write."""
+    import zarr
+
+    torch.set_num_threads(1)
+    t = {"read": 0.0, "decode": 0.0, "encode": 0.0, "write": 0.0}
+    eps = torch.randn(1, 3, size, size) * 0.3
+    out = np.zeros((len(files), 3, size, size), np.uint8)
+    for i, f in enumerate(files):
+        c0 = time.process_time()
+        data = f.read_bytes()
+        hashlib.sha256(data).hexdigest()
+        c1 = time.process_time()
+        preprocess(decode_rgb(data), size)
+        c2 = time.process_time()
+        out[i] = encode(eps, "reference").numpy()[0]
+        t["read"] += c1 - c0
+        t["decode"] += c2 - c1
+        t["encode"] += time.process_time() - c2
+    arr = zarr.create_array(cache_dir / "w.zarr", shape=out.shape, dtype="uint8", chunks=(1, 3, size, size),
+                            shards=out.shape, compressors=zarr.codecs.ZstdCodec(level=3))
+    c0 = time.process_time()
+    arr[:] = out
+    t["write"] = time.process_time() - c0
+    torch.set_num_threads(os.cpu_count() or 1)
+    per = {k: 1000 * v / len(files) for k, v in t.items()}
+    per["total"] = sum(per.values())
+    return per
+
+
+def training_rates(cache, size: int, batch: int, samples: int, device, png_dir: Path) -> dict:
+    """Samples/s: ResNet50 steps from the cache; the model alone; data paths alone (cache vs PNG)."""
+    import torchvision
+    from torch.utils.data import DataLoader
+
+    from stages.classifier import build_resnet50, classifier_input
+    from storage.feature_dataset import CacheDataset, cache_index
+
+    ds = CacheDataset(cache, cache_index(cache, "train"))
+    model = build_resnet50(seed=0).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    loss_fn = torch.nn.BCEWithLogitsLoss()
+    steps = max(1, samples // batch)
+
+    def step(x, y):
+        x = classifier_input(x.to(device, non_blocking=True))
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            loss = loss_fn(model(x).float().squeeze(1), y.to(device).float())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    fixed = (torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8), torch.zeros(batch))
+
+    def alone():
+        for _ in range(steps):
+            step(*fixed)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    loader = DataLoader(ds, batch_size=batch, shuffle=True, num_workers=2, pin_memory=device.type == "cuda",
+                        persistent_workers=True)
+
+    def from_cache():
+        done = 0
+        while done < steps:
+            for x, y in loader:
+                step(x, y)
+                done += 1
+                if done == steps:
+                    break
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def read_cache():
+        for _ in DataLoader(ds, batch_size=batch, shuffle=True, num_workers=2):
+            pass
+
+    folder = torchvision.datasets.ImageFolder(str(png_dir), transform=torchvision.transforms.ToTensor())
+
+    def read_png():
+        for _ in DataLoader(folder, batch_size=batch, shuffle=True, num_workers=2):
+            pass
+
+    return {"model_alone": median_rate(alone, steps * batch, repeats=1),
+            "from_cache": median_rate(from_cache, steps * batch, repeats=1),
+            "read_cache": median_rate(read_cache, len(ds)),
+            "read_png_imagefolder": median_rate(read_png, len(folder))}
+
+
+def folder_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--images", type=int, default=48)
+    ap.add_argument("--size", type=int, default=256)
+    ap.add_argument("--host-sizes", default="256,1024", help="JPEG sizes for the host cost")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--models", default="", help="default: tiny,mid (CPU); tiny,mid,bedroom (CUDA)")
+    ap.add_argument("--precisions", default="fp32,bf16")
+    ap.add_argument("--batch-size", type=int, default=0, help="0: 8 on the CPU, auto on CUDA")
+    ap.add_argument("--workers", type=int, default=-1)
+    ap.add_argument("--train-samples", type=int, default=32)
+    ap.add_argument("--train-batch", type=int, default=16)
+    args = ap.parse_args()
+    device = resolve_device(args.device)
+    models = args.models.split(",") if args.models else (
+        ["tiny", "mid", "bedroom"] if device.type == "cuda" else ["tiny", "mid"])
+    batch = args.batch_size or (8 if device.type == "cpu" else 0)
+    tmp = Path(tempfile.mkdtemp(prefix="dnf-bench-"))
+    make_jpegs(tmp / "data", args.images, args.size)
+    files = sorted((tmp / "data").rglob("*.jpg"))
+    run_shard([tmp / "data"], tmp / "run", shard_size=max(8, args.images // 3))
+    env = {"device": str(device), "cpu_cores": os.cpu_count(), "torch": torch.__version__,
+           "gpu": torch.cuda.get_device_name(0) if device.type == "cuda" else None,
+           "images": args.images, "image_size": args.size}
+    print(json.dumps(env), flush=True)
+    rows = []
+    for name in models:
+        model_dir = make_unet(name, tmp / f"unet-{name}", args.size)
+        params = sum(p.numel() for p in load_noise_model(model_dir, torch.device("cpu")).unet.parameters())
+        workers = ExtractOptions(model_dir, workers=args.workers).num_workers()
+        ref = reference_loop(model_dir, files, args.size, device, workers, tmp / f"ref-{name}")
+        for precision in args.precisions.split(","):
+            resolve_precision(precision, device)
+            model = load_noise_model(model_dir, device, precision)
+            b = batch or auto_batch_size(model, args.size)
+            bound = model_bound(model, args.images, b, args.size)
+            summary = run_extract(tmp / "run", ExtractOptions(
+                model_dir, size=args.size, batch_size=b, workers=args.workers, device=str(device),
+                precision=precision, cache_dir=tmp / f"cache-{name}-{precision}"))
+            pipe = summary["images_per_s"]
+            rows.append({"unet": name, "params_M": round(params / 1e6, 2), "precision": precision,
+                         "batch": b, "pipeline_img_s": pipe, "bound_img_s": round(bound, 2),
+                         "pipeline/bound": round(pipe / bound, 3), "reference_loop_img_s": round(ref, 2),
+                         "speedup_vs_reference": round(pipe / ref, 2)})
+            print(json.dumps(rows[-1]), flush=True)
+    host = {}
+    for s in map(int, args.host_sizes.split(",")):
+        make_jpegs(tmp / f"host{s}", 8, s)
+        host[s] = host_cost_ms(sorted((tmp / f"host{s}").rglob("*.jpg")), args.size, tmp)
+    # caches per encoding, the reference PNG tree, and training
+    from stages.export_png import run_export_png
+
+    run_shard([tmp / "data"], tmp / "trainrun", shard_size=max(8, args.images // 3))
+    tiny = make_unet("tiny", tmp / "unet-train", args.size)
+    from storage.zarr_cache import ZarrCache
+
+    sizes = {}
+    for enc in ("reference", "raw"):
+        s = run_extract(tmp / "trainrun", ExtractOptions(tiny, size=args.size, encoding=enc,
+                                                         device=str(device), batch_size=batch or 16,
+                                                         workers=args.workers))
+        sizes[f"zarr {enc}"] = folder_bytes(Path(s["cache"]) / "features.zarr") / s["images"]
+        if enc == "reference":
+            ref_cache = s
+    run_export_png(tmp / "trainrun", tmp / "png", ref_cache["feature_id"])
+    sizes["reference PNG files"] = folder_bytes(tmp / "png") / args.images
+    train = training_rates(ZarrCache(ref_cache["cache"]), args.size, args.train_batch, args.train_samples,
+                           device, tmp / "png")
+
+    print("\n## Extraction (images/s, median)")
+    cols = list(rows[0])
+    print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
+    for r in rows:
+        print("| " + " | ".join(str(r[c]) for c in cols) + " |")
+    print("\n## Host cost per image, CPU-core-ms (one thread; JPEG in, 256x256 out)")
+    print("| JPEG size | read+hash | decode+resize | encode | write | total |\n|---|---|---|---|---|---|")
+    for s, h in host.items():
+        print(f"| {s}x{s} | {h['read']:.2f} | {h['decode']:.2f} | {h['encode']:.2f} | {h['write']:.2f} | "
+              f"{h['total']:.2f} |")
+    print("\n## Training (samples/s, ResNet50 at the cache size)")
+    for k, v in train.items():
+        print(f"- {k}: {v:.1f}")
+    if train:
+        print(f"- data path speed-up, cache vs PNG ImageFolder: "
+              f"{train['read_cache'] / train['read_png_imagefolder']:.1f}x")
+        print(f"- training from the cache / model alone: {train['from_cache'] / train['model_alone']:.3f}")
+    print("\n## Cache bytes per image")
+    for k, v in sizes.items():
+        print(f"- {k}: {v / 1024:.1f} KiB")
+
+
+if __name__ == "__main__":
+    main()
