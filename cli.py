@@ -90,7 +90,8 @@ def extract(
     encoding: str = typer.Option("reference", help="reference (uint8, as the paper saves) or raw (float16)."),
     batch_size: int = typer.Option(0, help="Images per UNet forward pass (0: from free GPU memory; "
                                            "16 on the CPU)."),
-    workers: int = typer.Option(-1, help="Decoding processes (-1: cores - 1, at most 8)."),
+    workers: int = typer.Option(-1, help="Decoding processes (-1: on a GPU cores - 1, at most 8; "
+                                         "on the CPU none)."),
     precision: str = typer.Option("auto", help="auto (= fp32, the reference's numbers), bf16 or fp16."),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the UNet."),
     gpu_decode: bool = typer.Option(False, "--gpu-decode", help="Decode JPEGs on the GPU (nvJPEG)."),

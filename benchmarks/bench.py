@@ -139,7 +139,8 @@ def host_cost_ms(files: list[Path], size: int, cache_dir: Path) -> dict:
         t["read"] += c1 - c0
         t["decode"] += c2 - c1
         t["encode"] += time.process_time() - c2
-    arr = zarr.create_array(cache_dir / "w.zarr", shape=out.shape, dtype="uint8", chunks=(1, 3, size, size),
+    arr = zarr.create_array(cache_dir / f"w{len(files)}-{size}-{files[0].parent.name}.zarr", overwrite=True,
+                            shape=out.shape, dtype="uint8", chunks=(1, 3, size, size),
                             shards=out.shape, compressors=zarr.codecs.ZstdCodec(level=3))
     c0 = time.process_time()
     arr[:] = out
@@ -196,14 +197,15 @@ def training_rates(cache, size: int, batch: int, samples: int, device, png_dir: 
         if device.type == "cuda":
             torch.cuda.synchronize()
 
+    # The data paths alone, in one process (no worker start-up in the figure): what a sample costs.
     def read_cache():
-        for _ in DataLoader(ds, batch_size=batch, shuffle=True, num_workers=2):
+        for _ in DataLoader(ds, batch_size=batch, shuffle=True, num_workers=0):
             pass
 
     folder = torchvision.datasets.ImageFolder(str(png_dir), transform=torchvision.transforms.ToTensor())
 
     def read_png():
-        for _ in DataLoader(folder, batch_size=batch, shuffle=True, num_workers=2):
+        for _ in DataLoader(folder, batch_size=batch, shuffle=True, num_workers=0):
             pass
 
     return {"model_alone": median_rate(alone, steps * batch, repeats=1),
@@ -245,7 +247,7 @@ def main() -> None:
     for name in models:
         model_dir = make_unet(name, tmp / f"unet-{name}", args.size)
         params = sum(p.numel() for p in load_noise_model(model_dir, torch.device("cpu")).unet.parameters())
-        workers = ExtractOptions(model_dir, workers=args.workers).num_workers()
+        workers = ExtractOptions(model_dir, workers=args.workers).num_workers(device)
         ref = reference_loop(model_dir, files, args.size, device, workers, tmp / f"ref-{name}")
         for precision in args.precisions.split(","):
             resolve_precision(precision, device)
