@@ -14,7 +14,8 @@ import typer
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Diffusion Noise Feature pipeline: shard, extract, train, eval, detect.")
 
-RUN_OPT = typer.Option(..., "--run", help="Run directory (created by `shard`).")
+# `--run-dir` too: torchrun's own parser takes a bare `--run` for its `--run-path`.
+RUN_OPT = typer.Option(..., "--run", "--run-dir", help="Run directory (created by `shard`).")
 DEVICE_OPT = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps.")
 
 
@@ -95,6 +96,9 @@ def extract(
     precision: str = typer.Option("auto", help="auto (= fp32, the reference's numbers), bf16 or fp16."),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the UNet."),
     gpu_decode: bool = typer.Option(False, "--gpu-decode", help="Decode JPEGs on the GPU (nvJPEG)."),
+    worker_index: Optional[int] = typer.Option(None, help="This worker's index (default: torchrun "
+                                                         "RANK or SLURM_ARRAY_TASK_ID)."),
+    num_workers: Optional[int] = typer.Option(None, help="How many workers share the run."),
     device: str = DEVICE_OPT,
     cache_dir: Optional[Path] = typer.Option(None, help="Cache folder (default RUN/cache/<feature-id>)."),
     redo: Optional[List[int]] = typer.Option(None, "--redo", help="Compute this shard again (repeatable)."),
@@ -114,7 +118,8 @@ def extract(
                           batch_size=batch_size, workers=workers, device=device, cache_dir=cache_dir,
                           redo=tuple(redo or ()), inversion_steps=inversion_steps,
                           ddim_steps=ddim_steps, keep=_int_list(keep, "--keep"), combine=combine,
-                          precision=precision, compile=compile, gpu_decode=gpu_decode)
+                          precision=precision, compile=compile, gpu_decode=gpu_decode,
+                          worker_index=worker_index, num_workers_total=num_workers)
     with user_errors():
         try:
             summary = run_extract(run, opts)

@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 import pipeline
 from pipeline.config import FeatureConfig
 from pipeline.device import resolve_device, resolve_precision
+from pipeline.distributed import local_device, my_order, worker_identity
 from pipeline.progress import Progress
 from pipeline.queue import Claim, ShardQueue
 from pipeline.signals import StopFlag, graceful_stop
@@ -123,6 +124,8 @@ class ExtractOptions:
     precision: str = "auto"  # auto = fp32; bf16 / fp16 autocast are faster and move values
     compile: bool = False  # torch.compile the UNet
     gpu_decode: bool = False  # decode JPEGs on the GPU (nvJPEG) instead of in the workers
+    worker_index: int | None = None  # default: torchrun RANK or the Slurm array task
+    num_workers_total: int | None = None
 
     def feature(self, fingerprint: str, precision: str = "fp32") -> FeatureConfig:
         return FeatureConfig(fingerprint, self.timestep, self.size, self.encoding,
@@ -272,7 +275,8 @@ def run_extract(run_dir: Path, opts: ExtractOptions) -> dict:
     """Extract every pending shard of the run that no other process holds; return a summary."""
     run = Run(run_dir)
     info = run.info()
-    device = resolve_device(opts.device)
+    device = resolve_device(local_device(opts.device))
+    worker, workers_total = worker_identity(opts.worker_index, opts.num_workers_total)
     precision = resolve_precision(opts.precision, device)
     model = load_noise_model(opts.model, device, precision, compile=opts.compile)
     model.check_size(opts.size)
@@ -288,7 +292,7 @@ def run_extract(run_dir: Path, opts: ExtractOptions) -> dict:
             cache.done_path(shard_id).unlink(missing_ok=True)
     pending = queue.pending()
     progress = Progress(sum(len(run.shard_entries(s)) for s in pending), f"extract {feature.feature_id}")
-    todo = iter(pending)
+    todo = iter(my_order(pending, worker, workers_total))
     done_now: list[int] = []
     skipped: list[int] = []
 
@@ -337,6 +341,7 @@ def run_extract(run_dir: Path, opts: ExtractOptions) -> dict:
         "cache": str(cache.root),
         "feature_id": feature.feature_id,
         "device": str(device),
+        "worker": f"{worker + 1}/{workers_total}",
         "precision": precision,
         "batch_size": batch_size,
         "shards_total": info["num_shards"],

@@ -232,3 +232,31 @@ def test_training_killed_mid_epoch_resumes_exactly(clean, tmp_path):
     b = torch.load(metrics / "last.pt", weights_only=True)
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     assert a["train"]["state"] == b["train"]["state"]
+
+
+def test_torchrun_workers_share_the_queue(clean, tmp_path, tiny_model):
+    """`torchrun --nproc-per-node 2 cli.py extract ...`: two ranks, one cache, same bytes."""
+    run = fresh_run(clean, tmp_path)
+    torchrun = Path(sys.executable).with_name("torchrun")
+    proc = subprocess.run([str(torchrun), "--nproc-per-node", "2", "--master-port", "29517",
+                           str(ROOT / "cli.py"), *map(str, EXTRACT_ARGS), "--model", str(tiny_model),
+                           "--run-dir", str(run), "--json"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summaries = [json.loads(block) for block in proc.stdout.replace("}\n{", "}\x00{").split("\x00")]
+    assert sorted(s["worker"] for s in summaries) == ["1/2", "2/2"]
+    assert sum(s["shards_done_now"] for s in summaries) == 12
+    assert cache_files(only_cache(run)) == clean["files"]
+
+
+def test_slurm_array_identity(monkeypatch):
+    from pipeline.distributed import my_order, worker_identity
+
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "5")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_MIN", "4")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "3")
+    assert worker_identity() == (1, 3)
+    assert worker_identity(2, 3) == (2, 3)
+    assert my_order(list(range(6)), 1, 3) == [2, 3, 4, 5, 0, 1]
+    with pytest.raises(ValueError, match="go together"):
+        worker_identity(1, None)
