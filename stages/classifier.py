@@ -6,12 +6,13 @@ config they were trained on. Loading never unpickles code (`torch.load(weights_o
 
 from __future__ import annotations
 
-import pickle
 from pathlib import Path
 
 import torch
 from torch import nn
 from torchvision.models import resnet50
+
+from storage.checkpoint_file import read_state_dict
 
 
 class CheckpointError(RuntimeError):
@@ -29,7 +30,7 @@ def build_resnet50(init_weights: Path | None = None, seed: int | None = None,
     if in_channels != 3:
         model.conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
     if init_weights is not None:
-        state = _load_state(Path(init_weights))
+        state, _ = read_state_dict(Path(init_weights), CheckpointError)
         state = {k: v for k, v in state.items()
                  if not k.startswith("fc.") and not (in_channels != 3 and k == "conv1.weight")}
         missing, unexpected = model.load_state_dict(state, strict=False)
@@ -48,38 +49,10 @@ def classifier_input(dnf: torch.Tensor) -> torch.Tensor:
     return dnf.float()
 
 
-def _load_state(path: Path) -> dict:
-    """A state dict from a file, safely; unwraps {"model": ...} / {"state_dict": ...} and `module.`."""
-    return _read(path)[0]
-
-
-def _read(path: Path) -> tuple[dict, dict]:
-    """(state dict, the other top-level entries) of a checkpoint file, loaded safely."""
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such checkpoint file")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise CheckpointError(f"{path}: refused: loading it would need more than plain tensors "
-                              f"(weights_only=True): {str(e).splitlines()[0]}") from e
-    except Exception as e:  # zip errors, truncated files, not a torch file at all
-        raise CheckpointError(f"{path}: not a torch checkpoint ({type(e).__name__}: {e})") from e
-    meta = {}
-    if isinstance(obj, dict):
-        for k in ("model", "state_dict"):
-            if isinstance(obj.get(k), dict):
-                meta = {m: v for m, v in obj.items() if m != k}
-                obj = obj[k]
-                break
-    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise CheckpointError(f"{path}: holds no state dict of tensors")
-    return {k.removeprefix("module."): v for k, v in obj.items()}, meta
-
-
 def load_checkpoint(path: Path | str) -> tuple[nn.Module, dict]:
     """The detector of a checkpoint (ours or the reference's) and its metadata (may be empty)."""
     path = Path(path)
-    state, meta = _read(path)
+    state, meta = read_state_dict(path, CheckpointError)
     conv1 = state.get("conv1.weight")
     model = build_resnet50(in_channels=conv1.shape[1] if conv1 is not None and conv1.ndim == 4 else 3)
     try:

@@ -11,37 +11,18 @@ Checkpoints are read with `torch.load(weights_only=True)`; one that needs more i
 
 from __future__ import annotations
 
-import pickle
 import re
 from pathlib import Path
 
 import torch
 
 from stages.noise_model import ModelError
+from storage.checkpoint_file import read_state_dict
 
 
 def load_original(path: Path) -> dict[str, torch.Tensor]:
     """A checkpoint's state dict, loaded without executing code."""
-    path = Path(path)
-    if not path.is_file():
-        raise ModelError(f"{path}: no such checkpoint file")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise ModelError(f"{path}: refused: it needs more than plain tensors to load "
-                         f"(weights_only=True): {str(e).splitlines()[0]}") from e
-    except Exception as e:
-        raise ModelError(f"{path}: not a torch checkpoint ({type(e).__name__}: {e})") from e
-    if isinstance(obj, (list, tuple)) and obj and isinstance(obj[0], dict):
-        obj = obj[0]  # the DDIM repo's training checkpoints: [state_dict, optimizer, ...]
-    if isinstance(obj, dict):
-        for k in ("state_dict", "model", "ema"):
-            if isinstance(obj.get(k), dict):
-                obj = obj[k]
-                break
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ModelError(f"{path}: holds no state dict of tensors")
-    return {k.removeprefix("module."): v for k, v in obj.items()}
+    return read_state_dict(path, ModelError, wrappers=("state_dict", "model", "ema"))[0]
 
 
 def detect_format(state: dict[str, torch.Tensor], path: Path) -> str:

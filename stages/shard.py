@@ -10,7 +10,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
-import json
 import os
 import warnings
 from collections import Counter
@@ -21,6 +20,7 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 
 import pipeline
+from storage.atomic import read_jsonl
 from storage.run import Entry, Run, RunError, within_roots
 
 SPLIT_NAMES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
@@ -110,13 +110,10 @@ def _read_list(path: Path) -> list[Candidate]:
         with open(path, newline="") as f:
             rows = list(csv.DictReader(f))
     else:
-        rows = []
-        for n, line in enumerate(path.read_text().splitlines(), 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise ShardError(f"{path}:{n}: not valid JSON ({e})") from e
+        try:
+            rows = read_jsonl(path)
+        except ValueError as e:
+            raise ShardError(str(e)) from e
     out = []
     for n, row in enumerate(rows, 1):
         if not row.get("path"):
