@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import signal
 import sys
@@ -99,6 +100,8 @@ def extract(
     worker_index: Optional[int] = typer.Option(None, help="This worker's index (default: torchrun "
                                                          "RANK or SLURM_ARRAY_TASK_ID)."),
     num_workers: Optional[int] = typer.Option(None, help="How many workers share the run."),
+    perturb: str = typer.Option("", help="Also extract perturbed variants into sibling caches, "
+                                         "e.g. jpeg:75,blur:1.0,resize:0.5."),
     device: str = DEVICE_OPT,
     cache_dir: Optional[Path] = typer.Option(None, help="Cache folder (default RUN/cache/<feature-id>)."),
     redo: Optional[List[int]] = typer.Option(None, "--redo", help="Compute this shard again (repeatable)."),
@@ -113,6 +116,7 @@ def extract(
     Ctrl-C or SIGTERM stops after the current batch; a second Ctrl-C stops at once."""
     from pipeline.signals import Stopped
     from stages.extract import ExtractOptions, run_extract
+    from stages.perturb import parse_perturbations
 
     opts = ExtractOptions(model=model, size=size, timestep=timestep, encoding=encoding,
                           batch_size=batch_size, workers=workers, device=device, cache_dir=cache_dir,
@@ -122,13 +126,17 @@ def extract(
                           worker_index=worker_index, num_workers_total=num_workers)
     with user_errors():
         try:
-            summary = run_extract(run, opts)
+            variants = parse_perturbations(perturb)
+            summaries = [run_extract(run, dataclasses.replace(opts, perturb=p)) for p in ["", *variants]]
         except (Stopped, KeyboardInterrupt) as e:
             how = e.signame if isinstance(e, Stopped) else "a second Ctrl-C"
             typer.echo(f"extract stopped by {how}: finished shards are kept, the shard in progress "
                        f"is not marked done; run the same command to resume", err=True)
             raise typer.Exit(130) from None
-    _print(summary, as_json)
+    for summary, variant in zip(summaries, ["clean", *variants], strict=True):
+        if len(summaries) > 1 and not as_json:
+            typer.echo(f"-- {variant}")
+        _print(summary, as_json)
 
 
 @app.command()
@@ -187,6 +195,16 @@ def evaluate(
         summary = run_eval(run, checkpoint, split, name, feature_id, batch_size, workers, device)
     typer.echo((Path(summary["out"]) / "report.md").read_text())
     _print(summary, False)
+
+
+@app.command()
+def compare(a: Path = typer.Argument(..., help="An eval folder (RUN/eval/NAME)."),
+            b: Path = typer.Argument(..., help="Another eval folder.")) -> None:
+    """Two eval reports side by side: acc, AP, AUC per source, and the change (B - A)."""
+    from stages.compare import compare_markdown
+
+    with user_errors():
+        typer.echo(compare_markdown(a, b))
 
 
 @app.command()

@@ -27,6 +27,7 @@ class FeatureConfig:
     keep: tuple[int, ...] = (0,)
     combine: str = "stack"  # stack: 3 channels per kept step; mean: their average
     precision: str = "fp32"  # fp32 (the reference's numbers), bf16 or fp16 autocast
+    perturb: str = ""  # robustness variant applied to the pixels first, e.g. "jpeg:75"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "keep", tuple(int(k) for k in self.keep))
@@ -50,6 +51,10 @@ class FeatureConfig:
     @property
     def dtype(self) -> str:
         return "uint8" if self.encoding == "reference" else "float16"
+
+    def clean(self) -> FeatureConfig:
+        """The same features without the perturbation."""
+        return FeatureConfig(**{**self.to_json(), "perturb": ""})
 
     def to_json(self) -> dict:
         d = asdict(self)

@@ -21,7 +21,7 @@ from stages.train import binary_metrics, predict
 from storage.atomic import write_bytes_atomic, write_json_atomic
 from storage.feature_dataset import cache_index
 from storage.run import Run
-from storage.zarr_cache import CacheError, find_cache
+from storage.zarr_cache import CacheError, caches_in, find_cache
 
 METRIC_COLUMNS = ("n_real", "n_fake", "acc", "ap", "auc", "real_acc", "fake_acc")
 
@@ -91,41 +91,88 @@ def report_markdown(rep: dict, title: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def predict_to_csv(model, cache, split: str, paths: dict[str, str], dev: torch.device, batch_size: int,
+                   workers: int, csv_path: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Predict every cached sample of `split`, write the CSV; return (labels, probabilities as
+    written, sources) so metrics can be recomputed from the file."""
+    index = cache_index(cache, split)
+    if len(index) == 0:
+        raise CacheError(f"{cache.root}: no cached samples in split {split!r}")
+    probs = predict(model, cache, index, dev, batch_size, workers)
+    lines = [["key", "path", "source", "label", "probability"]]
+    lines += [[k, paths.get(k, ""), s, int(y), f"{p:.6f}"]
+              for k, s, y, p in zip(index.keys, index.sources, index.labels, probs, strict=True)]
+    tmp = csv_path.with_suffix(".csv.tmp")
+    # surrogateescape: file names with non-UTF-8 bytes are written back as their original bytes
+    with open(tmp, "w", newline="", errors="surrogateescape") as f:
+        csv.writer(f).writerows(lines)
+    tmp.replace(csv_path)
+    return index.labels, np.array([float(r[4]) for r in lines[1:]]), index.sources
+
+
+def perturbed_siblings(cache_root: Path, feature: dict) -> list:
+    """Caches of the same features as `feature` but for a perturbation of the images."""
+    out = []
+    for c in caches_in(cache_root):
+        f = c.config()["feature"]
+        if f.get("perturb") and {**f, "perturb": ""} == {**feature, "perturb": ""}:
+            out.append(c)
+    return sorted(out, key=lambda c: c.config()["feature"]["perturb"])
+
+
+def robustness_markdown(rep: dict) -> str:
+    """Sources x (clean, each perturbation): accuracy / AP in percent."""
+    specs = list(rep["perturbations"])
+    head = ["source", "clean", *specs]
+    lines = ["", "## Robustness (acc / AP, %)", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+    def cell(r):
+        return f"{_fmt(r['acc'])} / {_fmt(r['ap'])}"
+    for src in [*rep["sources"], "overall"]:
+        clean = rep["overall"] if src == "overall" else rep["sources"][src]
+        row = [f"**{src}**" if src == "overall" else src, cell(clean)]
+        for spec in specs:
+            p = rep["perturbations"][spec]
+            r = p["overall"] if src == "overall" else p["sources"].get(src)
+            row.append(cell(r) if r else "-")
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def run_eval(run_dir: Path, checkpoint: Path, split: str = "test", name: str | None = None,
              feature_id: str | None = None, batch_size: int = 64, workers: int = 2,
              device: str = "auto") -> dict:
-    """Predict every cached sample of `split`, write predictions.csv, report.json, report.md."""
+    """Predict every cached sample of `split` (and of its perturbed variants, when extracted),
+    write predictions*.csv, report.json and report.md."""
     run = Run(run_dir)
     run.info()
     model, meta = load_checkpoint(checkpoint)
     cache = find_cache(run.cache_root, feature_id or meta.get("feature_id"))
     cache_config = cache.config()
     note = check_feature_match(checkpoint, meta, cache_config, cache.root)
-    index = cache_index(cache, split)
-    if len(index) == 0:
-        raise CacheError(f"{cache.root}: no cached samples in split {split!r}")
     dev = resolve_device(device)
     model.to(dev)
     if dev.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
-    probs = predict(model, cache, index, dev, batch_size, workers)
     paths = {e.key: e.path for e in run.entries()}
     name = name or f"{Path(checkpoint).parent.name}-{split}"
     out = run.root / "eval" / name
     out.mkdir(parents=True, exist_ok=True)
-    lines = [["key", "path", "source", "label", "probability"]]
-    lines += [[k, paths.get(k, ""), s, int(y), f"{p:.6f}"]
-              for k, s, y, p in zip(index.keys, index.sources, index.labels, probs, strict=True)]
-    # surrogateescape: file names with non-UTF-8 bytes are written back as their original bytes
-    with open(out / "predictions.csv.tmp", "w", newline="", errors="surrogateescape") as f:
-        csv.writer(f).writerows(lines)
-    (out / "predictions.csv.tmp").replace(out / "predictions.csv")
-    # metrics from the probabilities exactly as written, so the report can be recomputed from the CSV
-    rounded = np.array([float(r[4]) for r in lines[1:]])
-    rep = report(index.labels, rounded, index.sources)
+    labels, probs, sources = predict_to_csv(model, cache, split, paths, dev, batch_size, workers,
+                                            out / "predictions.csv")
+    rep = report(labels, probs, sources)
+    rep["perturbations"] = {}
+    for sibling in perturbed_siblings(run.cache_root, cache_config["feature"]):
+        spec = sibling.config()["feature"]["perturb"]
+        csv_path = out / f"predictions_{spec.replace(':', '_')}.csv"
+        rep["perturbations"][spec] = report(*predict_to_csv(model, sibling, split, paths, dev, batch_size,
+                                                            workers, csv_path))
     rep.update({"checkpoint": str(checkpoint), "split": split, "feature_id": cache_config["feature_id"],
                 "note": note})
     write_json_atomic(out / "report.json", rep)
-    write_bytes_atomic(out / "report.md", report_markdown(
-        rep, f"{name}: {Path(checkpoint).name} on {split} ({cache_config['feature_id']})").encode())
-    return {"out": str(out), **{k: rep["overall"][k] for k in ("n", "acc", "ap", "auc")}, "note": note}
+    md = report_markdown(rep, f"{name}: {Path(checkpoint).name} on {split} ({cache_config['feature_id']})")
+    if rep["perturbations"]:
+        md += robustness_markdown(rep)
+    write_bytes_atomic(out / "report.md", md.encode())
+    return {"out": str(out), **{k: rep["overall"][k] for k in ("n", "acc", "ap", "auc")}, "note": note,
+            "perturbations": list(rep["perturbations"])}

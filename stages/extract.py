@@ -30,6 +30,7 @@ from pipeline.queue import Claim, ShardQueue
 from pipeline.signals import StopFlag, graceful_stop
 from stages.images import DecodeError, decode_rgb, preprocess
 from stages.noise_model import NoiseModel, load_noise_model
+from stages.perturb import perturb
 from stages.shard import DEFAULT_MAX_PIXELS
 from storage.run import Entry, Run, RunError, within_roots
 from storage.zarr_cache import NOT_CACHED, CacheError, ZarrCache, shard_checksum
@@ -65,9 +66,11 @@ class ShardImages(Dataset):
     """The images of one manifest shard, preprocessed; a failure gives its reason, not an error."""
 
     def __init__(self, entries: list[Entry], size: int, max_pixels: int, roots: list[str] | None,
-                 gpu_jpeg: bool = False):
+                 gpu_jpeg: bool = False, perturbation: str = ""):
         self.entries, self.size, self.max_pixels, self.roots = entries, size, max_pixels, roots
-        self.gpu_jpeg = gpu_jpeg  # hand JPEG bytes to the GPU decoder instead of decoding here
+        self.perturbation = perturbation
+        # hand JPEG bytes to the GPU decoder instead of decoding here (clean features only)
+        self.gpu_jpeg = gpu_jpeg and not perturbation
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -77,7 +80,10 @@ class ShardImages(Dataset):
             data = read_checked(self.entries[i], self.roots)
             if self.gpu_jpeg and data[:3] == b"\xff\xd8\xff":
                 return i, torch.frombuffer(bytearray(data), dtype=torch.uint8), "jpeg"
-            return i, preprocess(decode_rgb(data, self.max_pixels), self.size), None
+            img = decode_rgb(data, self.max_pixels)
+            if self.perturbation:
+                img = perturb(img, self.perturbation)
+            return i, preprocess(img, self.size), None
         except DecodeError as e:
             return i, None, str(e)
 
@@ -124,13 +130,15 @@ class ExtractOptions:
     precision: str = "auto"  # auto = fp32; bf16 / fp16 autocast are faster and move values
     compile: bool = False  # torch.compile the UNet
     gpu_decode: bool = False  # decode JPEGs on the GPU (nvJPEG) instead of in the workers
+    perturb: str = ""  # one canonical perturbation spec (see stages/perturb.py)
     worker_index: int | None = None  # default: torchrun RANK or the Slurm array task
     num_workers_total: int | None = None
 
     def feature(self, fingerprint: str, precision: str = "fp32") -> FeatureConfig:
         return FeatureConfig(fingerprint, self.timestep, self.size, self.encoding,
                              inversion_steps=self.inversion_steps, ddim_steps=self.ddim_steps,
-                             keep=self.keep, combine=self.combine, precision=precision)
+                             keep=self.keep, combine=self.combine, precision=precision,
+                             perturb=self.perturb)
 
     def num_workers(self, device: torch.device) -> int:
         """-1 means: on a GPU, one fewer than the CPU cores (at most 8) decode in parallel; on the
@@ -233,7 +241,7 @@ class ShardJob:
         workers = min(opts.num_workers(device), -(-len(self.entries) // batch_size))
         loader = DataLoader(
             ShardImages(self.entries, opts.size, opts.max_pixels, info.get("roots"),
-                        gpu_jpeg=opts.gpu_decode and device.type == "cuda"),
+                        gpu_jpeg=opts.gpu_decode and device.type == "cuda", perturbation=opts.perturb),
             batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=_collate,
             pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None)
         self.batches = iter(loader)  # workers start decoding now

@@ -170,10 +170,14 @@ def caches_in(cache_root: Path) -> list[ZarrCache]:
 
 
 def find_cache(cache_root: Path, feature_id: str | None = None) -> ZarrCache:
-    """The cache with this feature id (a prefix will do), or the only cache when none is given."""
+    """The cache with this feature id (a prefix will do), or, when none is given, the only cache,
+    or the only clean one among perturbed variants of it."""
     caches = caches_in(cache_root)
     if feature_id:
         caches = [c for c in caches if c.root.name.startswith(feature_id)]
+    elif len(caches) > 1:
+        clean = [c for c in caches if not c.config()["feature"].get("perturb")]
+        caches = clean if len(clean) == 1 else caches
     if len(caches) == 1:
         return caches[0]
     names = ", ".join(c.root.name for c in caches_in(cache_root)) or "none"
