@@ -157,6 +157,8 @@ def train(
     sources: Optional[List[str]] = typer.Option(None, "--source", help="Train on these sources only."),
     partial: bool = typer.Option(False, help="Allow a cache whose extraction is unfinished."),
     max_batches: int = typer.Option(0, help="Batches per epoch at most (0: all)."),
+    variants: bool = typer.Option(False, help="Sample each example from the clean or a perturbed "
+                                              "cache (extract --perturb)."),
     resume: bool = typer.Option(False, help="Continue RUN/train/NAME from last.pt."),
 ) -> None:
     """Train a ResNet50 detector on the cached DNF of the train split (reference recipe)."""
@@ -166,7 +168,7 @@ def train(
                         workers=workers, seed=seed, device=device, amp=amp, balance=balance,
                         init_weights=str(init_weights) if init_weights else None,
                         feature_id=feature_id, sources=list(sources or []), partial=partial,
-                        max_batches=max_batches)
+                        max_batches=max_batches, variants=variants)
     _stop_on_sigterm()
     with user_errors():
         try:

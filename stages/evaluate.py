@@ -17,11 +17,12 @@ import torch
 from pipeline.config import describe_differences
 from pipeline.device import resolve_device
 from stages.classifier import load_checkpoint
+from stages.plots import curves_png, robustness_png
 from stages.train import binary_metrics, predict
 from storage.atomic import write_bytes_atomic, write_json_atomic
 from storage.feature_dataset import cache_index
 from storage.run import Run
-from storage.zarr_cache import CacheError, caches_in, find_cache
+from storage.zarr_cache import CacheError, find_cache, perturbed_siblings
 
 METRIC_COLUMNS = ("n_real", "n_fake", "acc", "ap", "auc", "real_acc", "fake_acc")
 
@@ -110,14 +111,24 @@ def predict_to_csv(model, cache, split: str, paths: dict[str, str], dev: torch.d
     return index.labels, np.array([float(r[4]) for r in lines[1:]]), index.sources
 
 
-def perturbed_siblings(cache_root: Path, feature: dict) -> list:
-    """Caches of the same features as `feature` but for a perturbation of the images."""
-    out = []
-    for c in caches_in(cache_root):
-        f = c.config()["feature"]
-        if f.get("perturb") and {**f, "perturb": ""} == {**feature, "perturb": ""}:
-            out.append(c)
-    return sorted(out, key=lambda c: c.config()["feature"]["perturb"])
+def cross_generator(rep: dict, trained_on: list[str]) -> dict:
+    """Sources seen in training vs unseen ones, with mean accuracy and AP over each group."""
+    seen = [s for s in rep["sources"] if s in trained_on]
+    unseen = [s for s in rep["sources"] if s not in trained_on]
+
+    def mean(names: list[str], key: str) -> float | None:
+        values = [rep["sources"][s][key] for s in names if rep["sources"][s][key] is not None]
+        return float(np.mean(values)) if values else None
+    return {"trained_on": trained_on, "seen": seen, "unseen": unseen,
+            "seen_mean": {k: mean(seen, k) for k in ("acc", "ap")},
+            "unseen_mean": {k: mean(unseen, k) for k in ("acc", "ap")}}
+
+
+def cross_generator_markdown(cg: dict) -> str:
+    return ("\n## Cross-generator (trained on " + ", ".join(cg["trained_on"]) + ")\n\n"
+            "| group | sources | mean acc | mean AP |\n|---|---|---|---|\n"
+            + "".join(f"| {g} | {', '.join(cg[g]) or '-'} | {_fmt(cg[g + '_mean']['acc'])} | "
+                      f"{_fmt(cg[g + '_mean']['ap'])} |\n" for g in ("seen", "unseen")))
 
 
 def robustness_markdown(rep: dict) -> str:
@@ -169,10 +180,22 @@ def run_eval(run_dir: Path, checkpoint: Path, split: str = "test", name: str | N
                                                             workers, csv_path))
     rep.update({"checkpoint": str(checkpoint), "split": split, "feature_id": cache_config["feature_id"],
                 "note": note})
+    trained_on = (meta.get("train") or {}).get("options", {}).get("sources") or []
+    if trained_on:
+        rep["cross_generator"] = cross_generator(rep, trained_on)
+    groups = source_groups(sources, labels)
+    rep["plots"] = {"curves": curves_png({s: (labels[m], probs[m]) for s, m in groups.items()},
+                                         out / "curves.png").name}
+    if rep["perturbations"]:
+        rep["plots"]["robustness"] = robustness_png(rep["overall"]["acc"], rep["perturbations"],
+                                                    out / "robustness.png").name
     write_json_atomic(out / "report.json", rep)
     md = report_markdown(rep, f"{name}: {Path(checkpoint).name} on {split} ({cache_config['feature_id']})")
+    if trained_on:
+        md += cross_generator_markdown(rep["cross_generator"])
     if rep["perturbations"]:
         md += robustness_markdown(rep)
+    md += "".join(f"\n![{k}]({v})\n" for k, v in rep["plots"].items())
     write_bytes_atomic(out / "report.md", md.encode())
     return {"out": str(out), **{k: rep["overall"][k] for k in ("n", "acc", "ap", "auc")}, "note": note,
             "perturbations": list(rep["perturbations"])}

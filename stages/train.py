@@ -25,7 +25,7 @@ from stages.classifier import build_resnet50, classifier_input
 from storage.atomic import write_bytes_atomic
 from storage.feature_dataset import CacheDataset, CacheIndex, cache_index
 from storage.run import Run, RunError
-from storage.zarr_cache import ZarrCache, find_cache
+from storage.zarr_cache import ZarrCache, find_cache, perturbed_siblings
 
 MIN_LR = 1e-6
 IMPROVE_DELTA = 1e-3
@@ -50,9 +50,11 @@ class TrainOptions:
     sources: list[str] = field(default_factory=list)  # train on these sources only
     partial: bool = False  # allow a cache whose extraction has not finished
     max_batches: int = 0  # stop each epoch after this many batches (0: all); for smoke tests
+    variants: bool = False  # draw each sample from the clean or a perturbed cache, uniformly
 
 
-RECIPE = ("batch_size", "lr", "patience", "seed", "balance", "init_weights", "feature_id", "sources")
+RECIPE = ("batch_size", "lr", "patience", "seed", "balance", "init_weights", "feature_id", "sources",
+          "variants")
 
 
 class TrainError(RuntimeError):
@@ -145,6 +147,9 @@ def run_train(run_dir: Path, opts: TrainOptions, resume: bool = False) -> dict:
     if len(train_idx) == 0 or len(np.unique(train_idx.labels)) < 2:
         raise TrainError(f"{cache.root}: the train split needs real and fake images "
                          f"(has {np.bincount(train_idx.labels, minlength=2).tolist()} real/fake)")
+    variants = perturbed_siblings(run.cache_root, cache_config["feature"]) if opts.variants else []
+    if opts.variants and not variants:
+        raise TrainError(f"--variants: {cache.root} has no perturbed siblings; extract with --perturb")
     out = run.root / "train" / opts.name
     last = out / "last.pt"
     device = resolve_device(opts.device)
@@ -172,18 +177,20 @@ def run_train(run_dir: Path, opts: TrainOptions, resume: bool = False) -> dict:
         torch.set_rng_state(ckpt["rng"]["torch"])
     out.mkdir(parents=True, exist_ok=True)
     loss_fn = nn.BCEWithLogitsLoss()
-    meta = {"feature": cache_config["feature"], "feature_id": cache_config["feature_id"]}
+    meta = {"feature": cache_config["feature"], "feature_id": cache_config["feature_id"],
+            "variants": [v.config()["feature"]["perturb"] for v in variants]}
     init = f"imagenet:{opts.init_weights}" if opts.init_weights else "random (reference)"
     metrics_path = out / "metrics.jsonl"
     if not resume:
         metrics_path.write_text("")
-    dataset = CacheDataset(cache, train_idx)
+    dataset = CacheDataset(cache, train_idx, variants, seed=opts.seed)
     record = {}
     while state["epoch"] < opts.epochs and state["lr"] >= MIN_LR:
         epoch = state["epoch"]
         for group in optimizer.param_groups:
             group["lr"] = state["lr"]
         order = epoch_order(train_idx.labels, opts.seed, epoch, opts.balance)
+        dataset.set_epoch(epoch)
         if opts.max_batches:
             order = order[: opts.max_batches * opts.batch_size]
         flip_g = torch.Generator().manual_seed(opts.seed * 100_003 + 50_000 + epoch)

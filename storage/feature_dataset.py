@@ -136,16 +136,25 @@ def open_rows(array_path: Path):
 class CacheDataset(Dataset):
     """(stored DNF tensor, label) for each row of an index; decoding to float is the model's job."""
 
-    def __init__(self, cache: ZarrCache, index: CacheIndex):
-        self.zarr_path = str(cache.zarr_path)
+    def __init__(self, cache: ZarrCache, index: CacheIndex, variants: list[ZarrCache] | None = None,
+                 seed: int = 0):
+        self.zarr_paths = [str(cache.zarr_path)] + [str(v.zarr_path) for v in variants or []]
         self.index = index
-        self._dnf = None  # opened lazily, once per process
+        self.seed, self.epoch = seed, 0
+        self._readers: list | None = None  # opened lazily, once per process
+
+    def set_epoch(self, epoch: int) -> None:
+        """Variant choices are drawn from (seed, epoch, sample): resumed runs repeat them."""
+        self.epoch = epoch
 
     def __len__(self) -> int:
         return len(self.index)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        if self._dnf is None:
-            self._dnf = open_rows(Path(self.zarr_path) / "dnf")
-        x = self._dnf[int(self.index.rows[i])]
+        if self._readers is None:
+            self._readers = [open_rows(Path(p) / "dnf") for p in self.zarr_paths]
+        variant = 0
+        if len(self._readers) > 1:
+            variant = int(np.random.default_rng([self.seed, self.epoch, i]).integers(len(self._readers)))
+        x = self._readers[variant][int(self.index.rows[i])]
         return torch.from_numpy(np.array(x)), int(self.index.labels[i])

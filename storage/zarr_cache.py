@@ -169,6 +169,16 @@ def caches_in(cache_root: Path) -> list[ZarrCache]:
     return [ZarrCache(p) for p in sorted(cache_root.iterdir()) if (p / "config.json").exists()]
 
 
+def perturbed_siblings(cache_root: Path, feature: dict) -> list[ZarrCache]:
+    """Caches of the same features as `feature` computed on perturbed images, by perturbation."""
+    out = []
+    for c in caches_in(cache_root):
+        f = c.config()["feature"]
+        if f.get("perturb") and {**f, "perturb": ""} == {**feature, "perturb": ""}:
+            out.append(c)
+    return sorted(out, key=lambda c: c.config()["feature"]["perturb"])
+
+
 def find_cache(cache_root: Path, feature_id: str | None = None) -> ZarrCache:
     """The cache with this feature id (a prefix will do), or, when none is given, the only cache,
     or the only clean one among perturbed variants of it."""

@@ -87,3 +87,36 @@ def test_eval_robustness_matrix_and_compare(robust_run):
     assert f"{delta:+.1f}" in table and "**overall, jpeg:50**" in table
     bad = cli("compare", out["a"], robust_run / "eval" / "missing", check=False)
     assert bad.returncode == 2 and "no eval report there" in bad.stderr
+
+
+def test_plots_cross_generator_and_variants(robust_run):
+    from PIL import Image
+
+    cli("train", "--run", robust_run, "--name", "seen_a", "--epochs", 1, "--batch-size", 8, "--workers", 0,
+        "--device", "cpu", "--source", "gan_a", "--variants")
+    meta = json.loads((robust_run / "train/seen_a/metrics.jsonl").read_text().splitlines()[0])
+    assert meta["epoch"] == 1
+    cli("eval", "--run", robust_run, "--checkpoint", robust_run / "train/seen_a/best.pt", "--name", "cg",
+        "--workers", 0, "--device", "cpu")
+    rep = json.loads((robust_run / "eval/cg/report.json").read_text())
+    assert rep["cross_generator"]["seen"] == ["gan_a"] and rep["cross_generator"]["unseen"] == ["gan_b"]
+    assert rep["cross_generator"]["unseen_mean"]["ap"] == pytest.approx(rep["sources"]["gan_b"]["ap"])
+    for png in ("curves.png", "robustness.png"):
+        with Image.open(robust_run / "eval/cg" / png) as im:
+            im.verify()
+            assert im.format == "PNG" and im.size[0] > 200
+    md = (robust_run / "eval/cg/report.md").read_text()
+    assert "## Cross-generator" in md and "![curves](curves.png)" in md
+    assert "![robustness](robustness.png)" in md
+    # variants are drawn per (seed, epoch, sample): the same sample can come from different caches
+    from storage.feature_dataset import CacheDataset, cache_index
+    from storage.zarr_cache import find_cache, perturbed_siblings
+
+    cache = find_cache(robust_run / "cache")
+    siblings = perturbed_siblings(robust_run / "cache", cache.config()["feature"])
+    ds = CacheDataset(cache, cache_index(cache, "train"), siblings, seed=0)
+    seen = set()
+    for epoch in range(6):
+        ds.set_epoch(epoch)
+        seen.add(ds[0][0].numpy().tobytes())
+    assert len(seen) > 1
