@@ -150,7 +150,8 @@ class ExtractOptions:
         return 0 if device.type == "cpu" else max(1, min(8, (os.cpu_count() or 2) - 1))
 
 
-def open_cache(run: Run, model: NoiseModel, opts: ExtractOptions) -> tuple[ZarrCache, FeatureConfig]:
+def open_cache(run: Run, model: NoiseModel, opts: ExtractOptions,
+               batch_size: int = 0) -> tuple[ZarrCache, FeatureConfig]:
     """The run's cache for these options, created or checked against the existing one."""
     info = run.info()
     if info["images"] == 0:
@@ -166,7 +167,10 @@ def open_cache(run: Run, model: NoiseModel, opts: ExtractOptions) -> tuple[ZarrC
         "channels": feature.channels,
         "manifest": {"fingerprint": run.manifest_fingerprint(), "images": info["images"],
                      "shard_size": info["shard_size"], "num_shards": info["num_shards"]},
-        "about": {"model_path": model.path, "tool_version": pipeline.__version__},
+        # batch_size: the first run's, reused by resumed runs with --batch-size 0, since the batch
+        # composition moves eps in the last bits and a resumed cache should equal an uninterrupted one
+        "about": {"model_path": model.path, "tool_version": pipeline.__version__,
+                  "batch_size": batch_size},
     }
     cache.open_or_create(config, info["images"], info["shard_size"], opts.size, feature.dtype,
                          feature.channels)
@@ -288,8 +292,11 @@ def run_extract(run_dir: Path, opts: ExtractOptions) -> dict:
     precision = resolve_precision(opts.precision, device)
     model = load_noise_model(opts.model, device, precision, compile=opts.compile)
     model.check_size(opts.size)
-    cache, feature = open_cache(run, model, opts)
-    batch_size = opts.batch_size or auto_batch_size(model, opts.size)
+    existing = ZarrCache(opts.cache_dir or run.cache_root / opts.feature(
+        model.fingerprint, model.precision).feature_id)
+    recorded = existing.config()["about"].get("batch_size", 0) if existing.exists() else 0
+    batch_size = opts.batch_size or recorded or auto_batch_size(model, opts.size)
+    cache, feature = open_cache(run, model, opts, batch_size)
     queue = ShardQueue(cache.claims_dir, info["num_shards"], lambda s: cache.done_path(s).exists())
     for shard_id in opts.redo:
         if not 0 <= shard_id < info["num_shards"]:

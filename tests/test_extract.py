@@ -149,3 +149,12 @@ def test_direct_shard_reader_equals_zarr(tmp_path, tiny_model, encoding):
     for row in range(array.shape[0]):
         got = reader[row]
         assert got.dtype == array.dtype and np.array_equal(got, array[row]), row
+
+
+def test_resume_reuses_the_recorded_batch_size(tmp_path, tiny_model):
+    data = make_dataset(tmp_path / "data", per_class=2, splits=("train",))
+    run_shard([data], tmp_path / "run", shard_size=2)
+    first = extract(tmp_path / "run", tiny_model, batch_size=3, redo=())
+    again = extract(tmp_path / "run", tiny_model, batch_size=0, redo=(0,))  # automatic: the recorded 3
+    assert first["batch_size"] == again["batch_size"] == 3
+    assert ZarrCache(first["cache"]).config()["about"]["batch_size"] == 3
