@@ -306,7 +306,8 @@ def run_extract(run_dir: Path, opts: ExtractOptions) -> dict:
                 raise CacheError(f"--redo {shard_id}: another process is working on that shard")
             cache.done_path(shard_id).unlink(missing_ok=True)
     pending = queue.pending()
-    progress = Progress(sum(len(run.shard_entries(s)) for s in pending), f"extract {feature.feature_id}")
+    # totals from run.json: no need to parse every pending manifest shard twice
+    progress = Progress(sum(run.shard_len(s) for s in pending), f"extract {feature.feature_id}")
     todo = iter(my_order(pending, worker, workers_total))
     done_now: list[int] = []
     skipped: list[int] = []

@@ -84,6 +84,11 @@ class Run:
     def num_shards(self) -> int:
         return int(self.info()["num_shards"])
 
+    def shard_len(self, shard_id: int) -> int:
+        """Images in a manifest shard, derived from run.json (every shard is full but the last)."""
+        info = self.info()
+        return max(0, min(info["shard_size"], info["images"] - shard_id * info["shard_size"]))
+
     def shard_entries(self, shard_id: int) -> list[Entry]:
         path = self.shard_path(shard_id)
         if not path.exists():
