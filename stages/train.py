@@ -8,6 +8,7 @@ stop once lr < 1e-6 or after `epochs`. Each epoch's randomness (order, flips) de
 
 from __future__ import annotations
 
+import io
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -20,6 +21,7 @@ from torch.utils.data import DataLoader
 
 from pipeline.config import describe_differences
 from pipeline.device import resolve_device
+from pipeline.distributed import init_training_group, local_device, rank_positions
 from pipeline.progress import Progress
 from stages.classifier import build_resnet50, classifier_input
 from storage.atomic import write_bytes_atomic
@@ -72,9 +74,9 @@ def epoch_order(labels: np.ndarray, seed: int, epoch: int, balance: bool) -> lis
     return torch.multinomial(weights, n, replacement=True, generator=g).tolist()
 
 
-def random_flip(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    """Flip each sample horizontally with probability 1/2 (drawn from `g`, on the CPU)."""
-    mask = (torch.rand(x.shape[0], generator=g) < 0.5).to(x.device)
+def random_flip(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Flip the samples whose mask entry is True horizontally."""
+    mask = mask.to(x.device)
     return torch.where(mask[:, None, None, None], x.flip(-1), x)
 
 
@@ -152,7 +154,10 @@ def run_train(run_dir: Path, opts: TrainOptions, resume: bool = False) -> dict:
         raise TrainError(f"--variants: {cache.root} has no perturbed siblings; extract with --perturb")
     out = run.root / "train" / opts.name
     last = out / "last.pt"
-    device = resolve_device(opts.device)
+    device = resolve_device(local_device(opts.device))
+    rank, world = init_training_group(device)
+    if opts.batch_size % world:
+        raise TrainError(f"--batch-size {opts.batch_size} must be a multiple of the {world} ranks")
     model = build_resnet50(Path(opts.init_weights) if opts.init_weights else None, seed=opts.seed,
                            in_channels=cache_config.get("channels", 3))
     model.to(device)
@@ -175,13 +180,19 @@ def run_train(run_dir: Path, opts: TrainOptions, resume: bool = False) -> dict:
         optimizer.load_state_dict(ckpt["optimizer"])
         state = ckpt["train"]["state"]
         torch.set_rng_state(ckpt["rng"]["torch"])
-    out.mkdir(parents=True, exist_ok=True)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+    net = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     loss_fn = nn.BCEWithLogitsLoss()
     meta = {"feature": cache_config["feature"], "feature_id": cache_config["feature_id"],
             "variants": [v.config()["feature"]["perturb"] for v in variants]}
     init = f"imagenet:{opts.init_weights}" if opts.init_weights else "random (reference)"
     metrics_path = out / "metrics.jsonl"
-    if not resume:
+    if not resume and rank == 0:
         metrics_path.write_text("")
     dataset = CacheDataset(cache, train_idx, variants, seed=opts.seed)
     record = {}
@@ -194,32 +205,48 @@ def run_train(run_dir: Path, opts: TrainOptions, resume: bool = False) -> dict:
         if opts.max_batches:
             order = order[: opts.max_batches * opts.batch_size]
         flip_g = torch.Generator().manual_seed(opts.seed * 100_003 + 50_000 + epoch)
-        loader = DataLoader(dataset, batch_size=opts.batch_size, sampler=order, num_workers=opts.workers,
-                            pin_memory=device.type == "cuda", drop_last=False,
+        flips = torch.rand(len(order), generator=flip_g) < 0.5  # per position in the order
+        mine = rank_positions(len(order), opts.batch_size, rank, world)
+        per_rank = opts.batch_size // world
+        loader = DataLoader(dataset, batch_size=per_rank, sampler=[order[p] for p in mine],
+                            num_workers=opts.workers, pin_memory=device.type == "cuda", drop_last=False,
                             persistent_workers=False)
         model.train()
-        progress = Progress(len(order), f"train {opts.name} epoch {epoch + 1}", unit="sample")
+        progress = Progress(len(mine) * world, f"train {opts.name} epoch {epoch + 1}", unit="sample",
+                            stream=None if rank == 0 else io.StringIO())
         t0, data_wait, losses = time.perf_counter(), 0.0, []
         t_wait = time.perf_counter()
-        for x, y in loader:
+        for step, (x, y) in enumerate(loader):
             data_wait += time.perf_counter() - t_wait
-            x = random_flip(classifier_input(x.to(device, non_blocking=True)), flip_g)
+            x = random_flip(classifier_input(x.to(device, non_blocking=True)),
+                            flips[mine[step * per_rank: step * per_rank + len(y)]])
             if device.type == "cuda":
                 x = x.contiguous(memory_format=torch.channels_last)
             y = y.to(device, non_blocking=True).float()
             with autocast(device, opts.amp):
-                logits = model(x).float().squeeze(1)
+                logits = net(x).float().squeeze(1)
             loss = loss_fn(logits, y)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            loss.backward()  # DDP averages the gradients over the ranks here
             optimizer.step()
             losses.append(loss.item())
-            progress.update(len(y), f"loss {losses[-1]:.4f}")
+            progress.update(len(y) * world, f"loss {losses[-1]:.4f}")
             t_wait = time.perf_counter()
         progress.close()
         train_s = time.perf_counter() - t0
-        val = binary_metrics(val_idx.labels, predict(model, cache, val_idx, device, opts.batch_size,
-                                                     opts.workers, opts.amp)) if len(val_idx) else {}
+        mean_loss = float(np.mean(losses))
+        val = {}
+        if rank == 0 and len(val_idx):
+            val = binary_metrics(val_idx.labels, predict(model, cache, val_idx, device, opts.batch_size,
+                                                         opts.workers, opts.amp))
+        if world > 1:  # every rank follows rank 0's schedule decisions; the loss is averaged
+            import torch.distributed as dist
+
+            box = [val]
+            dist.broadcast_object_list(box, src=0)
+            losses_all = [None] * world
+            dist.all_gather_object(losses_all, mean_loss)
+            val, mean_loss = box[0], float(np.mean(losses_all))
         val_acc = val.get("acc") or 0.0
         improved = val_acc > state["best_acc"] + IMPROVE_DELTA
         if improved:
@@ -227,9 +254,9 @@ def run_train(run_dir: Path, opts: TrainOptions, resume: bool = False) -> dict:
         else:
             state["stale"] += 1
         record = {
-            "epoch": epoch + 1, "lr": state["lr"], "train_loss": float(np.mean(losses)),
-            "train_samples": len(order), "train_seconds": round(train_s, 3),
-            "train_samples_per_s": round(len(order) / train_s, 2),
+            "epoch": epoch + 1, "lr": state["lr"], "train_loss": mean_loss,
+            "train_samples": len(mine) * world, "train_seconds": round(train_s, 3),
+            "train_samples_per_s": round(len(mine) * world / train_s, 2), "ranks": world,
             "data_wait_fraction": round(data_wait / train_s, 3),
             **{f"val_{k}": v for k, v in val.items()}, "init": init,
         }
@@ -238,13 +265,20 @@ def run_train(run_dir: Path, opts: TrainOptions, resume: bool = False) -> dict:
         state["epoch"] = epoch + 1
         extra = {**meta, "train": {"recipe": recipe, "state": state, "init": init,
                                    "options": asdict(opts)}}
-        if improved:
-            save_checkpoint(out / "best.pt", model, extra)
-        save_checkpoint(last, model, {**extra, "optimizer": optimizer.state_dict(), "rng": _rng_state()})
-        with open(metrics_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        progress.write(f"epoch {epoch + 1}: loss {record['train_loss']:.4f}, val acc {val_acc:.4f}, "
-                       f"{record['train_samples_per_s']} samples/s, lr {state['lr']:g}")
+        if rank == 0:  # checkpoints and metrics come from rank 0 only
+            if improved:
+                save_checkpoint(out / "best.pt", model, extra)
+            save_checkpoint(last, model, {**extra, "optimizer": optimizer.state_dict(),
+                                          "rng": _rng_state()})
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            progress.write(f"epoch {epoch + 1}: loss {record['train_loss']:.4f}, val acc {val_acc:.4f}, "
+                           f"{record['train_samples_per_s']} samples/s, lr {state['lr']:g}")
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+        dist.destroy_process_group()
     if not (out / "best.pt").exists():
         raise RunError(f"{out}: no epoch was trained (epochs={opts.epochs})")
     return {"out": str(out), "epochs_done": state["epoch"], "best_epoch": state["best_epoch"],

@@ -1,0 +1,134 @@
+"""`python -m demo [all|data|model]`: the demo's steps; `all` runs data, model, shard, extract,
+train and eval, each skipped when its result is already there, and prints the per-generator table."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import typer
+
+from demo.data import SPLITS, DataConfig, DemoError, make_data, train_photos
+from demo.ddpm import DDPMConfig, train_ddpm
+
+ROOT = Path(__file__).resolve().parent.parent
+app = typer.Typer(add_completion=False, no_args_is_help=False,
+                  help="The DNF pipeline on real photos and two real generators, offline, on a CPU.")
+
+WORK_OPT = typer.Option(ROOT / "runs" / "demo", "--work", help="Folder for data, model and run.")
+QUICK_OPT = typer.Option(False, "--quick", help="Tiny sizes (about a minute): what the test runs.")
+
+
+def _configs(quick: bool) -> tuple[DataConfig, DDPMConfig]:
+    if quick:
+        return (DataConfig(crops_per_photo=6, faces={"train": 4, "val": 4, "test": 8}),
+                DDPMConfig(steps=24, batch_size=8))
+    return DataConfig(), DDPMConfig()
+
+
+def _dnf(*args: str) -> None:
+    print("$ dnf-pipeline " + " ".join(args), flush=True)
+    proc = subprocess.run([sys.executable, str(ROOT / "cli.py"), *args])
+    if proc.returncode:
+        raise typer.Exit(proc.returncode)
+
+
+def _fail(e: DemoError) -> None:
+    typer.echo(f"error: {e}", err=True)
+    raise typer.Exit(2)
+
+
+@app.command()
+def data(work: Path = WORK_OPT, quick: bool = QUICK_OPT) -> None:
+    """Make the demo images (real crops, Real-ESRGAN, StyleGAN2) under WORK/data."""
+    try:
+        make_data(work / "data", _configs(quick)[0])
+    except DemoError as e:
+        _fail(e)
+
+
+@app.command()
+def model(work: Path = WORK_OPT, quick: bool = QUICK_OPT) -> None:
+    """Train the demo DDPM on the train-split photos into WORK/model (after `data`)."""
+    try:
+        data_cfg, ddpm_cfg = _configs(quick)
+        make_data(work / "data", data_cfg)
+        train_ddpm(train_photos(work / "data"), work / "model", ddpm_cfg)
+    except DemoError as e:
+        _fail(e)
+
+
+@app.command(name="all")
+def run_all(
+    work: Path = WORK_OPT, quick: bool = QUICK_OPT,
+    train_generator: str = typer.Option("realesrgan", help="Generator to train on; the other is unseen."),
+    epochs: int = typer.Option(8, help="Classifier epochs."),
+) -> None:
+    """Data, model, shard, extract, train on one generator, eval on both; print the table."""
+    times: dict[str, float] = {}
+    t0 = time.perf_counter()
+    data_cfg, ddpm_cfg = _configs(quick)
+    try:
+        summary = make_data(work / "data", data_cfg)
+        times["data"] = time.perf_counter() - t0
+        t = time.perf_counter()
+        train_ddpm(train_photos(work / "data"), work / "model", ddpm_cfg)
+        times["model"] = time.perf_counter() - t
+    except DemoError as e:
+        _fail(e)
+    made = {src for split in SPLITS for src in summary["counts"][split]} - {"real"}
+    if train_generator not in made:
+        _fail(DemoError(f"--train-generator {train_generator}: the demo data has no such generator "
+                        f"(made: {', '.join(sorted(made))}; skipped: {summary['skipped'] or 'none'})"))
+    run = work / "run"
+    steps = [
+        ("shard", ["shard", str(work / "data"), "--run", str(run), "--shard-size", "128"]),
+        ("extract", ["extract", "--run", str(run), "--model", str(work / "model"), "--size",
+                     str(data_cfg.size), "--batch-size", "32"]),
+    ]
+    ckpt_dir = run / "train" / "demo"
+    train_args = ["train", "--run", str(run), "--name", "demo", "--source", "demo/real", "--source",
+                  f"demo/{train_generator}", "--epochs", str(2 if quick else epochs), "--batch-size", "32",
+                  "--patience", "3"]
+    if (ckpt_dir / "last.pt").exists():
+        train_args.append("--resume")  # finishes an interrupted training; a finished one is kept
+    steps.append(("train", train_args))
+    steps.append(("eval", ["eval", "--run", str(run), "--checkpoint", str(ckpt_dir / "best.pt"),
+                           "--name", "demo", "--split", "test"]))
+    for name, args in steps:
+        t = time.perf_counter()
+        _dnf(*args)
+        times[name] = time.perf_counter() - t
+    out = run / "eval" / "demo"
+    rep = json.loads((out / "report.json").read_text())
+    print()
+    print(demo_table(rep, train_generator, summary))
+    print(f"\nReport with ROC and PR curves: {out / 'report.md'} ({out / 'curves.png'})")
+    print("Time: " + ", ".join(f"{k} {v:.0f} s" for k, v in times.items())
+          + f"; total {time.perf_counter() - t0:.0f} s")
+
+
+def demo_table(rep: dict, train_generator: str, summary: dict) -> str:
+    """Per-generator table of the test split: seen and unseen generator, real images scored with each."""
+    head = "| generator | seen in training | real | fake | acc | AP | AUC | real acc | fake acc |"
+    lines = ["Detector trained on real photos vs " + train_generator + "; test split:", "", head,
+             "|" + "---|" * 9]
+    for src, r in rep["sources"].items():
+        if not r["n_fake"]:
+            continue
+        gen = src.split("/")[-1]
+        seen = "yes" if gen == train_generator else "no (held out)"
+        cells = [gen, seen, str(r["n_real"]), str(r["n_fake"])]
+        cells += ["-" if r[k] is None else f"{100 * r[k]:.1f}" for k in ("acc", "ap", "auc", "real_acc",
+                                                                         "fake_acc")]
+        lines.append("| " + " | ".join(cells) + " |")
+    for gen, why in summary.get("skipped", {}).items():
+        lines.append(f"| {gen} | skipped: {why} | | | | | | | |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    app()
