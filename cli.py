@@ -161,6 +161,8 @@ def train(
     max_batches: int = typer.Option(0, help="Batches per epoch at most (0: all)."),
     variants: bool = typer.Option(False, help="Sample each example from the clean or a perturbed "
                                               "cache (extract --perturb)."),
+    freeze_bn: bool = typer.Option(False, help="BatchNorm keeps its running statistics while training "
+                                               "(with --init-weights or small per-GPU batches)."),
     resume: bool = typer.Option(False, help="Continue RUN/train/NAME from last.pt."),
 ) -> None:
     """Train a ResNet50 detector on the cached DNF of the train split (reference recipe)."""
@@ -170,7 +172,7 @@ def train(
                         workers=workers, seed=seed, device=device, amp=amp, balance=balance,
                         init_weights=str(init_weights) if init_weights else None,
                         feature_id=feature_id, sources=list(sources or []), partial=partial,
-                        max_batches=max_batches, variants=variants)
+                        max_batches=max_batches, variants=variants, freeze_bn=freeze_bn)
     _stop_on_sigterm()
     with user_errors():
         try:

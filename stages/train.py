@@ -53,10 +53,11 @@ class TrainOptions:
     partial: bool = False  # allow a cache whose extraction has not finished
     max_batches: int = 0  # stop each epoch after this many batches (0: all); for smoke tests
     variants: bool = False  # draw each sample from the clean or a perturbed cache, uniformly
+    freeze_bn: bool = False  # BatchNorm uses (and keeps) its running statistics while training
 
 
 RECIPE = ("batch_size", "lr", "patience", "seed", "balance", "init_weights", "feature_id", "sources",
-          "variants")
+          "variants", "freeze_bn")
 
 
 class TrainError(RuntimeError):
@@ -212,6 +213,10 @@ def run_train(run_dir: Path, opts: TrainOptions, resume: bool = False) -> dict:
                             num_workers=opts.workers, pin_memory=device.type == "cuda", drop_last=False,
                             persistent_workers=False)
         model.train()
+        if opts.freeze_bn:
+            for m in model.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
         progress = Progress(len(mine) * world, f"train {opts.name} epoch {epoch + 1}", unit="sample",
                             stream=None if rank == 0 else io.StringIO())
         t0, data_wait, losses = time.perf_counter(), 0.0, []
