@@ -100,6 +100,8 @@ def extract(
     worker_index: Optional[int] = typer.Option(None, help="This worker's index (default: torchrun "
                                                          "RANK or SLURM_ARRAY_TASK_ID)."),
     num_workers: Optional[int] = typer.Option(None, help="How many workers share the run."),
+    backend: str = typer.Option("zarr", help="Cache backend: zarr (Zarr v3, sharded) or webdataset "
+                                             "(one tar per manifest shard)."),
     claims: str = typer.Option("auto", help="Shard claims: flock (kernel locks), heartbeat (claim files "
                                             "for filesystems without flock), auto (flock if it works)."),
     perturb: str = typer.Option("", help="Also extract perturbed variants into sibling caches, "
@@ -125,7 +127,8 @@ def extract(
                           redo=tuple(redo or ()), inversion_steps=inversion_steps,
                           ddim_steps=ddim_steps, keep=_int_list(keep, "--keep"), combine=combine,
                           precision=precision, compile=compile, gpu_decode=gpu_decode,
-                          worker_index=worker_index, num_workers_total=num_workers, claims=claims)
+                          worker_index=worker_index, num_workers_total=num_workers, claims=claims,
+                          backend=backend)
     with user_errors():
         try:
             variants = parse_perturbations(perturb)
@@ -163,6 +166,7 @@ def train(
                                               "cache (extract --perturb)."),
     freeze_bn: bool = typer.Option(False, help="BatchNorm keeps its running statistics while training "
                                                "(with --init-weights or small per-GPU batches)."),
+    shuffle_buffer: int = typer.Option(1000, help="WebDataset caches: shuffle buffer per loader worker."),
     resume: bool = typer.Option(False, help="Continue RUN/train/NAME from last.pt."),
 ) -> None:
     """Train a ResNet50 detector on the cached DNF of the train split (reference recipe)."""
@@ -172,7 +176,8 @@ def train(
                         workers=workers, seed=seed, device=device, amp=amp, balance=balance,
                         init_weights=str(init_weights) if init_weights else None,
                         feature_id=feature_id, sources=list(sources or []), partial=partial,
-                        max_batches=max_batches, variants=variants, freeze_bn=freeze_bn)
+                        max_batches=max_batches, variants=variants, freeze_bn=freeze_bn,
+                        shuffle_buffer=shuffle_buffer)
     _stop_on_sigterm()
     with user_errors():
         try:
@@ -270,6 +275,22 @@ def verify(run: Path = RUN_OPT,
             typer.echo(f"{run}: no feature cache to verify")
     if not result["ok"]:
         raise typer.Exit(1)
+
+
+@app.command("convert-cache")
+def convert_cache(run: Path = RUN_OPT,
+                  to: str = typer.Option(..., "--to", help="Target backend: zarr or webdataset."),
+                  feature_id: Optional[str] = typer.Option(None, help="Which cache (default: the only one)."),
+                  out: Optional[Path] = typer.Option(None, help="Target folder (default in RUN/cache)."),
+                  as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON.")) -> None:
+    """Copy a feature cache into the other backend, losslessly (checksums checked); resumable."""
+    from stages.convert_cache import run_convert_cache
+
+    with user_errors():
+        summary = run_convert_cache(run, to, feature_id, out)
+    typer.echo(json.dumps(summary, indent=2) if as_json else
+               f"{summary['source']} -> {summary['target']}: {summary['shards_converted']} shards converted, "
+               f"{summary['shards_already_there']} already there, {summary['size_mib']} MiB")
 
 
 @app.command("convert-model")

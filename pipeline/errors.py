@@ -9,8 +9,8 @@ from stages.classifier import CheckpointError
 from stages.noise_model import ModelError
 from stages.shard import ShardError
 from stages.train import TrainError
+from storage.cache_folder import CacheError
 from storage.run import RunError
-from storage.zarr_cache import CacheError
 
 USER_ERRORS: tuple[type[Exception], ...] = (
     ShardError, RunError, CacheError, ModelError, CheckpointError, TrainError, ValueError,

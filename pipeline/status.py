@@ -6,11 +6,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline.queue import ShardQueue
+from storage.cache_folder import FeatureCache, caches_in
 from storage.run import Run
-from storage.zarr_cache import ZarrCache, caches_in
 
 
-def cache_status(cache: ZarrCache, num_shards: int) -> dict:
+def cache_status(cache: FeatureCache, num_shards: int) -> dict:
     done = cache.done_shards()
     queue = ShardQueue(cache.claims_dir, num_shards, lambda s: s in done)
     markers = [cache.done_marker(s) for s in sorted(done)]

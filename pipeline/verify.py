@@ -7,18 +7,18 @@ from pathlib import Path
 
 import numpy as np
 
+from storage.cache_folder import NOT_CACHED, FeatureCache, caches_in, find_cache, shard_checksum
 from storage.run import Run
-from storage.zarr_cache import NOT_CACHED, ZarrCache, caches_in, find_cache, shard_checksum
 
 
-def verify_shard(run: Run, cache: ZarrCache, shard_id: int, shard_size: int) -> str | None:
+def verify_shard(run: Run, cache: FeatureCache, shard_id: int, shard_size: int) -> str | None:
     """None when the shard is intact, else what is wrong with it."""
     marker = cache.done_marker(shard_id)
     entries = run.shard_entries(shard_id)
     start, end = shard_id * shard_size, shard_id * shard_size + len(entries)
     if marker.get("rows") != [start, end] or marker.get("count") != len(entries):
         return f"done marker says rows {marker.get('rows')}, the manifest shard has rows [{start}, {end}]"
-    shard_file = cache.zarr_path / "dnf" / "c" / str(shard_id) / "0" / "0" / "0"
+    shard_file = cache.shard_file(shard_id)
     if not shard_file.exists():
         return f"marked done but its data is missing ({shard_file})"
     try:
@@ -36,7 +36,7 @@ def verify_shard(run: Run, cache: ZarrCache, shard_id: int, shard_size: int) -> 
     return None
 
 
-def verify_cache(run: Run, cache: ZarrCache) -> dict:
+def verify_cache(run: Run, cache: FeatureCache) -> dict:
     info = run.info()
     config = cache.config()
     problems = []

@@ -20,9 +20,9 @@ from stages.classifier import load_checkpoint
 from stages.plots import curves_png, robustness_png
 from stages.train import binary_metrics, predict
 from storage.atomic import write_bytes_atomic, write_json_atomic
+from storage.cache_folder import CacheError, find_cache, perturbed_siblings
 from storage.feature_dataset import cache_index
 from storage.run import Run
-from storage.zarr_cache import CacheError, find_cache, perturbed_siblings
 
 METRIC_COLUMNS = ("n_real", "n_fake", "acc", "ap", "auc", "real_acc", "fake_acc")
 

@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from storage.cache_folder import CacheError, find_cache
 from storage.feature_dataset import cache_index
 from storage.run import Run
-from storage.zarr_cache import CacheError, find_cache
 
 
 def relative_name(path: str, roots: list[str]) -> Path:
@@ -34,7 +34,7 @@ def run_export_png(run_dir: Path, out: Path, feature_id: str | None = None) -> d
                          f"extract with --encoding reference to export")
     paths = {e.key: e.path for e in run.entries()}
     roots = info.get("roots") or []
-    dnf = cache.open_read()["dnf"]
+    dnf = cache.row_reader()
     written = 0
     for split in sorted({e.split for e in run.entries()}):
         index = cache_index(cache, split)

@@ -32,8 +32,8 @@ from stages.images import DecodeError, decode_rgb, preprocess
 from stages.noise_model import NoiseModel, load_noise_model
 from stages.perturb import perturb
 from stages.shard import DEFAULT_MAX_PIXELS
+from storage.cache_folder import NOT_CACHED, CacheError, FeatureCache, folder_name, new_cache, shard_checksum
 from storage.run import Entry, Run, RunError, within_roots
-from storage.zarr_cache import NOT_CACHED, CacheError, ZarrCache, shard_checksum
 
 
 def encode(eps: torch.Tensor, encoding: str) -> torch.Tensor:
@@ -134,6 +134,10 @@ class ExtractOptions:
     worker_index: int | None = None  # default: torchrun RANK or the Slurm array task
     num_workers_total: int | None = None
     claims: str = "auto"  # flock, or heartbeat files for filesystems without flock (pipeline/queue.py)
+    backend: str = "zarr"  # or "webdataset" (tar shards)
+
+    def cache_root(self, run: Run, feature_id: str) -> Path:
+        return self.cache_dir or run.cache_root / folder_name(feature_id, self.backend)
 
     def feature(self, fingerprint: str, precision: str = "fp32") -> FeatureConfig:
         return FeatureConfig(fingerprint, self.timestep, self.size, self.encoding,
@@ -152,14 +156,14 @@ class ExtractOptions:
 
 
 def open_cache(run: Run, model: NoiseModel, opts: ExtractOptions,
-               batch_size: int = 0) -> tuple[ZarrCache, FeatureConfig]:
+               batch_size: int = 0) -> tuple[FeatureCache, FeatureConfig]:
     """The run's cache for these options, created or checked against the existing one."""
     info = run.info()
     if info["images"] == 0:
         raise RunError(f"{run.root}: the manifest has no images ({info['rejects']} rejected; see "
                        f"{run.rejects_path})")
     feature = opts.feature(model.fingerprint, model.precision)
-    cache = ZarrCache(opts.cache_dir or run.cache_root / feature.feature_id)
+    cache = new_cache(opts.cache_root(run, feature.feature_id), opts.backend)
     config = {
         "feature_id": feature.feature_id,
         "feature": feature.to_json(),
@@ -199,7 +203,7 @@ class ShardWriter:
     """Writes finished shards on a background thread, one at a time, so the model never waits
     on the disk; the shard's claim is released only after its done marker is written."""
 
-    def __init__(self, cache: ZarrCache):
+    def __init__(self, cache: FeatureCache):
         self.cache = cache
         self.thread: threading.Thread | None = None
         self.error: BaseException | None = None
@@ -297,8 +301,8 @@ def run_extract(run_dir: Path, opts: ExtractOptions) -> dict:
     precision = resolve_precision(opts.precision, device)
     model = load_noise_model(opts.model, device, precision, compile=opts.compile)
     model.check_size(opts.size)
-    existing = ZarrCache(opts.cache_dir or run.cache_root / opts.feature(
-        model.fingerprint, model.precision).feature_id)
+    existing = new_cache(opts.cache_root(run, opts.feature(model.fingerprint, model.precision).feature_id),
+                         opts.backend)
     recorded = existing.config()["about"].get("batch_size", 0) if existing.exists() else 0
     batch_size = opts.batch_size or recorded or auto_batch_size(model, opts.size)
     cache, feature = open_cache(run, model, opts, batch_size)

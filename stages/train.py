@@ -25,9 +25,9 @@ from pipeline.distributed import init_training_group, local_device, rank_positio
 from pipeline.progress import Progress
 from stages.classifier import build_resnet50, classifier_input
 from storage.atomic import write_bytes_atomic
-from storage.feature_dataset import CacheDataset, CacheIndex, cache_index
+from storage.cache_folder import FeatureCache, find_cache, perturbed_siblings
+from storage.feature_dataset import CacheDataset, CacheIndex, WdsStream, cache_index
 from storage.run import Run, RunError
-from storage.zarr_cache import ZarrCache, find_cache, perturbed_siblings
 
 MIN_LR = 1e-6
 IMPROVE_DELTA = 1e-3
@@ -54,10 +54,11 @@ class TrainOptions:
     max_batches: int = 0  # stop each epoch after this many batches (0: all); for smoke tests
     variants: bool = False  # draw each sample from the clean or a perturbed cache, uniformly
     freeze_bn: bool = False  # BatchNorm uses (and keeps) its running statistics while training
+    shuffle_buffer: int = 1000  # WebDataset caches: samples in each loader worker's shuffle buffer
 
 
 RECIPE = ("batch_size", "lr", "patience", "seed", "balance", "init_weights", "feature_id", "sources",
-          "variants", "freeze_bn")
+          "variants", "freeze_bn", "shuffle_buffer")
 
 
 class TrainError(RuntimeError):
@@ -81,12 +82,17 @@ def random_flip(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask[:, None, None, None], x.flip(-1), x)
 
 
+def flip_mask(seed: int, epoch: int, rows: torch.Tensor) -> torch.Tensor:
+    """Per-sample flips of a streamed batch, drawn from (seed, epoch, row): order does not matter."""
+    return torch.tensor([np.random.default_rng([seed, epoch, int(r), 11]).random() < 0.5 for r in rows])
+
+
 def autocast(device: torch.device, enabled: bool):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled and device.type == "cuda")
 
 
 @torch.inference_mode()
-def predict(model: nn.Module, cache: ZarrCache, index: CacheIndex, device: torch.device,
+def predict(model: nn.Module, cache: FeatureCache, index: CacheIndex, device: torch.device,
             batch_size: int, workers: int, amp: bool = False) -> np.ndarray:
     """Probabilities of being generated for every row of the index, in order."""
     model.eval()
@@ -133,6 +139,22 @@ def save_checkpoint(path: Path, model: nn.Module, extra: dict) -> None:
     buf = io.BytesIO()
     torch.save({"model": model.state_dict(), **extra}, buf)
     write_bytes_atomic(path, buf.getvalue())
+
+
+def stream_steps(dataset: WdsStream, per_rank: int, world: int) -> int | None:
+    """Batches per rank in a streamed epoch: all of them with one process; with several, as many
+    as the rank with the fewest rows can fill (DDP needs every rank to step equally often)."""
+    if world == 1:
+        return None
+    import torch.distributed as dist
+
+    counts = [None] * world
+    dist.all_gather_object(counts, dataset.rank_rows())
+    steps = min(counts) // per_rank
+    if steps == 0:
+        raise TrainError(f"a rank got only {min(counts)} training rows this epoch, fewer than a batch of "
+                         f"{per_rank}: use fewer ranks or a smaller --batch-size (tars are dealt to ranks)")
+    return steps
 
 
 def run_train(run_dir: Path, opts: TrainOptions, resume: bool = False) -> dict:
@@ -195,7 +217,15 @@ def run_train(run_dir: Path, opts: TrainOptions, resume: bool = False) -> dict:
     metrics_path = out / "metrics.jsonl"
     if not resume and rank == 0:
         metrics_path.write_text("")
-    dataset = CacheDataset(cache, train_idx, variants, seed=opts.seed)
+    stream = cache.backend == "webdataset"
+    if stream and (opts.balance or opts.variants):
+        raise TrainError(f"{cache.root}: --balance and --variants need random access; a WebDataset cache "
+                         f"streams (`convert-cache --to zarr` makes a Zarr copy)")
+    if stream:
+        dataset = WdsStream(cache, train_idx.rows, train_idx.labels, seed=opts.seed,
+                            buffer=opts.shuffle_buffer, rank=rank, world=world)
+    else:
+        dataset = CacheDataset(cache, train_idx, variants, seed=opts.seed)
     record = {}
     while state["epoch"] < opts.epochs and state["lr"] >= MIN_LR:
         epoch = state["epoch"]
@@ -209,22 +239,41 @@ def run_train(run_dir: Path, opts: TrainOptions, resume: bool = False) -> dict:
         flips = torch.rand(len(order), generator=flip_g) < 0.5  # per position in the order
         mine = rank_positions(len(order), opts.batch_size, rank, world)
         per_rank = opts.batch_size // world
-        loader = DataLoader(dataset, batch_size=per_rank, sampler=[order[p] for p in mine],
-                            num_workers=opts.workers, pin_memory=device.type == "cuda", drop_last=False,
-                            persistent_workers=False)
+        steps = None  # all batches
+        if stream:  # each rank reads its own tars; all ranks take as many steps as the smallest has
+            steps = stream_steps(dataset, per_rank, world)
+            if opts.max_batches:
+                steps = min(steps or opts.max_batches, opts.max_batches)
+            total = len(order) if steps is None else steps * per_rank * world
+            loader = DataLoader(dataset, batch_size=per_rank, num_workers=opts.workers,
+                                pin_memory=device.type == "cuda")
+        else:
+            total = len(mine) * world
+            loader = DataLoader(dataset, batch_size=per_rank, sampler=[order[p] for p in mine],
+                                num_workers=opts.workers, pin_memory=device.type == "cuda", drop_last=False,
+                                persistent_workers=False)
         model.train()
         if opts.freeze_bn:
             for m in model.modules():
                 if isinstance(m, nn.modules.batchnorm._BatchNorm):
                     m.eval()
-        progress = Progress(len(mine) * world, f"train {opts.name} epoch {epoch + 1}", unit="sample",
+        progress = Progress(total, f"train {opts.name} epoch {epoch + 1}", unit="sample",
                             stream=None if rank == 0 else io.StringIO())
         t0, data_wait, losses = time.perf_counter(), 0.0, []
         t_wait = time.perf_counter()
-        for step, (x, y) in enumerate(loader):
+        seen = 0
+        for step, batch in enumerate(loader):
+            if steps is not None and step >= steps:
+                break
             data_wait += time.perf_counter() - t_wait
-            x = random_flip(classifier_input(x.to(device, non_blocking=True)),
-                            flips[mine[step * per_rank: step * per_rank + len(y)]])
+            if stream:
+                x, y, rows = batch
+                mask = flip_mask(opts.seed, epoch, rows)
+            else:
+                x, y = batch
+                mask = flips[mine[step * per_rank: step * per_rank + len(y)]]
+            seen += len(y) * world
+            x = random_flip(classifier_input(x.to(device, non_blocking=True)), mask)
             if device.type == "cuda":
                 x = x.contiguous(memory_format=torch.channels_last)
             y = y.to(device, non_blocking=True).float()
@@ -260,8 +309,8 @@ def run_train(run_dir: Path, opts: TrainOptions, resume: bool = False) -> dict:
             state["stale"] += 1
         record = {
             "epoch": epoch + 1, "lr": state["lr"], "train_loss": mean_loss,
-            "train_samples": len(mine) * world, "train_seconds": round(train_s, 3),
-            "train_samples_per_s": round(len(mine) * world / train_s, 2), "ranks": world,
+            "train_samples": seen, "train_seconds": round(train_s, 3),
+            "train_samples_per_s": round(seen / train_s, 2), "ranks": world,
             "data_wait_fraction": round(data_wait / train_s, 3),
             **{f"val_{k}": v for k, v in val.items()}, "init": init,
         }

@@ -9,6 +9,7 @@ PNG the reference reads. Any other layout falls back to zarr.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from dataclasses import dataclass
@@ -18,9 +19,9 @@ import numcodecs
 import numpy as np
 import torch
 import zarr
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
-from storage.zarr_cache import NOT_CACHED, ZarrCache
+from storage.cache_folder import NOT_CACHED, FeatureCache
 
 
 @dataclass
@@ -41,21 +42,17 @@ class CacheIndex:
                           [self.keys[i] for i in idx])
 
 
-def cache_index(cache: ZarrCache, split: str, sources: list[str] | None = None) -> CacheIndex:
+def cache_index(cache: FeatureCache, split: str, sources: list[str] | None = None) -> CacheIndex:
     """Rows of `split` (optionally of some sources) in done shards whose image was cached."""
-    group = cache.open_read()
-    done = np.zeros(group["label"].shape[0], dtype=bool)
+    labels, split_arr, source_arr, keys = cache.index_arrays()
+    done = np.zeros(len(labels), dtype=bool)
     for s in cache.done_shards():
         start, end = cache.done_marker(s)["rows"]
         done[start:end] = True
-    labels = group["label"][:]
-    split_arr = np.asarray(group["split"][:], dtype=object)
-    source_arr = np.asarray(group["source"][:], dtype=object)
     mask = done & (labels != NOT_CACHED) & (split_arr == split)
     if sources:
         mask &= np.isin(source_arr, sources)
     rows = np.flatnonzero(mask)
-    keys = group["key"][:]
     return CacheIndex(rows, labels[rows].astype(np.int64), [str(source_arr[r]) for r in rows],
                       [str(keys[r]) for r in rows])
 
@@ -136,9 +133,9 @@ def open_rows(array_path: Path):
 class CacheDataset(Dataset):
     """(stored DNF tensor, label) for each row of an index; decoding to float is the model's job."""
 
-    def __init__(self, cache: ZarrCache, index: CacheIndex, variants: list[ZarrCache] | None = None,
+    def __init__(self, cache: FeatureCache, index: CacheIndex, variants: list[FeatureCache] | None = None,
                  seed: int = 0):
-        self.zarr_paths = [str(cache.zarr_path)] + [str(v.zarr_path) for v in variants or []]
+        self.caches = [cache, *(variants or [])]
         self.index = index
         self.seed, self.epoch = seed, 0
         self._readers: list | None = None  # opened lazily, once per process
@@ -152,9 +149,62 @@ class CacheDataset(Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         if self._readers is None:
-            self._readers = [open_rows(Path(p) / "dnf") for p in self.zarr_paths]
+            self._readers = [c.row_reader() for c in self.caches]
         variant = 0
         if len(self._readers) > 1:
             variant = int(np.random.default_rng([self.seed, self.epoch, i]).integers(len(self._readers)))
         x = self._readers[variant][int(self.index.rows[i])]
         return torch.from_numpy(np.array(x)), int(self.index.labels[i])
+
+
+class WdsStream(IterableDataset):
+    """Training samples streamed from a WebDataset cache's tars: tar order shuffled per epoch, tars
+    dealt to ranks and then to DataLoader workers, a shuffle buffer per worker. Yields (DNF, label,
+    row) for the rows in `rows` (e.g. one split's); everything derives from (seed, epoch, rank,
+    worker), so an epoch repeats exactly with the same number of ranks and workers."""
+
+    def __init__(self, cache, rows: np.ndarray, labels: np.ndarray, seed: int = 0, buffer: int = 1000,
+                 rank: int = 0, world: int = 1):
+        self.tars = [str(path) for _, path in cache.tar_files()]
+        self.shard_size = cache._shard_size()
+        self.labels = {int(r): int(y) for r, y in zip(rows, labels, strict=True)}
+        self.seed, self.buffer, self.rank, self.world, self.epoch = seed, buffer, rank, world, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def rank_tars(self) -> list[str]:
+        """This rank's tars for the current epoch (only tars that hold wanted rows)."""
+        wanted = {r // self.shard_size for r in self.labels}
+        tars = [t for t in self.tars if int(Path(t).stem) in wanted]
+        order = np.random.default_rng([self.seed, self.epoch, 7]).permutation(len(tars))
+        return [tars[i] for i in order][self.rank::self.world]
+
+    def rank_rows(self) -> int:
+        """How many wanted rows this rank's tars hold this epoch."""
+        mine = {int(Path(t).stem) for t in self.rank_tars()}
+        return sum(1 for r in self.labels if r // self.shard_size in mine)
+
+    def _samples(self, tars: list[str]):
+        import webdataset as wds
+
+        for sample in wds.tarfile_samples([{"url": t} for t in tars]):
+            meta = json.loads(sample["json"])
+            if meta["row"] in self.labels:
+                x = np.load(io.BytesIO(sample["dnf.npy"]), allow_pickle=False)
+                yield torch.from_numpy(x), self.labels[meta["row"]], meta["row"]
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        rng = np.random.default_rng([self.seed, self.epoch, self.rank, worker])
+        buf = []
+        for item in self._samples(self.rank_tars()[worker::workers]):
+            if len(buf) < self.buffer:
+                buf.append(item)
+                continue
+            i = int(rng.integers(len(buf)))
+            buf[i], item = item, buf[i]
+            yield item
+        rng.shuffle(buf)
+        yield from buf

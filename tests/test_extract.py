@@ -21,8 +21,9 @@ from stages.extract import ExtractOptions, run_extract
 from stages.images import decode_rgb, preprocess
 from stages.noise_model import load_noise_model
 from stages.shard import run_shard
+from storage.cache_folder import CacheError
 from storage.run import Run
-from storage.zarr_cache import CacheError, ZarrCache
+from storage.zarr_cache import ZarrCache
 
 SIZE = 32
 

@@ -24,8 +24,8 @@ from test_extract import cache_files
 from pipeline.verify import run_verify
 from stages.extract import ExtractOptions, run_extract
 from stages.shard import run_shard
+from storage.cache_folder import CacheError
 from storage.run import Run
-from storage.zarr_cache import CacheError
 
 SIZE = 32
 EXTRACT_ARGS = ["extract", "--size", SIZE, "--batch-size", 2, "--workers", 0, "--device", "cpu"]

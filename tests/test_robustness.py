@@ -109,8 +109,8 @@ def test_plots_cross_generator_and_variants(robust_run):
     assert "## Cross-generator" in md and "![curves](curves.png)" in md
     assert "![robustness](robustness.png)" in md
     # variants are drawn per (seed, epoch, sample): the same sample can come from different caches
+    from storage.cache_folder import find_cache, perturbed_siblings
     from storage.feature_dataset import CacheDataset, cache_index
-    from storage.zarr_cache import find_cache, perturbed_siblings
 
     cache = find_cache(robust_run / "cache")
     siblings = perturbed_siblings(robust_run / "cache", cache.config()["feature"])

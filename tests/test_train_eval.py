@@ -18,7 +18,7 @@ from stages.evaluate import run_eval
 from stages.extract import ExtractOptions, run_extract
 from stages.shard import run_shard
 from stages.train import TrainError, TrainOptions, run_train
-from storage.zarr_cache import CacheError
+from storage.cache_folder import CacheError
 
 SIZE = 32
 

@@ -1,0 +1,173 @@
+"""The WebDataset feature cache: one tar per manifest shard, for caches on object storage or
+network filesystems that serve a few large files better than many chunks.
+
+Layout of `RUN/cache/<feature-id>-wds/`:
+    config.json          the extraction config ("backend": "webdataset")
+    shards/00000.tar     per cached image, in row order: <key>.dnf.npy (the stored DNF array),
+                         <key>.cls (label, 0 or 1), <key>.json (row, key, label, split, source)
+    done/00000.json      as the Zarr cache's marker, plus "index": key, label, split, source of every
+                         row and the byte offset and size of each row's .dnf.npy member (-1: none)
+
+A tar is written under a temporary name and renamed when complete; its done marker comes after.
+Images rejected at extract time have no members (they are listed in the marker), so any WebDataset
+reader sees only usable samples. Tar headers carry no time or owner: the same rows give the same
+bytes. The checksum in the marker is computed from the decoded rows, as for Zarr, so a cache
+converted between the backends (`convert-cache`) keeps it.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+from pathlib import Path
+
+import numpy as np
+
+from storage.cache_folder import NOT_CACHED, CacheError, FeatureCache
+
+
+def _member(name: str, data: bytes) -> tuple[tarfile.TarInfo, io.BytesIO]:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(data), 0, 0o644
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    return info, io.BytesIO(data)
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
+    return buf.getvalue()
+
+
+class WdsCache(FeatureCache):
+    """One feature cache folder of WebDataset tar shards."""
+
+    backend = "webdataset"
+
+    def __init__(self, root: Path | str):
+        super().__init__(root)
+        self._index: dict[int, dict] = {}  # written shard -> its index, until its marker is written
+
+    @property
+    def shards_dir(self) -> Path:
+        return self.root / "shards"
+
+    def shard_file(self, shard_id: int) -> Path:
+        return self.shards_dir / f"{shard_id:05d}.tar"
+
+    def _create(self, config: dict, num_rows: int, shard_size: int, size: int, dtype: str,
+                channels: int) -> None:
+        self.shards_dir.mkdir(parents=True, exist_ok=True)
+
+    def _shard_size(self) -> int:
+        return int(self.config()["manifest"]["shard_size"])
+
+    def write_shard(self, start: int, dnf: np.ndarray, label: np.ndarray, split: list[str],
+                    source: list[str], key: list[str]) -> None:
+        """Write rows [start, start + len(dnf)) as one tar (temporary name, then renamed)."""
+        shard_id = start // self._shard_size()
+        final = self.shard_file(shard_id)
+        tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
+        with open(tmp, "wb") as f:
+            with tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+                for j in range(len(dnf)):
+                    if int(label[j]) == NOT_CACHED:
+                        continue
+                    meta = {"row": start + j, "key": key[j], "label": int(label[j]), "split": split[j],
+                            "source": source[j]}
+                    for suffix, data in (("dnf.npy", npy_bytes(dnf[j])), ("cls", str(int(label[j])).encode()),
+                                         ("json", json.dumps(meta, sort_keys=True).encode())):
+                        tar.addfile(*_member(f"{key[j]}.{suffix}", data))
+            f.flush()
+            os.fsync(f.fileno())
+        offsets = {}
+        with tarfile.open(tmp, "r") as tar:
+            for m in tar.getmembers():
+                if m.name.endswith(".dnf.npy"):
+                    offsets[m.name[: -len(".dnf.npy")]] = (m.offset_data, m.size)
+        os.replace(tmp, final)
+        self._index[shard_id] = {
+            "key": list(key), "label": [int(v) for v in label], "split": list(split), "source": list(source),
+            "offset": [offsets.get(k, (-1, 0))[0] for k in key],
+            "size": [offsets.get(k, (-1, 0))[1] for k in key],
+        }
+
+    def mark_done(self, shard_id: int, marker: dict) -> None:
+        index = self._index.pop(shard_id, None) or marker.get("index")
+        if index is None:
+            raise CacheError(f"{self.root}: shard {shard_id:05d} has no written tar to mark done")
+        super().mark_done(shard_id, {**marker, "index": index})
+
+    # -- reading -----------------------------------------------------------------------------
+    def _row_shape(self) -> tuple[tuple[int, ...], np.dtype]:
+        config = self.config()
+        size = config["feature"]["size"]
+        return (config.get("channels", 3), size, size), np.dtype(config["dtype"])
+
+    def read_rows(self, start: int, end: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
+        """dnf, label and keys of rows [start, end) of one done shard, rejected rows as zeros."""
+        shard_id = start // self._shard_size()
+        index = self._index.get(shard_id) or (self.done_marker(shard_id) or {}).get("index")
+        if index is None:
+            raise CacheError(f"{self.root}: shard {shard_id:05d} is not done")
+        shape, dtype = self._row_shape()
+        dnf = np.zeros((end - start, *shape), dtype=dtype)
+        with open(self.shard_file(shard_id), "rb") as f:
+            for j, (offset, size) in enumerate(zip(index["offset"], index["size"], strict=True)):
+                if offset >= 0:
+                    f.seek(offset)
+                    dnf[j] = np.load(io.BytesIO(f.read(size)), allow_pickle=False)
+        return dnf, np.asarray(index["label"], dtype=np.int8), list(index["key"])
+
+    def shard_metadata(self, start: int, end: int) -> tuple[list[str], list[str]]:
+        index = self.done_marker(start // self._shard_size())["index"]
+        return list(index["split"]), list(index["source"])
+
+    def index_arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """label, split, source, key of every row, from the done markers (label -1 elsewhere)."""
+        n = int(self.config()["manifest"]["images"])
+        label = np.full(n, NOT_CACHED, dtype=np.int8)
+        split, source, key = (np.full(n, "", dtype=object) for _ in range(3))
+        for s in self.done_shards():
+            marker = self.done_marker(s)
+            a, b = marker["rows"]
+            index = marker["index"]
+            label[a:b] = index["label"]
+            split[a:b], source[a:b], key[a:b] = index["split"], index["source"], index["key"]
+        return label, split, source, key
+
+    def row_reader(self) -> WdsRowReader:
+        return WdsRowReader(self)
+
+    def tar_files(self) -> list[tuple[int, Path]]:
+        """(shard id, tar path) of every done shard, in shard order."""
+        return [(s, self.shard_file(s)) for s in sorted(self.done_shards())]
+
+
+class WdsRowReader:
+    """Random access to single rows of a WebDataset cache (pread at the offsets in the markers)."""
+
+    def __init__(self, cache: WdsCache):
+        self.cache = cache
+        self.shard_size = cache._shard_size()
+        self.fds: dict[int, int] = {}
+        self.index: dict[int, dict] = {}
+
+    def __getitem__(self, row: int) -> np.ndarray:
+        shard, j = divmod(int(row), self.shard_size)
+        if shard not in self.index:
+            self.index[shard] = self.cache.done_marker(shard)["index"]
+            self.fds[shard] = os.open(self.cache.shard_file(shard), os.O_RDONLY)
+        index = self.index[shard]
+        offset = index["offset"][j]
+        if offset < 0:
+            raise CacheError(f"{self.cache.root}: row {row} holds no features (rejected at extract)")
+        return np.load(io.BytesIO(os.pread(self.fds[shard], index["size"][j], offset)), allow_pickle=False)
+
+    def close(self) -> None:
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds.clear()
