@@ -67,6 +67,7 @@ def shard(
     workers: int = typer.Option(2, help="Processes hashing and checking images."),
     max_pixels: int = typer.Option(8192 * 8192, help="Reject images with more pixels."),
     max_bytes: int = typer.Option(256 * 2**20, help="Reject files larger than this."),
+    pack: bool = typer.Option(False, help="Also copy each shard's original bytes into RUN/packed/NNNNN.tar."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
     """Index images into deterministic manifest shards (key = sha256 of the bytes)."""
@@ -74,7 +75,7 @@ def shard(
 
     with user_errors():
         summary = run_shard(inputs, run, shard_size, label, source, split, workers, max_pixels,
-                            max_bytes)
+                            max_bytes, pack=pack)
     _print(summary, as_json)
     if not as_json:
         for row in summary["counts"]:

@@ -33,6 +33,7 @@ from stages.noise_model import NoiseModel, load_noise_model
 from stages.perturb import perturb
 from stages.shard import DEFAULT_MAX_PIXELS
 from storage.cache_folder import NOT_CACHED, CacheError, FeatureCache, folder_name, new_cache, shard_checksum
+from storage.packed_images import PackReader, pack_path
 from storage.run import Entry, Run, RunError, within_roots
 
 
@@ -66,8 +67,9 @@ class ShardImages(Dataset):
     """The images of one manifest shard, preprocessed; a failure gives its reason, not an error."""
 
     def __init__(self, entries: list[Entry], size: int, max_pixels: int, roots: list[str] | None,
-                 gpu_jpeg: bool = False, perturbation: str = ""):
+                 gpu_jpeg: bool = False, perturbation: str = "", pack: PackReader | None = None):
         self.entries, self.size, self.max_pixels, self.roots = entries, size, max_pixels, roots
+        self.pack = pack  # the shard's packed tar (`shard --pack`), read instead of the files
         self.perturbation = perturbation
         # hand JPEG bytes to the GPU decoder instead of decoding here (clean features only)
         self.gpu_jpeg = gpu_jpeg and not perturbation
@@ -77,7 +79,13 @@ class ShardImages(Dataset):
 
     def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str | None]:
         try:
-            data = read_checked(self.entries[i], self.roots)
+            entry = self.entries[i]
+            if self.pack is not None and entry.key in self.pack:
+                data = self.pack.read(entry.key)
+                if hashlib.sha256(data).hexdigest() != entry.key:
+                    raise DecodeError(f"damaged in {self.pack.path}: its sha256 no longer matches the key")
+            else:
+                data = read_checked(entry, self.roots)
             if self.gpu_jpeg and data[:3] == b"\xff\xd8\xff":
                 return i, torch.frombuffer(bytearray(data), dtype=torch.uint8), "jpeg"
             img = decode_rgb(data, self.max_pixels)
@@ -252,9 +260,11 @@ class ShardJob:
         info = run.info()
         self.start = shard_id * info["shard_size"]
         workers = min(opts.num_workers(device), -(-len(self.entries) // batch_size))
+        packed = pack_path(run.root, shard_id)
         loader = DataLoader(
             ShardImages(self.entries, opts.size, opts.max_pixels, info.get("roots"),
-                        gpu_jpeg=opts.gpu_decode and device.type == "cuda", perturbation=opts.perturb),
+                        gpu_jpeg=opts.gpu_decode and device.type == "cuda", perturbation=opts.perturb,
+                        pack=PackReader(packed) if packed.exists() else None),
             batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=_collate,
             pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None)
         self.batches = iter(loader)  # workers start decoding now

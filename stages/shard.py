@@ -21,6 +21,7 @@ from PIL import Image, UnidentifiedImageError
 
 import pipeline
 from storage.atomic import read_jsonl
+from storage.packed_images import pack_path, write_pack
 from storage.run import Entry, Run, RunError, within_roots
 
 SPLIT_NAMES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
@@ -262,10 +263,28 @@ def build_manifest(candidates: list[Candidate], workers: int, max_pixels: int,
     return entries, rejects, duplicates
 
 
+def pack_shards(run: Run, shards: list[list[Entry]]) -> dict:
+    """Write RUN/packed/NNNNN.tar for every shard that has none yet (complete tars are kept)."""
+    written, total = 0, 0
+    for i, shard in enumerate(shards):
+        path = pack_path(run.root, i)
+        if not path.exists():
+            try:
+                write_pack(path, shard)
+            except (OSError, ValueError) as e:
+                raise ShardError(f"packing shard {i:05d} into {path} failed: {e}; the shards packed "
+                                 f"before are kept, run `shard --pack` again to go on") from e
+            written += 1
+        total += path.stat().st_size
+    return {"packed_now": written, "packed_shards": len(shards), "packed_mib": round(total / 2**20, 2)}
+
+
 def run_shard(inputs: list[Path], run_dir: Path, shard_size: int = 1024, label: str | None = None,
               source: str | None = None, split: str | None = None, workers: int = 1,
-              max_pixels: int = DEFAULT_MAX_PIXELS, max_bytes: int = DEFAULT_MAX_BYTES) -> dict:
-    """Index `inputs` into `run_dir`; return a summary. Rerunning with the same inputs is a no-op."""
+              max_pixels: int = DEFAULT_MAX_PIXELS, max_bytes: int = DEFAULT_MAX_BYTES,
+              pack: bool = False) -> dict:
+    """Index `inputs` into `run_dir`; return a summary. Rerunning with the same inputs is a no-op
+    (with `pack`, it writes the packed tars still missing)."""
     if shard_size < 1:
         raise ShardError(f"--shard-size must be at least 1 (got {shard_size})")
     candidates = collect(inputs, label=label, source=source, split=split)
@@ -296,7 +315,8 @@ def run_shard(inputs: list[Path], run_dir: Path, shard_size: int = 1024, label: 
                 f"{old.get('num_shards')} shards, now {len(entries)} in {len(shards)}); its caches "
                 f"index those rows. Use a new --run folder.")
     run.write_manifest(shards, rejects, duplicates, info)
+    packed = pack_shards(run, shards) if pack else {}
     counts = Counter((e.split, "fake" if e.label else "real", e.source) for e in entries)
-    return {**info, "counts": [
+    return {**info, **packed, "counts": [
         {"split": sp, "label": lab, "source": src, "images": n}
         for (sp, lab, src), n in sorted(counts.items())]}
