@@ -7,6 +7,7 @@ from pathlib import Path
 
 from pipeline.queue import ShardQueue
 from storage.cache_folder import FeatureCache, caches_in
+from storage.packed_images import pack_path
 from storage.run import Run
 
 
@@ -19,6 +20,7 @@ def cache_status(cache: FeatureCache, num_shards: int) -> dict:
     return {
         "cache": str(cache.root),
         "feature_id": config["feature_id"],
+        "backend": cache.backend,
         "feature": config["feature"],
         "model_path": config.get("about", {}).get("model_path"),
         "shards_done": len(done),
@@ -40,6 +42,7 @@ def run_status(run_dir: Path) -> dict:
         "files_seen": info["files"],
         "rejected_at_shard": info["rejects"],
         "duplicates": info["duplicates"],
+        "packed": sum(pack_path(run.root, i).exists() for i in range(info["num_shards"])),
         "caches": [cache_status(c, info["num_shards"]) for c in caches_in(run.cache_root)],
     }
 
@@ -49,14 +52,15 @@ def format_status(s: dict) -> str:
     lines = [
         f"run {s['run']}: {s['images']} images in {s['shards']} shards "
         f"({s['files_seen']} files seen, {s['rejected_at_shard']} rejected, "
-        f"{s['duplicates']} duplicates)",
+        f"{s['duplicates']} duplicates{', ' + str(s['packed']) + ' shards packed' if s['packed'] else ''})",
     ]
     if not s["caches"]:
         lines.append("  no feature cache yet: run `dnf-pipeline extract`")
     for c in s["caches"]:
         f = c["feature"]
         lines.append(
-            f"  cache {c['feature_id']} (t={f['timestep']}, size={f['size']}, {f['encoding']}): "
+            f"  cache {c['feature_id']} ({c['backend']}, t={f['timestep']}, size={f['size']}, "
+            f"{f['encoding']}): "
             f"{c['shards_done']}/{s['shards']} shards done, {c['shards_pending']} pending, "
             f"{c['images_cached']} images cached, {c['rejected_at_extract']} rejected at extract, "
             f"{c['bytes'] / 2**20:.1f} MiB")

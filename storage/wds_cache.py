@@ -3,7 +3,7 @@ network filesystems that serve a few large files better than many chunks.
 
 Layout of `RUN/cache/<feature-id>-wds/`:
     config.json          the extraction config ("backend": "webdataset")
-    shards/00000.tar     per cached image, in row order: <key>.dnf.npy (the stored DNF array),
+    wds/00000.tar        per cached image, in row order: <key>.dnf.npy (the stored DNF array),
                          <key>.cls (label, 0 or 1), <key>.json (row, key, label, split, source)
     done/00000.json      as the Zarr cache's marker, plus "index": key, label, split, source of every
                          row and the byte offset and size of each row's .dnf.npy member (-1: none)
@@ -53,7 +53,7 @@ class WdsCache(FeatureCache):
 
     @property
     def shards_dir(self) -> Path:
-        return self.root / "shards"
+        return self.root / "wds"
 
     def shard_file(self, shard_id: int) -> Path:
         return self.shards_dir / f"{shard_id:05d}.tar"

@@ -36,9 +36,9 @@ def wds_run(clean, tmp_path_factory, tiny_model) -> Path:  # noqa: F811
 
 def test_tars_are_plain_webdataset_shards(wds_run, clean):  # noqa: F811
     cache = wds_cache(wds_run)
-    tars = sorted((cache / "shards").glob("*.tar"))
+    tars = sorted((cache / "wds").glob("*.tar"))
     assert [t.name for t in tars] == [f"{i:05d}.tar" for i in range(12)]
-    assert not list((cache / "shards").glob(".*"))  # no temporary files left
+    assert not list((cache / "wds").glob(".*"))  # no temporary files left
     samples = list(wds.WebDataset([str(t) for t in tars], shardshuffle=False).decode())
     zarr_cache = only_cache(clean["run"])
     import zarr
@@ -73,7 +73,7 @@ def test_verify_finds_a_damaged_tar(wds_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(wds_run, run)
     assert cli("verify", "--run", run).returncode == 0
-    tar = wds_cache(run) / "shards" / "00003.tar"
+    tar = wds_cache(run) / "wds" / "00003.tar"
     data = bytearray(tar.read_bytes())
     data[1024 + 200] ^= 0xFF  # inside the first .dnf.npy's array bytes
     tar.write_bytes(bytes(data))
