@@ -6,7 +6,7 @@ per configuration (median of --repeats runs, each on a fresh run), measured from
 start to the last worker exit (process start-up included) and inside the workers (from their own
 summaries), and checks that every configuration wrote the same cache bytes.
 
-    python benchmarks/scaling.py [--images 192] [--workers 1,2] [--repeats 3] [--claims auto]
+    python benchmarks/scaling.py [--images 384] [--size 128] [--workers 1,2] [--repeats 3] [--claims auto]
 """
 
 from __future__ import annotations
@@ -45,7 +45,8 @@ def extract_with(workers: int, data: Path, model: Path, run: Path, size: int, cl
            "--size", str(size), "--batch-size", "8", "--workers", "0", "--device", "cpu", "--json",
            "--claims", claims]
     t0 = time.perf_counter()
-    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env) for _ in range(workers)]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+             for _ in range(workers)]
     outs = [p.communicate()[0] for p in procs]
     wall = time.perf_counter() - t0
     if any(p.returncode for p in procs):
@@ -59,8 +60,8 @@ def extract_with(workers: int, data: Path, model: Path, run: Path, size: int, cl
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--images", type=int, default=192)
-    ap.add_argument("--size", type=int, default=64)
+    ap.add_argument("--images", type=int, default=384)
+    ap.add_argument("--size", type=int, default=128)
     ap.add_argument("--workers", default="1,2")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--claims", default="auto")
@@ -68,15 +69,15 @@ def main() -> None:
     counts = [int(w) for w in args.workers.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        make_jpegs(tmp / "data", args.images, 128)
+        make_jpegs(tmp / "data", args.images, 2 * args.size)
         model = make_test_model(tmp / "model", size=args.size)
         results: dict[int, list[dict]] = {w: [] for w in counts}
         for rep in range(args.repeats):
             for w in counts:  # interleaved, so drift on a noisy machine hits all alike
                 results[w].append(extract_with(w, tmp / "data", model, tmp / f"run{w}-{rep}", args.size,
                                                args.claims))
-    print(f"{args.images} JPEGs 128x128 -> DNF {args.size}x{args.size}, tiny UNet, 1 CPU thread per "
-          f"worker, claims {args.claims}, median of {args.repeats}")
+    print(f"{args.images} JPEGs {2 * args.size}x{2 * args.size} -> DNF {args.size}x{args.size}, tiny UNet, "
+          f"1 CPU thread per worker, claims {args.claims}, median of {args.repeats}")
     print("| workers | images/s (wall, incl. start-up) | images/s (inside workers) | speed-up (inside) "
           "| shards per worker |")
     print("|---|---|---|---|---|")
