@@ -138,6 +138,8 @@ class StyleGAN2Faces:
 
     def generate(self, n: int, rng: np.random.Generator) -> list[Image.Image]:
         """n faces from latents drawn with rng."""
+        if n <= 0:
+            return []
         z = rng.standard_normal((n, 512)).astype(np.float32)
         padded = np.concatenate([z, np.zeros((-n % 1024, 512), np.float32)]) if n % 1024 else z
         styles = np.concatenate([self.mapping(padded[i:i + 1024])[0] for i in range(0, len(padded), 1024)])
