@@ -106,6 +106,7 @@ class Claim:
         os.replace(tmp, path)
 
     def release(self) -> None:
+        """Stop the heartbeat and give the shard up (a claim taken over meanwhile is left alone)."""
         self._stop.set()
         if self._fd is not None:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
@@ -176,6 +177,7 @@ class ShardQueue:
         return Claim(self, shard_id, None, self.owner)
 
     def is_stale(self, rec: dict) -> bool:
+        """A claim record whose heartbeat is too old, or whose process on this host is gone."""
         return time.time() - float(rec.get("heartbeat", 0)) > self.stale_s or _process_gone(rec)
 
     def _take_over(self, shard_id: int) -> Claim | None:

@@ -109,10 +109,12 @@ class FeatureCache:
         raise NotImplementedError
 
     def done_marker(self, shard_id: int) -> dict | None:
+        """The shard's done marker, or None while it is not done."""
         path = self.done_path(shard_id)
         return read_json(path) if path.exists() else None
 
     def done_shards(self) -> set[int]:
+        """Ids of the shards with a done marker."""
         if not self.done_dir.exists():
             return set()
         return {int(p.stem) for p in self.done_dir.glob("*.json") if p.stem.isdigit()}

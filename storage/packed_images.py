@@ -16,10 +16,12 @@ from storage.run import Entry
 
 
 def pack_path(run_root: Path, shard_id: int) -> Path:
+    """Where manifest shard `shard_id`'s packed tar lives."""
     return Path(run_root) / "packed" / f"{shard_id:05d}.tar"
 
 
 def member_name(entry: Entry) -> str:
+    """`<key><suffix>`: the key, with the original file's suffix when it is a plain one."""
     suffix = Path(entry.path).suffix.lower()
     return entry.key + (suffix if suffix and suffix.isascii() and suffix[1:].isalnum() else ".img")
 
@@ -61,6 +63,7 @@ class PackReader:
         return key in self.index
 
     def read(self, key: str) -> bytes:
+        """The original bytes of the image with this key."""
         if self._fd is None or self._pid != os.getpid():  # one descriptor per (worker) process
             self._fd, self._pid = os.open(self.path, os.O_RDONLY), os.getpid()
         offset, size = self.index[key]

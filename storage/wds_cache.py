@@ -37,6 +37,7 @@ def _member(name: str, data: bytes) -> tuple[tarfile.TarInfo, io.BytesIO]:
 
 
 def npy_bytes(array: np.ndarray) -> bytes:
+    """The array as a .npy file's bytes (what `<key>.dnf.npy` holds)."""
     buf = io.BytesIO()
     np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
     return buf.getvalue()
@@ -96,6 +97,7 @@ class WdsCache(FeatureCache):
         }
 
     def mark_done(self, shard_id: int, marker: dict) -> None:
+        """The marker with the shard's index (from its write, or already in the marker), written last."""
         index = self._index.pop(shard_id, None) or marker.get("index")
         if index is None:
             raise CacheError(f"{self.root}: shard {shard_id:05d} has no written tar to mark done")
@@ -123,6 +125,7 @@ class WdsCache(FeatureCache):
         return dnf, np.asarray(index["label"], dtype=np.int8), list(index["key"])
 
     def shard_metadata(self, start: int, end: int) -> tuple[list[str], list[str]]:
+        """split and source of rows [start, end) of a done shard."""
         index = self.done_marker(start // self._shard_size())["index"]
         return list(index["split"]), list(index["source"])
 
