@@ -14,6 +14,8 @@ MODEL      ?= weights/ddpm-bedroom-256
 DEVICE     ?= auto
 SHARD_SIZE ?= 1024
 NAME       ?= default
+SHARD_ARGS   ?=
+EXTRACT_ARGS ?=
 
 .PHONY: install test test-long lint quickstart shard extract status train eval bench bench-scaling clean \
 	demo demo-install demo-system-libs demo-data demo-data-extra demo-model
@@ -74,11 +76,11 @@ quickstart: $(STAMP)
 	$(BIN)/python scripts/quickstart.py
 
 shard: $(STAMP)
-	$(CLI) shard $(DATA) --run $(RUN) --shard-size $(SHARD_SIZE)
+	$(CLI) shard $(DATA) --run $(RUN) --shard-size $(SHARD_SIZE) $(SHARD_ARGS)
 
 # Both stages in one; rerun to resume.
 extract: shard
-	$(CLI) extract --run $(RUN) --model $(MODEL) --device $(DEVICE)
+	$(CLI) extract --run $(RUN) --model $(MODEL) --device $(DEVICE) $(EXTRACT_ARGS)
 	$(CLI) status --run $(RUN)
 
 train: $(STAMP)

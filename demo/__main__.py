@@ -104,9 +104,12 @@ def run_all(
         times[name] = time.perf_counter() - t
     out = run / "eval" / "demo"
     rep = json.loads((out / "report.json").read_text())
+    table = demo_table(rep, train_generator, summary)
+    (out / "demo.md").write_text(f"# DNF demo\n\n{table}\n\n![ROC and PR curves](curves.png)\n")
     print()
-    print(demo_table(rep, train_generator, summary))
-    print(f"\nReport with ROC and PR curves: {out / 'report.md'} ({out / 'curves.png'})")
+    print(table)
+    print(f"\nThe table with ROC and PR curves: {out / 'demo.md'} ({out / 'curves.png'}); "
+          f"the full report: {out / 'report.md'}")
     print("Time: " + ", ".join(f"{k} {v:.0f} s" for k, v in times.items())
           + f"; total {time.perf_counter() - t0:.0f} s")
 

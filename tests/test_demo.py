@@ -86,6 +86,8 @@ def test_demo_report_has_seen_and_unseen_generator(demo_runs):
     with Image.open(out / "curves.png") as im:
         assert im.format == "PNG"
     assert "curves.png" in (out / "report.md").read_text()
+    demo_md = (out / "demo.md").read_text()
+    assert f"| {TRAIN_ON} | yes |" in demo_md and "curves.png" in demo_md
     model_info = json.loads((work / "model" / "demo-model.json").read_text())
     # the DDPM learned something: mean loss of the last quarter of steps below the first quarter's
     assert model_info["final_loss"] < model_info["first_loss"]
