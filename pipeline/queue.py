@@ -77,6 +77,8 @@ class Claim:
         self.queue, self.shard_id, self._fd, self.owner = queue, shard_id, fd, owner
         self._takeover, self.lost = takeover, False
         self._since = time.time()
+        self._lock = threading.Lock()  # a beat never writes through a descriptor release has closed
+        self._released = False
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, name=f"claim-{shard_id}", daemon=True)
         self._thread.start()
@@ -90,6 +92,11 @@ class Claim:
 
     def refresh(self) -> None:
         """Write a fresh heartbeat; in heartbeat mode, notice when another worker took over."""
+        with self._lock:
+            if not self._released:
+                self._refresh()
+
+    def _refresh(self) -> None:
         data = _record(self.owner, self._since, "flock" if self._fd is not None else "heartbeat")
         if self._fd is not None:  # flock: rewrite in place, the lock stays on this inode
             os.pwrite(self._fd, data, 0)
@@ -107,7 +114,12 @@ class Claim:
 
     def release(self) -> None:
         """Stop the heartbeat and give the shard up (a claim taken over meanwhile is left alone)."""
-        self._stop.set()
+        with self._lock:
+            self._released = True
+            self._stop.set()
+            self._give_up()
+
+    def _give_up(self) -> None:
         if self._fd is not None:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
