@@ -30,6 +30,8 @@ def write_pack(path: Path, entries: list[Entry]) -> int:
     """Write the entries' original bytes into the tar at `path`; return its size in bytes.
     A file whose bytes no longer match its key raises ValueError naming it."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a killed `shard --pack`
+        stale.unlink(missing_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(tmp, "wb") as f:
         with tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:

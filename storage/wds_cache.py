@@ -71,6 +71,8 @@ class WdsCache(FeatureCache):
         """Write rows [start, start + len(dnf)) as one tar (temporary name, then renamed)."""
         shard_id = start // self._shard_size()
         final = self.shard_file(shard_id)
+        for stale in final.parent.glob(f".{final.name}.*.tmp"):  # left by a killed writer
+            stale.unlink(missing_ok=True)  # (this worker holds the shard's claim)
         tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
         with open(tmp, "wb") as f:
             with tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:

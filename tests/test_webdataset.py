@@ -129,3 +129,14 @@ def test_torchrun_streams_disjoint_tars_per_rank(wds_run, tmp_path):
     assert len(lines) == 1 and lines[0]["ranks"] == 2
     # each rank streams its own tars: together at most the train split, in whole global batches
     assert 0 < lines[0]["train_samples"] <= 24 and lines[0]["train_samples"] % 4 == 0
+
+
+def test_a_killed_writers_temporary_tar_is_cleared(wds_run, tmp_path, tiny_model):
+    run = tmp_path / "run"
+    shutil.copytree(wds_run, run)
+    cache = wds_cache(run)
+    before = cache_files(cache)
+    (cache / "done" / "00002.json").unlink()  # as if killed while writing shard 2
+    (cache / "wds" / ".00002.tar.4242.tmp").write_bytes(b"half a tar")
+    cli(*EXTRACT_ARGS, "--model", tiny_model, "--run", run, "--backend", "webdataset")
+    assert cache_files(cache) == before
