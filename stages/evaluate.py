@@ -174,7 +174,7 @@ def run_eval(run_dir: Path, checkpoint: Path, split: str = "test", name: str | N
                                             out / "predictions.csv")
     rep = report(labels, probs, sources)
     rep["perturbations"] = {}
-    for sibling in perturbed_siblings(run.cache_root, cache_config["feature"]):
+    for sibling in perturbed_siblings(run.cache_root, cache_config["feature"], cache.backend):
         spec = sibling.config()["feature"]["perturb"]
         csv_path = out / f"predictions_{spec.replace(':', '_')}.csv"
         rep["perturbations"][spec] = report(*predict_to_csv(model, sibling, split, paths, dev, batch_size,

@@ -172,7 +172,8 @@ def run_train(run_dir: Path, opts: TrainOptions, resume: bool = False) -> dict:
     if len(train_idx) == 0 or len(np.unique(train_idx.labels)) < 2:
         raise TrainError(f"{cache.root}: the train split needs real and fake images "
                          f"(has {np.bincount(train_idx.labels, minlength=2).tolist()} real/fake)")
-    variants = perturbed_siblings(run.cache_root, cache_config["feature"]) if opts.variants else []
+    variants = (perturbed_siblings(run.cache_root, cache_config["feature"], cache.backend)
+                if opts.variants else [])
     if opts.variants and not variants:
         raise TrainError(f"--variants: {cache.root} has no perturbed siblings; extract with --perturb")
     out = run.root / "train" / opts.name
