@@ -180,6 +180,35 @@ def _save(img: Image.Image, path: Path) -> None:
     img.save(path, "PNG")
 
 
+def real_crops(opened: dict[str, list[Image.Image]], splits: dict[str, str], cfg: DataConfig):
+    """(split, name, image): random crops of every photo, in its group's split."""
+    for group, imgs in opened.items():
+        for j, img in enumerate(imgs):
+            rng = _seed("real", cfg.seed, group, j)
+            for i in range(cfg.crops_per_photo):
+                yield splits[group], f"{group}{j}_{i:03d}", random_crop(img, rng, 2 * cfg.size)
+
+
+def esrgan_images(opened: dict[str, list[Image.Image]], splits: dict[str, str], cfg: DataConfig):
+    """(split, name, image): other crops of every photo, downscaled to half the demo size and
+    upscaled x4 by Real-ESRGAN, in the photo's split."""
+    esrgan = RealESRGAN(cfg.esrgan_model)
+    for group, imgs in opened.items():
+        for j, img in enumerate(imgs):
+            rng = _seed("realesrgan", cfg.seed, group, j)
+            for i in range(cfg.crops_per_photo):
+                small = random_crop(img, rng, 2 * cfg.size).resize((cfg.size // 2,) * 2, Image.BICUBIC)
+                yield splits[group], f"{group}{j}_{i:03d}", esrgan.upscale(small)
+
+
+def face_images(cfg: DataConfig):
+    """(split, name, image): StyleGAN2 faces, as many per split as the config says."""
+    faces = StyleGAN2Faces(cfg.seed)
+    for split in SPLITS:
+        for i, img in enumerate(faces.generate(cfg.faces.get(split, 0), _seed("faces", cfg.seed, split))):
+            yield split, f"face_{i:04d}", img
+
+
 def make_data(out: Path, cfg: DataConfig | None = None, log=print) -> dict:
     """Write the demo images under `out` (made in a temporary folder, renamed when complete) and
     return its summary; a folder already made with the same config is kept as it is."""
@@ -205,46 +234,24 @@ def make_data(out: Path, cfg: DataConfig | None = None, log=print) -> dict:
         _save(finish(img, cfg.size), tmp / split / "demo" / source / f"{name}.png")
         counts[split][source] = counts[split].get(source, 0) + 1
 
-    t0 = time.perf_counter()
     opened = {g: [Image.open(p).convert("RGB") for p in paths] for g, paths in groups.items()}
-    for group, imgs in opened.items():
-        for j, img in enumerate(imgs):
-            rng = _seed("real", cfg.seed, group, j)
-            for i in range(cfg.crops_per_photo):
-                put(splits[group], "real", f"{group}{j}_{i:03d}", random_crop(img, rng, 2 * cfg.size))
-    seconds["real"] = time.perf_counter() - t0
+    sources = (("real", "real photos", real_crops(opened, splits, cfg)),
+               ("realesrgan", "Real-ESRGAN", esrgan_images(opened, splits, cfg)),
+               ("stylegan2", "StyleGAN2", face_images(cfg)))
+    for source, title, images in sources:
+        t0 = time.perf_counter()
+        try:
+            for split, name, img in images:
+                put(split, source, name, img)
+        except DemoError as e:  # a generator that cannot load here; the photos always can
+            skipped[source] = str(e)
+            log(f"demo data: SKIPPED the {title} generator: {e}")
+            continue
+        seconds[source] = time.perf_counter() - t0
+        log(f"demo data: {sum(c.get(source, 0) for c in counts.values())} images from {title} "
+            f"in {seconds[source]:.0f} s")
     by_split = "; ".join(f"{s}: " + ", ".join(g for g in groups if splits[g] == s) for s in SPLITS)
-    log(f"demo data: {sum(c.get('real', 0) for c in counts.values())} real crops from {len(groups)} "
-        f"photo groups ({by_split})")
-
-    try:
-        esrgan = RealESRGAN(cfg.esrgan_model)
-        t0 = time.perf_counter()
-        for group, imgs in opened.items():
-            for j, img in enumerate(imgs):
-                rng = _seed("realesrgan", cfg.seed, group, j)
-                for i in range(cfg.crops_per_photo):
-                    small = random_crop(img, rng, 2 * cfg.size).resize((cfg.size // 2,) * 2, Image.BICUBIC)
-                    put(splits[group], "realesrgan", f"{group}{j}_{i:03d}", esrgan.upscale(small))
-        seconds["realesrgan"] = time.perf_counter() - t0
-        log(f"demo data: Real-ESRGAN ({cfg.esrgan_model}) upscaled {cfg.crops_per_photo} crops per photo, "
-            f"downscaled to {cfg.size // 2} px first, in {seconds['realesrgan']:.0f} s")
-    except DemoError as e:
-        skipped["realesrgan"] = str(e)
-        log(f"demo data: SKIPPED the Real-ESRGAN generator: {e}")
-
-    try:
-        t0 = time.perf_counter()
-        faces = StyleGAN2Faces(cfg.seed)
-        for split in SPLITS:
-            for i, img in enumerate(faces.generate(cfg.faces.get(split, 0), _seed("faces", cfg.seed, split))):
-                put(split, "stylegan2", f"face_{i:04d}", img)
-        seconds["stylegan2"] = time.perf_counter() - t0
-        log(f"demo data: StyleGAN2 made {sum(cfg.faces.values())} faces at 1024x1024 in "
-            f"{seconds['stylegan2']:.0f} s")
-    except DemoError as e:
-        skipped["stylegan2"] = str(e)
-        log(f"demo data: SKIPPED the StyleGAN2 generator: {e}")
+    log(f"demo data: photo groups by split ({by_split})")
     if len(skipped) == 2:
         raise DemoError("no generator could run:\n  " + "\n  ".join(skipped.values()))
 

@@ -232,24 +232,23 @@ def run_train(run_dir: Path, opts: TrainOptions, resume: bool = False) -> dict:
         epoch = state["epoch"]
         for group in optimizer.param_groups:
             group["lr"] = state["lr"]
-        order = epoch_order(train_idx.labels, opts.seed, epoch, opts.balance)
         dataset.set_epoch(epoch)
-        if opts.max_batches:
-            order = order[: opts.max_batches * opts.batch_size]
-        flip_g = torch.Generator().manual_seed(opts.seed * 100_003 + 50_000 + epoch)
-        flips = torch.rand(len(order), generator=flip_g) < 0.5  # per position in the order
-        mine = rank_positions(len(order), opts.batch_size, rank, world)
         per_rank = opts.batch_size // world
-        steps = None  # all batches
         if stream:  # each rank reads its own tars; all ranks take as many steps as the smallest has
             steps = stream_steps(dataset, per_rank, world)
             if opts.max_batches:
                 steps = min(steps or opts.max_batches, opts.max_batches)
-            total = len(order) if steps is None else steps * per_rank * world
+            total = len(train_idx) if steps is None else steps * per_rank * world
             loader = DataLoader(dataset, batch_size=per_rank, num_workers=opts.workers,
                                 pin_memory=device.type == "cuda")
-        else:
-            total = len(mine) * world
+        else:  # the epoch's order, dealt out to the ranks batch by batch; flips per position
+            order = epoch_order(train_idx.labels, opts.seed, epoch, opts.balance)
+            if opts.max_batches:
+                order = order[: opts.max_batches * opts.batch_size]
+            flip_g = torch.Generator().manual_seed(opts.seed * 100_003 + 50_000 + epoch)
+            flips = torch.rand(len(order), generator=flip_g) < 0.5
+            mine = rank_positions(len(order), opts.batch_size, rank, world)
+            steps, total = None, len(mine) * world
             loader = DataLoader(dataset, batch_size=per_rank, sampler=[order[p] for p in mine],
                                 num_workers=opts.workers, pin_memory=device.type == "cuda", drop_last=False,
                                 persistent_workers=False)

@@ -113,6 +113,11 @@ class FeatureCache:
         path = self.done_path(shard_id)
         return read_json(path) if path.exists() else None
 
+    def index_arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """label, split, source, key of every row; label -1 for rows without features, including
+        every row of a shard not marked done."""
+        raise NotImplementedError
+
     def done_shards(self) -> set[int]:
         """Ids of the shards with a done marker."""
         if not self.done_dir.exists():
@@ -152,7 +157,7 @@ def new_cache(root: Path | str, backend: str) -> FeatureCache:
     from storage.zarr_cache import ZarrCache
 
     if backend not in BACKENDS:
-        raise CacheError(f"backend {backend!r}: one of {', '.join(BACKENDS)}")
+        raise CacheError(f"--backend {backend}: one of {', '.join(BACKENDS)}")
     return WdsCache(root) if backend == "webdataset" else ZarrCache(root)
 
 

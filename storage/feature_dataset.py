@@ -44,12 +44,8 @@ class CacheIndex:
 
 def cache_index(cache: FeatureCache, split: str, sources: list[str] | None = None) -> CacheIndex:
     """Rows of `split` (optionally of some sources) in done shards whose image was cached."""
-    labels, split_arr, source_arr, keys = cache.index_arrays()
-    done = np.zeros(len(labels), dtype=bool)
-    for s in cache.done_shards():
-        start, end = cache.done_marker(s)["rows"]
-        done[start:end] = True
-    mask = done & (labels != NOT_CACHED) & (split_arr == split)
+    labels, split_arr, source_arr, keys = cache.index_arrays()  # not-done rows have NOT_CACHED
+    mask = (labels != NOT_CACHED) & (split_arr == split)
     if sources:
         mask &= np.isin(source_arr, sources)
     rows = np.flatnonzero(mask)

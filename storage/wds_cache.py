@@ -74,6 +74,7 @@ class WdsCache(FeatureCache):
         for stale in final.parent.glob(f".{final.name}.*.tmp"):  # left by a killed writer
             stale.unlink(missing_ok=True)  # (this worker holds the shard's claim)
         tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
+        offset, size = [-1] * len(dnf), [0] * len(dnf)  # of each row's .dnf.npy data; -1: no member
         with open(tmp, "wb") as f:
             with tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
                 for j in range(len(dnf)):
@@ -83,19 +84,17 @@ class WdsCache(FeatureCache):
                             "source": source[j]}
                     for suffix, data in (("dnf.npy", npy_bytes(dnf[j])), ("cls", str(int(label[j])).encode()),
                                          ("json", json.dumps(meta, sort_keys=True).encode())):
-                        tar.addfile(*_member(f"{key[j]}.{suffix}", data))
+                        info, body = _member(f"{key[j]}.{suffix}", data)
+                        if suffix == "dnf.npy":  # the data follows its header
+                            offset[j] = tar.offset + len(info.tobuf(tar.format, tar.encoding, tar.errors))
+                            size[j] = len(data)
+                        tar.addfile(info, body)
             f.flush()
             os.fsync(f.fileno())
-        offsets = {}
-        with tarfile.open(tmp, "r") as tar:
-            for m in tar.getmembers():
-                if m.name.endswith(".dnf.npy"):
-                    offsets[m.name[: -len(".dnf.npy")]] = (m.offset_data, m.size)
         os.replace(tmp, final)
         self._index[shard_id] = {
             "key": list(key), "label": [int(v) for v in label], "split": list(split), "source": list(source),
-            "offset": [offsets.get(k, (-1, 0))[0] for k in key],
-            "size": [offsets.get(k, (-1, 0))[1] for k in key],
+            "offset": offset, "size": size,
         }
 
     def mark_done(self, shard_id: int, marker: dict) -> None:

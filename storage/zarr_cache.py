@@ -67,9 +67,15 @@ class ZarrCache(FeatureCache):
         return group["dnf"][start:end], group["label"][start:end], [str(k) for k in group["key"][start:end]]
 
     def index_arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """label, split, source, key of every row (label -1 where nothing is cached)."""
+        """label, split, source, key of every row (label -1 where nothing is cached, and in shards
+        not marked done: a half-written shard's rows do not count)."""
         group = self.open_read()
-        return (group["label"][:], np.asarray(group["split"][:], dtype=object),
+        label = np.full(group["label"].shape[0], NOT_CACHED, dtype=np.int8)
+        stored = group["label"][:]
+        for s in self.done_shards():
+            start, end = self.done_marker(s)["rows"]
+            label[start:end] = stored[start:end]
+        return (label, np.asarray(group["split"][:], dtype=object),
                 np.asarray(group["source"][:], dtype=object), np.asarray(group["key"][:], dtype=object))
 
     def shard_metadata(self, start: int, end: int) -> tuple[list[str], list[str]]:

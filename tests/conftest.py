@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 import os
 import subprocess
 import sys
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -57,6 +59,28 @@ def make_dataset(root: Path, per_class: int = 6, splits=("train", "val", "test")
                     ext = "jpg" if fmt == "JPEG" else "png"
                     write(root / split / source / label / f"img_{i:03d}.{ext}", data)
     return root
+
+
+class RandomWeights(dict):
+    """A state dict filled layer by layer with seeded random weights, scaled so that activations
+    stay O(1): for the tests' independent reference networks."""
+
+    def __init__(self, seed: int = 0):
+        super().__init__()
+        self.g = torch.Generator().manual_seed(seed)
+
+    def conv(self, name: str, cin: int, cout: int, k: int, dims: int = 2) -> None:
+        shape = (cout, cin, k, k) if dims == 2 else (cout, cin, k)
+        self[f"{name}.weight"] = torch.randn(*shape, generator=self.g) / math.sqrt(cin * k ** dims)
+        self[f"{name}.bias"] = torch.randn(cout, generator=self.g) * 0.1
+
+    def linear(self, name: str, cin: int, cout: int) -> None:
+        self[f"{name}.weight"] = torch.randn(cout, cin, generator=self.g) / math.sqrt(cin)
+        self[f"{name}.bias"] = torch.randn(cout, generator=self.g) * 0.1
+
+    def norm(self, name: str, c: int) -> None:
+        self[f"{name}.weight"] = 1 + 0.1 * torch.randn(c, generator=self.g)
+        self[f"{name}.bias"] = 0.1 * torch.randn(c, generator=self.g)
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import zarr
-from conftest import make_dataset
+from conftest import RandomWeights, make_dataset
 
 from stages.convert import convert_model
 from stages.extract import ExtractOptions, run_extract
@@ -24,21 +24,8 @@ MC, MULT, R, ATTN_DS, HEAD_CH = 32, (1, 2), 1, (2,), 16
 
 
 def make_adm_state(updown: bool = True, seed: int = 0) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    sd: dict[str, torch.Tensor] = {}
-
-    def conv(name, cin, cout, k, dims=2):
-        shape = (cout, cin, k, k) if dims == 2 else (cout, cin, k)
-        sd[f"{name}.weight"] = torch.randn(*shape, generator=g) / math.sqrt(cin * k ** dims)
-        sd[f"{name}.bias"] = torch.randn(cout, generator=g) * 0.1
-
-    def lin(name, cin, cout):
-        sd[f"{name}.weight"] = torch.randn(cout, cin, generator=g) / math.sqrt(cin)
-        sd[f"{name}.bias"] = torch.randn(cout, generator=g) * 0.1
-
-    def gn(name, c):
-        sd[f"{name}.weight"] = 1 + 0.1 * torch.randn(c, generator=g)
-        sd[f"{name}.bias"] = 0.1 * torch.randn(c, generator=g)
+    sd = RandomWeights(seed)
+    conv, lin, gn = sd.conv, sd.linear, sd.norm
 
     def res(name, cin, cout):
         gn(f"{name}.in_layers.0", cin)
@@ -94,7 +81,7 @@ def make_adm_state(updown: bool = True, seed: int = 0) -> dict[str, torch.Tensor
             n += 1
     gn("out.0", ch)
     conv("out.2", ch, 6, 3)
-    return sd
+    return dict(sd)
 
 
 def adm_reference(sd, x, t, updown=True):

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 import torchvision.transforms as T
 import zarr
-from conftest import cli, make_dataset
+from conftest import RandomWeights, cli, make_dataset
 from PIL import Image
 from torchvision.io import read_image
 from torchvision.utils import save_image
@@ -36,20 +36,8 @@ CFG = {"ch": 32, "ch_mult": [1, 2, 2], "num_res_blocks": 1, "attn_levels": [1], 
 def make_ddim_state(ch: int, ch_mult: list[int], num_res_blocks: int, attn_levels: list[int],
                     seed: int = 0) -> dict[str, torch.Tensor]:
     """Random weights in the DDIM 'simple' layout (scaled so activations stay O(1))."""
-    g = torch.Generator().manual_seed(seed)
-    sd: dict[str, torch.Tensor] = {}
-
-    def conv(name, cin, cout, k):
-        sd[f"{name}.weight"] = torch.randn(cout, cin, k, k, generator=g) / math.sqrt(cin * k * k)
-        sd[f"{name}.bias"] = torch.randn(cout, generator=g) * 0.1
-
-    def lin(name, cin, cout):
-        sd[f"{name}.weight"] = torch.randn(cout, cin, generator=g) / math.sqrt(cin)
-        sd[f"{name}.bias"] = torch.randn(cout, generator=g) * 0.1
-
-    def norm(name, c):
-        sd[f"{name}.weight"] = 1 + 0.1 * torch.randn(c, generator=g)
-        sd[f"{name}.bias"] = 0.1 * torch.randn(c, generator=g)
+    sd = RandomWeights(seed)
+    conv, lin, norm = sd.conv, sd.linear, sd.norm
 
     def res(name, cin, cout):
         norm(f"{name}.norm1", cin)
@@ -92,7 +80,7 @@ def make_ddim_state(ch: int, ch_mult: list[int], num_res_blocks: int, attn_level
             conv(f"up.{i}.upsample.conv", c, c, 3)
     norm("norm_out", c)
     conv("conv_out", c, 3, 3)
-    return sd
+    return dict(sd)
 
 
 def reference_forward(sd, x, t, ch_mult, num_res_blocks, attn_levels):
