@@ -22,12 +22,13 @@ DEVICE_OPT = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or m
 
 @contextmanager
 def user_errors() -> Iterator[None]:
-    """Known failures print one clear line and exit 2 instead of a traceback."""
-    from pipeline.errors import USER_ERRORS
+    """Errors the user can fix (`storage.errors.UserError`) print one clear line and exit 2; any
+    other exception is a bug and keeps its traceback."""
+    from storage.errors import UserError
 
     try:
         yield
-    except USER_ERRORS as e:
+    except UserError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
 
@@ -120,8 +121,8 @@ def extract(
 
     Ctrl-C or SIGTERM stops after the current batch; a second Ctrl-C stops at once."""
     from pipeline.signals import Stopped
+    from stages.domain.perturb import parse_perturbations
     from stages.extract import ExtractOptions, run_extract
-    from stages.perturb import parse_perturbations
 
     opts = ExtractOptions(model=model, size=size, timestep=timestep, encoding=encoding,
                           batch_size=batch_size, workers=workers, device=device, cache_dir=cache_dir,
@@ -247,7 +248,7 @@ def detect(
 def status(run: Path = RUN_OPT,
            as_json: bool = typer.Option(False, "--json", help="Print the status as JSON.")) -> None:
     """Shards done and pending, images, rejects and cache size of a run."""
-    from pipeline.status import format_status, run_status
+    from stages.status import format_status, run_status
 
     with user_errors():
         s = run_status(run)
@@ -259,7 +260,7 @@ def verify(run: Path = RUN_OPT,
            feature_id: Optional[str] = typer.Option(None, help="Check only this cache."),
            as_json: bool = typer.Option(False, "--json", help="Print the result as JSON.")) -> None:
     """Re-read every done shard and check it against its checksum and the manifest."""
-    from pipeline.verify import run_verify
+    from stages.verify import run_verify
 
     with user_errors():
         result = run_verify(run, feature_id)
@@ -302,7 +303,7 @@ def convert_model(
     config: Optional[Path] = typer.Option(None, help="Reference-style YAML of the architecture."),
 ) -> None:
     """Convert a DDIM 'simple' or OpenAI ADM checkpoint into a diffusers folder, once."""
-    from stages.convert import convert_model as convert
+    from stages.convert_model import convert_model as convert
 
     with user_errors():
         summary = convert(src, out, fmt, config)
@@ -326,7 +327,7 @@ def make_test_model(out: Path = typer.Option(..., help="Folder to write the mode
                     size: int = typer.Option(64, help="The UNet's sample size."),
                     seed: int = typer.Option(0, help="Seed of the random weights.")) -> None:
     """Write a tiny randomly initialised DDPM UNet folder, to try the pipeline without weights."""
-    from stages.noise_model import make_test_model as make
+    from stages.domain.noise_model import make_test_model as make
 
     typer.echo(f"wrote {make(out, size, seed)}")
 

@@ -30,9 +30,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from pipeline.device import resolve_device, resolve_precision  # noqa: E402
-from stages.extract import ExtractOptions, auto_batch_size, encode, run_extract  # noqa: E402
-from stages.images import decode_rgb, preprocess  # noqa: E402
-from stages.noise_model import load_noise_model, make_test_model  # noqa: E402
+from stages.domain.images import decode_rgb, preprocess  # noqa: E402
+from stages.domain.noise_model import encode, load_noise_model, make_test_model  # noqa: E402
+from stages.extract import ExtractOptions, auto_batch_size, run_extract  # noqa: E402
 from stages.shard import run_shard  # noqa: E402
 
 UNETS = {
@@ -156,7 +156,7 @@ def training_rates(cache, size: int, batch: int, samples: int, device, png_dir: 
     import torchvision
     from torch.utils.data import DataLoader
 
-    from stages.classifier import build_resnet50, classifier_input
+    from stages.domain.detector import build_resnet50, classifier_input
     from storage.feature_dataset import CacheDataset, cache_index
 
     ds = CacheDataset(cache, cache_index(cache, "train"))

@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.bench import make_jpegs  # noqa: E402
-from stages.noise_model import make_test_model  # noqa: E402
+from stages.domain.noise_model import make_test_model  # noqa: E402
 from stages.shard import run_shard  # noqa: E402
 
 

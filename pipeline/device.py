@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from storage.errors import OptionError
+
 DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -14,7 +16,7 @@ def resolve_precision(name: str, device: torch.device) -> str:
     if name == "auto":
         name = "fp32"
     if name not in PRECISIONS:
-        raise ValueError(f"--precision {name!r}: choose auto, fp32, bf16 or fp16")
+        raise OptionError(f"--precision {name!r}: choose auto, fp32, bf16 or fp16")
     if name == "fp32" and device.type == "cuda":
         torch.backends.cudnn.allow_tf32 = False
         torch.backends.cuda.matmul.allow_tf32 = False
@@ -31,7 +33,7 @@ def resolve_device(name: str = "auto") -> torch.device:
         return torch.device("cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: no CUDA GPU is visible here; use --device auto or cpu")
+        raise OptionError(f"--device {name}: no CUDA GPU is visible here; use --device auto or cpu")
     if device.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"--device {name}: MPS is not available here; use --device auto or cpu")
+        raise OptionError(f"--device {name}: MPS is not available here; use --device auto or cpu")
     return device

@@ -8,12 +8,14 @@ import os
 
 import torch
 
+from storage.errors import OptionError
+
 
 def worker_identity(index: int | None = None, count: int | None = None) -> tuple[int, int]:
     """(index, count) from the options, else torchrun's RANK / WORLD_SIZE, else a Slurm array's
     task id and count, else (0, 1)."""
     if (index is None) != (count is None):
-        raise ValueError("--worker-index and --num-workers go together")
+        raise OptionError("--worker-index and --num-workers go together")
     if index is not None and count is not None:
         pass
     elif "RANK" in os.environ and "WORLD_SIZE" in os.environ:
@@ -25,7 +27,7 @@ def worker_identity(index: int | None = None, count: int | None = None) -> tuple
     else:
         index, count = 0, 1
     if not 0 <= index < count:
-        raise ValueError(f"--worker-index {index} must lie in 0..{count - 1} (--num-workers {count})")
+        raise OptionError(f"--worker-index {index} must lie in 0..{count - 1} (--num-workers {count})")
     return index, count
 
 

@@ -30,6 +30,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from storage.errors import OptionError
+
 HEARTBEAT_S = 10.0
 STALE_S = 120.0
 CLAIM_MODES = ("auto", "flock", "heartbeat")
@@ -140,7 +142,7 @@ class ShardQueue:
     def __init__(self, claims_dir: Path, num_shards: int, is_done: Callable[[int], bool],
                  mode: str = "auto", stale_s: float | None = None, heartbeat_s: float = HEARTBEAT_S):
         if mode not in CLAIM_MODES:
-            raise ValueError(f"--claims {mode}: one of {', '.join(CLAIM_MODES)}")
+            raise OptionError(f"--claims {mode}: one of {', '.join(CLAIM_MODES)}")
         self.claims_dir = Path(claims_dir)
         self.num_shards = num_shards
         self.is_done = is_done

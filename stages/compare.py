@@ -5,13 +5,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from storage.errors import UserError
+
 METRICS = ("acc", "ap", "auc")
 
 
 def load_report(folder: Path) -> dict:
+    """An eval folder's report.json."""
     path = Path(folder) / "report.json"
     if not path.exists():
-        raise FileNotFoundError(f"{path}: no eval report there; run `dnf-pipeline eval` first")
+        raise UserError(f"{path}: no eval report there; run `dnf-pipeline eval` first")
     return json.loads(path.read_text())
 
 

@@ -8,12 +8,11 @@ from pathlib import Path
 
 import torch
 
-from pipeline.config import FeatureConfig
 from pipeline.device import resolve_device, resolve_precision
-from stages.classifier import classifier_input, load_checkpoint
-from stages.extract import encode
-from stages.images import DecodeError, decode_rgb, preprocess
-from stages.noise_model import ModelError, load_noise_model
+from stages.domain.detector import Detector
+from stages.domain.images import DecodeError, decode_rgb, preprocess
+from stages.domain.noise_model import ModelError, encode, load_noise_model
+from storage.cache_config import FeatureConfig
 
 REFERENCE_FEATURE = {"size": 256, "timestep": 0, "encoding": "reference"}
 
@@ -36,9 +35,8 @@ def run_detect(inputs: list[Path], model_path: Path, checkpoint: Path, device: s
                batch_size: int = 16, threshold: float = 0.5) -> list[dict]:
     """One result per image: path, probability of being generated, verdict (or the error)."""
     dev = resolve_device(device)
-    detector, meta = load_checkpoint(checkpoint)
-    detector.to(dev)
-    feature = meta.get("feature", REFERENCE_FEATURE)
+    detector = Detector.from_checkpoint(checkpoint, dev)
+    feature = detector.meta.get("feature", REFERENCE_FEATURE)
     noise_model = load_noise_model(model_path, dev, resolve_precision(feature.get("precision", "fp32"), dev))
     config = FeatureConfig(**{**feature, "model_fingerprint": noise_model.fingerprint})
     expected = feature.get("model_fingerprint")
@@ -52,7 +50,7 @@ def run_detect(inputs: list[Path], model_path: Path, checkpoint: Path, device: s
             return
         x = torch.stack([t for _, t in batch]).to(dev)
         dnf = encode(noise_model.features(x, config), config.encoding)
-        probs = torch.sigmoid(detector(classifier_input(dnf)).float().squeeze(1)).cpu().tolist()
+        probs = detector.probabilities(dnf).tolist()
         for (res, _), p in zip(batch, probs, strict=True):
             res.update(probability=round(p, 6), verdict="generated" if p > threshold else "real")
         batch.clear()

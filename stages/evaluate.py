@@ -12,30 +12,30 @@ import csv
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from pipeline.config import describe_differences
 from pipeline.device import resolve_device
-from stages.classifier import load_checkpoint
-from stages.plots import curves_png, robustness_png
-from stages.train import binary_metrics, predict
+from stages.domain.detector import Detector, predict
+from stages.domain.metrics import binary_metrics
+from stages.domain.plots import curves_png, robustness_png
 from storage.atomic import write_bytes_atomic, write_json_atomic
-from storage.cache_folder import CacheError, find_cache, perturbed_siblings
+from storage.cache_config import CacheConfig, describe_differences
+from storage.cache_folder import CacheError, FeatureCache
+from storage.caches import find_cache, perturbed_siblings
 from storage.feature_dataset import cache_index
 from storage.run import Run
 
 METRIC_COLUMNS = ("n_real", "n_fake", "acc", "ap", "auc", "real_acc", "fake_acc")
 
 
-def check_feature_match(checkpoint: Path, meta: dict, cache_config: dict, cache_root: Path) -> str:
+def check_feature_match(checkpoint: Path, meta: dict, cache_config: CacheConfig, cache_root: Path) -> str:
     """Refuse a cache of other features than the checkpoint's; a note for reference checkpoints."""
     if "feature" not in meta:
-        enc = cache_config["feature"]["encoding"]
+        enc = cache_config.feature.encoding
         if enc != "reference":
             raise CacheError(f"{checkpoint} is a reference-format checkpoint (trained on the reference "
                              f"encoding) but {cache_root} holds {enc!r} features")
         return "reference checkpoint: no feature config recorded; assumes the reference encoding"
-    diff = describe_differences(meta["feature"], cache_config["feature"])
+    diff = describe_differences(meta["feature"], cache_config.feature.to_json())
     if diff:
         raise CacheError(f"{checkpoint} was trained on other features than {cache_root} holds:\n  "
                          + "\n  ".join(d.replace("(cache)", "(checkpoint)").replace("(now)", "(cache)")
@@ -92,14 +92,14 @@ def report_markdown(rep: dict, title: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def predict_to_csv(model, cache, split: str, paths: dict[str, str], dev: torch.device, batch_size: int,
-                   workers: int, csv_path: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
+def predict_to_csv(detector: Detector, cache: FeatureCache, split: str, paths: dict[str, str],
+                   batch_size: int, workers: int, csv_path: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Predict every cached sample of `split`, write the CSV; return (labels, probabilities as
     written, sources) so metrics can be recomputed from the file."""
     index = cache_index(cache, split)
     if len(index) == 0:
         raise CacheError(f"{cache.root}: no cached samples in split {split!r}")
-    probs = predict(model, cache, index, dev, batch_size, workers)
+    probs = predict(detector, cache, index, batch_size, workers)
     lines = [["key", "path", "source", "label", "probability"]]
     lines += [[k, paths.get(k, ""), s, int(y), f"{p:.6f}"]
               for k, s, y, p in zip(index.keys, index.sources, index.labels, probs, strict=True)]
@@ -151,6 +151,18 @@ def robustness_markdown(rep: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def write_report(out: Path, rep: dict, title: str) -> None:
+    """report.json and report.md (the tables, then the plots) into `out`."""
+    write_json_atomic(out / "report.json", rep)
+    md = report_markdown(rep, title)
+    if "cross_generator" in rep:
+        md += cross_generator_markdown(rep["cross_generator"])
+    if rep["perturbations"]:
+        md += robustness_markdown(rep)
+    md += "".join(f"\n![{k}]({v})\n" for k, v in rep["plots"].items())
+    write_bytes_atomic(out / "report.md", md.encode())
+
+
 def run_eval(run_dir: Path, checkpoint: Path, split: str = "test", name: str | None = None,
              feature_id: str | None = None, batch_size: int = 64, workers: int = 2,
              device: str = "auto") -> dict:
@@ -158,29 +170,25 @@ def run_eval(run_dir: Path, checkpoint: Path, split: str = "test", name: str | N
     write predictions*.csv, report.json and report.md."""
     run = Run(run_dir)
     run.info()
-    model, meta = load_checkpoint(checkpoint)
+    detector = Detector.from_checkpoint(checkpoint, resolve_device(device))
+    meta = detector.meta
     cache = find_cache(run.cache_root, feature_id or meta.get("feature_id"))
-    cache_config = cache.config()
-    note = check_feature_match(checkpoint, meta, cache_config, cache.root)
-    dev = resolve_device(device)
-    model.to(dev)
-    if dev.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+    config = cache.config()
+    note = check_feature_match(checkpoint, meta, config, cache.root)
     paths = {e.key: e.path for e in run.entries()}
     name = name or f"{Path(checkpoint).parent.name}-{split}"
     out = run.root / "eval" / name
     out.mkdir(parents=True, exist_ok=True)
-    labels, probs, sources = predict_to_csv(model, cache, split, paths, dev, batch_size, workers,
+    labels, probs, sources = predict_to_csv(detector, cache, split, paths, batch_size, workers,
                                             out / "predictions.csv")
     rep = report(labels, probs, sources)
     rep["perturbations"] = {}
-    for sibling in perturbed_siblings(run.cache_root, cache_config["feature"], cache.backend):
-        spec = sibling.config()["feature"]["perturb"]
+    for sibling in perturbed_siblings(run.cache_root, config.feature, cache.backend):
+        spec = sibling.config().feature.perturb
         csv_path = out / f"predictions_{spec.replace(':', '_')}.csv"
-        rep["perturbations"][spec] = report(*predict_to_csv(model, sibling, split, paths, dev, batch_size,
+        rep["perturbations"][spec] = report(*predict_to_csv(detector, sibling, split, paths, batch_size,
                                                             workers, csv_path))
-    rep.update({"checkpoint": str(checkpoint), "split": split, "feature_id": cache_config["feature_id"],
-                "note": note})
+    rep.update({"checkpoint": str(checkpoint), "split": split, "feature_id": config.feature_id, "note": note})
     trained_on = (meta.get("train") or {}).get("options", {}).get("sources") or []
     if trained_on:
         rep["cross_generator"] = cross_generator(rep, trained_on)
@@ -190,13 +198,6 @@ def run_eval(run_dir: Path, checkpoint: Path, split: str = "test", name: str | N
     if rep["perturbations"]:
         rep["plots"]["robustness"] = robustness_png(rep["overall"]["acc"], rep["perturbations"],
                                                     out / "robustness.png").name
-    write_json_atomic(out / "report.json", rep)
-    md = report_markdown(rep, f"{name}: {Path(checkpoint).name} on {split} ({cache_config['feature_id']})")
-    if trained_on:
-        md += cross_generator_markdown(rep["cross_generator"])
-    if rep["perturbations"]:
-        md += robustness_markdown(rep)
-    md += "".join(f"\n![{k}]({v})\n" for k, v in rep["plots"].items())
-    write_bytes_atomic(out / "report.md", md.encode())
+    write_report(out, rep, f"{name}: {Path(checkpoint).name} on {split} ({config.feature_id})")
     return {"out": str(out), **{k: rep["overall"][k] for k in ("n", "acc", "ap", "auc")}, "note": note,
             "perturbations": list(rep["perturbations"])}

@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from storage.cache_folder import CacheError, find_cache
+from storage.cache_folder import CacheError
+from storage.caches import find_cache
 from storage.feature_dataset import cache_index
 from storage.run import Run
 
@@ -25,15 +26,16 @@ def relative_name(path: str, roots: list[str]) -> Path:
 
 
 def run_export_png(run_dir: Path, out: Path, feature_id: str | None = None) -> dict:
+    """Write every cached DNF of a reference-encoded cache as a PNG, in the input folders' tree."""
     run = Run(run_dir)
     info = run.info()
     cache = find_cache(run.cache_root, feature_id)
     config = cache.config()
-    if config["feature"]["encoding"] != "reference":
+    if config.feature.encoding != "reference":
         raise CacheError(f"{cache.root} holds raw float16 features, which have no PNG form; "
                          f"extract with --encoding reference to export")
     paths = {e.key: e.path for e in run.entries()}
-    roots = info.get("roots") or []
+    roots = list(info.roots)
     dnf = cache.row_reader()
     written = 0
     for split in sorted({e.split for e in run.entries()}):
@@ -43,4 +45,4 @@ def run_export_png(run_dir: Path, out: Path, feature_id: str | None = None) -> d
             target.parent.mkdir(parents=True, exist_ok=True)
             Image.fromarray(np.ascontiguousarray(dnf[int(row)].transpose(1, 2, 0))).save(target)
             written += 1
-    return {"out": str(out), "images": written, "feature_id": config["feature_id"]}
+    return {"out": str(out), "images": written, "feature_id": config.feature_id}

@@ -14,7 +14,7 @@ import hashlib
 import os
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -22,29 +22,20 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 import pipeline
-from pipeline.config import FeatureConfig
 from pipeline.device import resolve_device, resolve_precision
 from pipeline.distributed import local_device, my_order, worker_identity
 from pipeline.progress import Progress
 from pipeline.queue import Claim, ShardQueue
 from pipeline.signals import StopFlag, graceful_stop
-from stages.images import DecodeError, decode_rgb, preprocess
-from stages.noise_model import NoiseModel, load_noise_model
-from stages.perturb import perturb
-from stages.shard import DEFAULT_MAX_PIXELS
-from storage.cache_folder import NOT_CACHED, CacheError, FeatureCache, folder_name, new_cache, shard_checksum
+from stages.domain.image_limits import DEFAULT_MAX_PIXELS
+from stages.domain.images import DecodeError, decode_rgb, preprocess
+from stages.domain.noise_model import NoiseModel, encode, load_noise_model
+from stages.domain.perturb import perturb
+from storage.cache_config import CacheConfig, DoneMarker, FeatureConfig, ManifestRef
+from storage.cache_folder import NOT_CACHED, CacheError, FeatureCache, shard_checksum
+from storage.caches import folder_name, new_cache
 from storage.packed_images import PackReader, pack_path
 from storage.run import Entry, Run, RunError, within_roots
-
-
-def encode(eps: torch.Tensor, encoding: str) -> torch.Tensor:
-    """eps to the stored form: `reference` is exactly torchvision's save_image quantisation
-    (`eps * 255 + 0.5`, clamped to [0, 255], truncated to uint8); `raw` is float16."""
-    if encoding == "reference":
-        return eps.mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8)
-    if encoding == "raw":
-        return eps.to(torch.float16)
-    raise ValueError(f"unknown encoding {encoding!r}")
 
 
 def read_checked(entry: Entry, roots: list[str] | None = None) -> bytes:
@@ -167,26 +158,18 @@ def open_cache(run: Run, model: NoiseModel, opts: ExtractOptions,
                batch_size: int = 0) -> tuple[FeatureCache, FeatureConfig]:
     """The run's cache for these options, created or checked against the existing one."""
     info = run.info()
-    if info["images"] == 0:
-        raise RunError(f"{run.root}: the manifest has no images ({info['rejects']} rejected; see "
+    if info.images == 0:
+        raise RunError(f"{run.root}: the manifest has no images ({info.rejects} rejected; see "
                        f"{run.rejects_path})")
     feature = opts.feature(model.fingerprint, model.precision)
     cache = new_cache(opts.cache_root(run, feature.feature_id), opts.backend)
-    config = {
-        "feature_id": feature.feature_id,
-        "feature": feature.to_json(),
-        "backend": cache.backend,
-        "dtype": feature.dtype,
-        "channels": feature.channels,
-        "manifest": {"fingerprint": run.manifest_fingerprint(), "images": info["images"],
-                     "shard_size": info["shard_size"], "num_shards": info["num_shards"]},
+    config = CacheConfig(
+        feature=feature, backend=cache.backend, channels=feature.channels,
+        manifest=ManifestRef(run.manifest_fingerprint(), info.images, info.shard_size, info.num_shards),
         # batch_size: the first run's, reused by resumed runs with --batch-size 0, since the batch
         # composition moves eps in the last bits and a resumed cache should equal an uninterrupted one
-        "about": {"model_path": model.path, "tool_version": pipeline.__version__,
-                  "batch_size": batch_size},
-    }
-    cache.open_or_create(config, info["images"], info["shard_size"], opts.size, feature.dtype,
-                         feature.channels)
+        about={"model_path": model.path, "tool_version": pipeline.__version__, "batch_size": batch_size})
+    cache.open_or_create(config)
     return cache, feature
 
 
@@ -216,14 +199,14 @@ class ShardWriter:
         self.thread: threading.Thread | None = None
         self.error: BaseException | None = None
 
-    def _write(self, shard_id: int, start: int, arrays: tuple, marker: dict, claim: Claim) -> None:
+    def _write(self, shard_id: int, start: int, arrays: tuple, marker: DoneMarker, claim: Claim) -> None:
         try:
-            self.cache.write_shard(start, *arrays)
+            index = self.cache.write_shard(start, *arrays)
             claim.refresh()
             if claim.lost:  # another worker took the shard over while this one was stalled
                 raise CacheError(f"shard {shard_id:05d}: the claim was taken over by another worker "
                                  f"after this one's heartbeat went stale; that worker finishes the shard")
-            self.cache.mark_done(shard_id, marker)
+            self.cache.mark_done(replace(marker, index=index))
         except OSError as e:
             self.error = CacheError(
                 f"shard {shard_id:05d}: writing to {self.cache.root} failed: {e.strerror or e}. "
@@ -234,7 +217,7 @@ class ShardWriter:
         finally:
             claim.release()
 
-    def submit(self, shard_id: int, start: int, arrays: tuple, marker: dict, claim: Claim) -> None:
+    def submit(self, shard_id: int, start: int, arrays: tuple, marker: DoneMarker, claim: Claim) -> None:
         self.wait()
         self.thread = threading.Thread(target=self._write, args=(shard_id, start, arrays, marker, claim),
                                        name=f"write-shard-{shard_id}", daemon=True)
@@ -258,11 +241,11 @@ class ShardJob:
         self.shard_id, self.claim = shard_id, claim
         self.entries = run.shard_entries(shard_id)
         info = run.info()
-        self.start = shard_id * info["shard_size"]
+        self.start = info.shard_start(shard_id)
         workers = min(opts.num_workers(device), -(-len(self.entries) // batch_size))
         packed = pack_path(run.root, shard_id)
         loader = DataLoader(
-            ShardImages(self.entries, opts.size, opts.max_pixels, info.get("roots"),
+            ShardImages(self.entries, opts.size, opts.max_pixels, list(info.roots) or None,
                         gpu_jpeg=opts.gpu_decode and device.type == "cuda", perturbation=opts.perturb,
                         pack=PackReader(packed) if packed.exists() else None),
             batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=_collate,
@@ -271,7 +254,7 @@ class ShardJob:
 
 
 def compute_shard(job: ShardJob, model: NoiseModel, feature: FeatureConfig, progress: Progress,
-                  stop: StopFlag, on_first_batch) -> tuple[tuple, dict]:
+                  stop: StopFlag, on_first_batch) -> tuple[tuple, DoneMarker]:
     """Run the model over a shard's batches; return (arrays to write, done marker)."""
     entries, n, size = job.entries, len(job.entries), feature.size
     dnf = np.zeros((n, feature.channels, size, size), dtype=feature.dtype)
@@ -291,14 +274,9 @@ def compute_shard(job: ShardJob, model: NoiseModel, feature: FeatureConfig, prog
         stop.check()
     keys = [e.key for e in entries]
     arrays = (dnf, labels, [e.split for e in entries], [e.source for e in entries], keys)
-    marker = {
-        "shard": job.shard_id,
-        "rows": [job.start, job.start + n],
-        "count": n,
-        "cached": int((labels != NOT_CACHED).sum()),
-        "rejected": rejected,
-        "checksum": shard_checksum(dnf, labels, keys),
-    }
+    marker = DoneMarker(shard=job.shard_id, rows=(job.start, job.start + n), count=n,
+                        cached=int((labels != NOT_CACHED).sum()), rejected=tuple(rejected),
+                        checksum=shard_checksum(dnf, labels, keys))
     return arrays, marker
 
 
@@ -313,14 +291,14 @@ def run_extract(run_dir: Path, opts: ExtractOptions) -> dict:
     model.check_size(opts.size)
     existing = new_cache(opts.cache_root(run, opts.feature(model.fingerprint, model.precision).feature_id),
                          opts.backend)
-    recorded = existing.config()["about"].get("batch_size", 0) if existing.exists() else 0
+    recorded = existing.config().about.get("batch_size", 0) if existing.exists() else 0
     batch_size = opts.batch_size or recorded or auto_batch_size(model, opts.size)
     cache, feature = open_cache(run, model, opts, batch_size)
-    queue = ShardQueue(cache.claims_dir, info["num_shards"], lambda s: cache.done_path(s).exists(),
+    queue = ShardQueue(cache.claims_dir, info.num_shards, lambda s: cache.done_path(s).exists(),
                        mode=opts.claims)
     for shard_id in opts.redo:
-        if not 0 <= shard_id < info["num_shards"]:
-            raise RunError(f"--redo {shard_id}: the run has shards 0 to {info['num_shards'] - 1}")
+        if not 0 <= shard_id < info.num_shards:
+            raise RunError(f"--redo {shard_id}: the run has shards 0 to {info.num_shards - 1}")
         with queue.try_claim(shard_id) as claimed:
             if not claimed:
                 raise CacheError(f"--redo {shard_id}: another process is working on that shard")
@@ -370,8 +348,9 @@ def run_extract(run_dir: Path, opts: ExtractOptions) -> dict:
                 for j in (job, ahead):
                     if j is not None and j.shard_id not in done_now:
                         j.claim.release()
-    images = sum(cache.done_marker(s)["cached"] for s in done_now)
-    rejected = sum(len(cache.done_marker(s)["rejected"]) for s in done_now)
+    markers = [cache.done_marker(s) for s in done_now]
+    images = sum(m.cached for m in markers)
+    rejected = sum(len(m.rejected) for m in markers)
     elapsed = time.perf_counter() - t0
     return {
         "cache": str(cache.root),
@@ -380,8 +359,8 @@ def run_extract(run_dir: Path, opts: ExtractOptions) -> dict:
         "worker": f"{worker + 1}/{workers_total}",
         "precision": precision,
         "batch_size": batch_size,
-        "shards_total": info["num_shards"],
-        "shards_done_before": info["num_shards"] - len(pending),
+        "shards_total": info.num_shards,
+        "shards_done_before": info.num_shards - len(pending),
         "shards_done_now": len(done_now),
         "shards_left_to_others": len(skipped),
         "images": images,

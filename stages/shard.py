@@ -20,19 +20,19 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 
 import pipeline
+from stages.domain.image_limits import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from storage.atomic import read_jsonl
+from storage.errors import UserError
 from storage.packed_images import pack_path, write_pack
-from storage.run import Entry, Run, RunError, within_roots
+from storage.run import Entry, Run, RunError, RunInfo, within_roots
 
 SPLIT_NAMES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
 REAL_NAMES = {"0_real", "real", "nature"}
 FAKE_NAMES = {"1_fake", "fake", "ai"}
 LIST_SUFFIXES = {".csv", ".jsonl"}
-DEFAULT_MAX_PIXELS = 8192 * 8192
-DEFAULT_MAX_BYTES = 256 * 1024 * 1024
 
 
-class ShardError(RuntimeError):
+class ShardError(UserError, RuntimeError):
     """Inputs that cannot be sharded as a whole (missing input, conflicting labels)."""
 
 
@@ -290,33 +290,26 @@ def run_shard(inputs: list[Path], run_dir: Path, shard_size: int = 1024, label: 
     candidates = collect(inputs, label=label, source=source, split=split)
     entries, rejects, duplicates = build_manifest(candidates, workers, max_pixels, max_bytes)
     shards = [entries[i:i + shard_size] for i in range(0, len(entries), shard_size)]
-    info = {
-        "tool": "dnf-pipeline",
-        "version": pipeline.__version__,
-        "inputs": sorted(os.path.abspath(p) for p in inputs),
-        "roots": input_roots(inputs),
-        "options": {"label": label, "source": source, "split": split,
-                    "max_pixels": max_pixels, "max_bytes": max_bytes},
-        "shard_size": shard_size,
-        "num_shards": len(shards),
-        "images": len(entries),
-        "files": len(candidates),
-        "rejects": len(rejects),
-        "duplicates": len(duplicates),
-    }
+    info = RunInfo(
+        tool="dnf-pipeline", version=pipeline.__version__,
+        inputs=tuple(sorted(os.path.abspath(p) for p in inputs)), roots=tuple(input_roots(inputs)),
+        options={"label": label, "source": source, "split": split, "max_pixels": max_pixels,
+                 "max_bytes": max_bytes},
+        shard_size=shard_size, num_shards=len(shards), images=len(entries), files=len(candidates),
+        rejects=len(rejects), duplicates=len(duplicates))
     run = Run(run_dir)
     if run.run_json.exists():
         old = run.info()
-        same = old.get("num_shards") == len(shards) and all(
+        same = old.num_shards == len(shards) and all(
             run.shard_path(i).exists() and run.shard_entries(i) == s for i, s in enumerate(shards))
         if not same:
             raise RunError(
-                f"{run.root} already holds a manifest of other inputs ({old.get('images')} images in "
-                f"{old.get('num_shards')} shards, now {len(entries)} in {len(shards)}); its caches "
+                f"{run.root} already holds a manifest of other inputs ({old.images} images in "
+                f"{old.num_shards} shards, now {len(entries)} in {len(shards)}); its caches "
                 f"index those rows. Use a new --run folder.")
     run.write_manifest(shards, rejects, duplicates, info)
     packed = pack_shards(run, shards) if pack else {}
     counts = Counter((e.split, "fake" if e.label else "real", e.source) for e in entries)
-    return {**info, **packed, "counts": [
+    return {**info.to_json(), **packed, "counts": [
         {"split": sp, "label": lab, "source": src, "images": n}
         for (sp, lab, src), n in sorted(counts.items())]}

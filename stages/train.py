@@ -4,6 +4,11 @@ Adam (lr 1e-4, betas 0.9/0.999), BCE-with-logits, random horizontal flip, and CN
 schedule: when validation accuracy has not improved by 0.001 for `patience` epochs, lr /= 10;
 stop once lr < 1e-6 or after `epochs`. Each epoch's randomness (order, flips) derives from
 (seed, epoch), so `--resume` from `last.pt` continues exactly as an uninterrupted run would.
+
+In the shape of torchvision's reference scripts: `prepare_run` checks the cache and the run folder,
+a `TrainData` deals out each epoch's batches (random access or streamed shards), `train_one_epoch`,
+`validate`, a `Schedule` and `save_epoch`; `run_train` is the short loop over them. Under torchrun
+every rank trains on its part of each global batch (DDP), rank 0 validates and writes.
 """
 
 from __future__ import annotations
@@ -19,14 +24,17 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from pipeline.config import describe_differences
 from pipeline.device import resolve_device
 from pipeline.distributed import init_training_group, local_device, rank_positions
 from pipeline.progress import Progress
-from stages.classifier import build_resnet50, classifier_input
+from stages.domain.detector import Detector, build_resnet50, predict
+from stages.domain.metrics import binary_metrics
 from storage.atomic import write_bytes_atomic
-from storage.cache_folder import FeatureCache, find_cache, perturbed_siblings
-from storage.feature_dataset import CacheDataset, CacheIndex, WdsStream, cache_index
+from storage.cache_config import CacheConfig, describe_differences
+from storage.cache_folder import FeatureCache
+from storage.caches import find_cache, perturbed_siblings
+from storage.errors import UserError
+from storage.feature_dataset import CacheDataset, CacheIndex, ShardStream, cache_index
 from storage.run import Run, RunError
 
 MIN_LR = 1e-6
@@ -54,14 +62,17 @@ class TrainOptions:
     max_batches: int = 0  # stop each epoch after this many batches (0: all); for smoke tests
     variants: bool = False  # draw each sample from the clean or a perturbed cache, uniformly
     freeze_bn: bool = False  # BatchNorm uses (and keeps) its running statistics while training
-    shuffle_buffer: int = 1000  # WebDataset caches: samples in each loader worker's shuffle buffer
+    shuffle_buffer: int = 1000  # streamed caches: samples in each loader worker's shuffle buffer
+
+    def recipe(self) -> dict:
+        return {k: getattr(self, k) for k in RECIPE}
 
 
 RECIPE = ("batch_size", "lr", "patience", "seed", "balance", "init_weights", "feature_id", "sources",
           "variants", "freeze_bn", "shuffle_buffer")
 
 
-class TrainError(RuntimeError):
+class TrainError(UserError, RuntimeError):
     """A training run that cannot start or resume as asked."""
 
 
@@ -76,94 +87,36 @@ def epoch_order(labels: np.ndarray, seed: int, epoch: int, balance: bool) -> lis
     return torch.multinomial(weights, n, replacement=True, generator=g).tolist()
 
 
-def random_flip(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Flip the samples whose mask entry is True horizontally."""
-    mask = mask.to(x.device)
-    return torch.where(mask[:, None, None, None], x.flip(-1), x)
-
-
 def flip_mask(seed: int, epoch: int, rows: torch.Tensor) -> torch.Tensor:
     """Per-sample flips of a streamed batch, drawn from (seed, epoch, row): order does not matter."""
     return torch.tensor([np.random.default_rng([seed, epoch, int(r), 11]).random() < 0.5 for r in rows])
 
 
-def autocast(device: torch.device, enabled: bool):
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled and device.type == "cuda")
+# -- the run -----------------------------------------------------------------------------------
+@dataclass
+class TrainSetup:
+    """What `prepare_run` found: the cache, the rows of each split, the variants, the output folder."""
+
+    run: Run
+    cache: FeatureCache
+    config: CacheConfig
+    train_idx: CacheIndex
+    val_idx: CacheIndex
+    variants: list[FeatureCache]
+    out: Path
+
+    @property
+    def last(self) -> Path:
+        return self.out / "last.pt"
 
 
-@torch.inference_mode()
-def predict(model: nn.Module, cache: FeatureCache, index: CacheIndex, device: torch.device,
-            batch_size: int, workers: int, amp: bool = False) -> np.ndarray:
-    """Probabilities of being generated for every row of the index, in order."""
-    model.eval()
-    loader = DataLoader(CacheDataset(cache, index), batch_size=batch_size, shuffle=False,
-                        num_workers=workers, pin_memory=device.type == "cuda")
-    probs = []
-    for x, _ in loader:
-        x = classifier_input(x.to(device, non_blocking=True))
-        if device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
-        with autocast(device, amp):
-            logits = model(x).float().squeeze(1)
-        probs.append(torch.sigmoid(logits).cpu().numpy())
-    return np.concatenate(probs) if probs else np.zeros(0, dtype=np.float32)
-
-
-def binary_metrics(labels: np.ndarray, probs: np.ndarray) -> dict:
-    """Accuracy at 0.5, AP, ROC AUC, real and fake accuracy (scikit-learn), with counts."""
-    from sklearn.metrics import accuracy_score, average_precision_score, roc_auc_score
-
-    labels = np.asarray(labels).astype(int)
-    pred = (np.asarray(probs) > 0.5).astype(int)
-    both = len(np.unique(labels)) == 2
-    real, fake = labels == 0, labels == 1
-    return {
-        "n": int(len(labels)), "n_real": int(real.sum()), "n_fake": int(fake.sum()),
-        "acc": float(accuracy_score(labels, pred)) if len(labels) else None,
-        "ap": float(average_precision_score(labels, probs)) if both else None,
-        "auc": float(roc_auc_score(labels, probs)) if both else None,
-        "real_acc": float(accuracy_score(labels[real], pred[real])) if real.any() else None,
-        "fake_acc": float(accuracy_score(labels[fake], pred[fake])) if fake.any() else None,
-    }
-
-
-def _rng_state() -> dict:
-    return {"torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-
-
-def save_checkpoint(path: Path, model: nn.Module, extra: dict) -> None:
-    """Atomically: a kill while saving leaves the previous checkpoint intact."""
-    import io
-
-    buf = io.BytesIO()
-    torch.save({"model": model.state_dict(), **extra}, buf)
-    write_bytes_atomic(path, buf.getvalue())
-
-
-def stream_steps(dataset: WdsStream, per_rank: int, world: int) -> int | None:
-    """Batches per rank in a streamed epoch: all of them with one process; with several, as many
-    as the rank with the fewest rows can fill (DDP needs every rank to step equally often)."""
-    if world == 1:
-        return None
-    import torch.distributed as dist
-
-    counts = [None] * world
-    dist.all_gather_object(counts, dataset.rank_rows())
-    steps = min(counts) // per_rank
-    if steps == 0:
-        raise TrainError(f"a rank got only {min(counts)} training rows this epoch, fewer than a batch of "
-                         f"{per_rank}: use fewer ranks or a smaller --batch-size (tars are dealt to ranks)")
-    return steps
-
-
-def run_train(run_dir: Path, opts: TrainOptions, resume: bool = False) -> dict:
-    """Train (or resume) `RUN/train/NAME/`; return the final epoch's metrics."""
+def prepare_run(run_dir: Path, opts: TrainOptions, resume: bool) -> TrainSetup:
+    """Find the cache and the split rows, and check that training can start (or resume) as asked."""
     run = Run(run_dir)
     run.info()
     cache = find_cache(run.cache_root, opts.feature_id)
-    cache_config = cache.config()
-    pending = cache_config["manifest"]["num_shards"] - len(cache.done_shards())
+    config = cache.config()
+    pending = config.manifest.num_shards - len(cache.done_shards())
     if pending and not opts.partial:
         raise TrainError(f"{cache.root}: extraction is not finished ({pending} shards pending); "
                          f"run `extract` again, or pass --partial to train on what is there")
@@ -172,168 +125,285 @@ def run_train(run_dir: Path, opts: TrainOptions, resume: bool = False) -> dict:
     if len(train_idx) == 0 or len(np.unique(train_idx.labels)) < 2:
         raise TrainError(f"{cache.root}: the train split needs real and fake images "
                          f"(has {np.bincount(train_idx.labels, minlength=2).tolist()} real/fake)")
-    variants = (perturbed_siblings(run.cache_root, cache_config["feature"], cache.backend)
-                if opts.variants else [])
+    variants = perturbed_siblings(run.cache_root, config.feature, cache.backend) if opts.variants else []
     if opts.variants and not variants:
         raise TrainError(f"--variants: {cache.root} has no perturbed siblings; extract with --perturb")
-    out = run.root / "train" / opts.name
-    last = out / "last.pt"
+    if not cache.random_access and (opts.balance or opts.variants):
+        raise TrainError(f"{cache.root}: --balance and --variants need random access; a {cache.backend} "
+                         f"cache streams (`convert-cache --to zarr` makes a Zarr copy)")
+    setup = TrainSetup(run, cache, config, train_idx, val_idx, variants, run.root / "train" / opts.name)
+    if setup.last.exists() and not resume:
+        raise TrainError(f"{setup.out} already holds a training run; pass --resume to continue it, "
+                         f"or choose another --name")
+    if resume and not setup.last.exists():
+        raise TrainError(f"{setup.last} not found: nothing to resume; drop --resume to start")
+    return setup
+
+
+# -- data ---------------------------------------------------------------------------------------
+class RandomAccessData:
+    """Rows read at random: each epoch's order (a permutation, or balanced draws) dealt out to the
+    ranks batch by batch, with a flip drawn per position of the order."""
+
+    def __init__(self, setup: TrainSetup, opts: TrainOptions, rank: int, world: int, device: torch.device):
+        self.dataset = CacheDataset(setup.cache, setup.train_idx, setup.variants, seed=opts.seed)
+        self.labels = setup.train_idx.labels
+        self.opts, self.rank, self.world, self.device = opts, rank, world, device
+
+    def batches(self, epoch: int) -> tuple[object, int]:
+        """(an iterable of (inputs, labels, flip mask) for this rank, samples over all ranks)."""
+        opts = self.opts
+        self.dataset.set_epoch(epoch)
+        order = epoch_order(self.labels, opts.seed, epoch, opts.balance)
+        if opts.max_batches:
+            order = order[: opts.max_batches * opts.batch_size]
+        flip_g = torch.Generator().manual_seed(opts.seed * 100_003 + 50_000 + epoch)
+        flips = torch.rand(len(order), generator=flip_g) < 0.5
+        mine = rank_positions(len(order), opts.batch_size, self.rank, self.world)
+        per_rank = opts.batch_size // self.world
+        loader = DataLoader(self.dataset, batch_size=per_rank, sampler=[order[p] for p in mine],
+                            num_workers=opts.workers, pin_memory=self.device.type == "cuda",
+                            drop_last=False, persistent_workers=False)
+
+        def batches():
+            for step, (x, y) in enumerate(loader):
+                yield x, y, flips[mine[step * per_rank: step * per_rank + len(y)]]
+        return batches(), len(mine) * self.world
+
+
+class StreamedData:
+    """Whole shards streamed (backends without random access): shards dealt to ranks and loader
+    workers, a shuffle buffer, flips drawn per row; with several ranks, all take as many steps as
+    the rank with the fewest rows can fill."""
+
+    def __init__(self, setup: TrainSetup, opts: TrainOptions, rank: int, world: int, device: torch.device):
+        self.stream = ShardStream(setup.cache, setup.train_idx.rows, setup.train_idx.labels, seed=opts.seed,
+                                  buffer=opts.shuffle_buffer, rank=rank, world=world)
+        self.n = len(setup.train_idx)
+        self.opts, self.world, self.device = opts, world, device
+
+    def steps(self, per_rank: int) -> int | None:
+        """Batches per rank this epoch: all of them with one process, else what every rank can fill."""
+        if self.world == 1:
+            return None
+        import torch.distributed as dist
+
+        counts = [None] * self.world
+        dist.all_gather_object(counts, self.stream.rank_rows())
+        steps = min(counts) // per_rank
+        if steps == 0:
+            raise TrainError(f"a rank got only {min(counts)} training rows this epoch, fewer than a batch "
+                             f"of {per_rank}: use fewer ranks or a smaller --batch-size (shards are dealt "
+                             f"to ranks)")
+        return steps
+
+    def batches(self, epoch: int) -> tuple[object, int]:
+        """(an iterable of (inputs, labels, flip mask) for this rank, samples over all ranks)."""
+        opts = self.opts
+        self.stream.set_epoch(epoch)
+        per_rank = opts.batch_size // self.world
+        steps = self.steps(per_rank)
+        if opts.max_batches:
+            steps = min(steps or opts.max_batches, opts.max_batches)
+        total = self.n if steps is None else steps * per_rank * self.world
+        loader = DataLoader(self.stream, batch_size=per_rank, num_workers=opts.workers,
+                            pin_memory=self.device.type == "cuda")
+
+        def batches():
+            for step, (x, y, rows) in enumerate(loader):
+                if steps is not None and step >= steps:
+                    break
+                yield x, y, flip_mask(opts.seed, epoch, rows)
+        return batches(), total
+
+
+TrainData = RandomAccessData | StreamedData
+
+
+def train_data(setup: TrainSetup, opts: TrainOptions, rank: int, world: int,
+               device: torch.device) -> TrainData:
+    """Random access where the backend offers it, else streamed shards."""
+    kind = RandomAccessData if setup.cache.random_access else StreamedData
+    return kind(setup, opts, rank, world, device)
+
+
+# -- one epoch ----------------------------------------------------------------------------------
+def set_train_mode(model: nn.Module, freeze_bn: bool) -> None:
+    """Training mode; with `freeze_bn`, BatchNorm layers keep using their running statistics."""
+    model.train()
+    if freeze_bn:
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
+
+
+def train_one_epoch(detector: Detector, net: nn.Module, batches, optimizer: torch.optim.Optimizer,
+                    progress: Progress, world: int = 1) -> dict:
+    """One pass over this rank's batches; returns the mean loss, samples (all ranks), seconds and
+    the share of the time spent waiting for data."""
+    loss_fn = nn.BCEWithLogitsLoss()
+    t0, data_wait, losses, seen = time.perf_counter(), 0.0, [], 0
+    t_wait = time.perf_counter()
+    for x, y, mask in batches:
+        data_wait += time.perf_counter() - t_wait
+        seen += len(y) * world
+        y = y.to(detector.device, non_blocking=True).float()
+        loss = loss_fn(detector.logits(detector.inputs(x, flip=mask), net), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()  # DDP averages the gradients over the ranks here
+        optimizer.step()
+        losses.append(loss.item())
+        progress.update(len(y) * world, f"loss {losses[-1]:.4f}")
+        t_wait = time.perf_counter()
+    seconds = time.perf_counter() - t0
+    return {"loss": float(np.mean(losses)), "samples": seen, "seconds": seconds,
+            "data_wait": data_wait / seconds}
+
+
+def validate(detector: Detector, setup: TrainSetup, opts: TrainOptions, rank: int, world: int,
+             loss: float) -> tuple[dict, float]:
+    """Validation metrics (computed on rank 0, shared with every rank) and the training loss
+    averaged over the ranks."""
+    val = {}
+    if rank == 0 and len(setup.val_idx):
+        val = binary_metrics(setup.val_idx.labels,
+                             predict(detector, setup.cache, setup.val_idx, opts.batch_size, opts.workers))
+    if world > 1:  # every rank follows rank 0's schedule decisions
+        import torch.distributed as dist
+
+        box = [val]
+        dist.broadcast_object_list(box, src=0)
+        losses = [None] * world
+        dist.all_gather_object(losses, loss)
+        val, loss = box[0], float(np.mean(losses))
+    return val, loss
+
+
+@dataclass
+class Schedule:
+    """CNNDetection's plateau schedule, as saved in checkpoints (`train.state`)."""
+
+    epoch: int = 0
+    lr: float = 1e-4
+    best_acc: float = -1.0
+    stale: int = 0
+    best_epoch: int | None = None
+
+    def running(self, epochs: int) -> bool:
+        return self.epoch < epochs and self.lr >= MIN_LR
+
+    def end_epoch(self, val_acc: float, patience: int) -> bool:
+        """Record an epoch's validation accuracy; True when it is the best so far. After `patience`
+        epochs without improvement lr /= 10."""
+        improved = val_acc > self.best_acc + IMPROVE_DELTA
+        if improved:
+            self.best_acc, self.stale, self.best_epoch = val_acc, 0, self.epoch + 1
+        else:
+            self.stale += 1
+        if self.stale >= patience:
+            self.lr, self.stale = self.lr / 10, 0
+        self.epoch += 1
+        return improved
+
+
+# -- checkpoints --------------------------------------------------------------------------------
+def save_checkpoint(path: Path, model: nn.Module, extra: dict) -> None:
+    """Atomically: a kill while saving leaves the previous checkpoint intact."""
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), **extra}, buf)
+    write_bytes_atomic(path, buf.getvalue())
+
+
+def _rng_state() -> dict:
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def load_resume(last: Path, opts: TrainOptions, model: nn.Module,
+                optimizer: torch.optim.Optimizer) -> Schedule:
+    """Model, optimizer and RNG state from `last.pt`; refuses other recipe settings."""
+    ckpt = torch.load(last, map_location="cpu", weights_only=True)
+    diff = describe_differences(ckpt["train"]["recipe"], opts.recipe())
+    if diff:
+        raise TrainError(f"{last} was trained with other settings:\n  " + "\n  ".join(diff))
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    torch.set_rng_state(ckpt["rng"]["torch"])
+    return Schedule(**ckpt["train"]["state"])
+
+
+def save_epoch(setup: TrainSetup, model: nn.Module, optimizer: torch.optim.Optimizer, extra: dict,
+               record: dict, improved: bool) -> None:
+    """Rank 0's end of an epoch: best.pt when validation improved, last.pt (with the optimizer and
+    RNG state for --resume), and a line of metrics.jsonl."""
+    if improved:
+        save_checkpoint(setup.out / "best.pt", model, extra)
+    save_checkpoint(setup.last, model, {**extra, "optimizer": optimizer.state_dict(), "rng": _rng_state()})
+    with open(setup.out / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def epoch_record(epoch: int, lr: float, stats: dict, loss: float, world: int, val: dict, init: str) -> dict:
+    """The metrics.jsonl line of an epoch."""
+    return {"epoch": epoch + 1, "lr": lr, "train_loss": loss, "train_samples": stats["samples"],
+            "train_seconds": round(stats["seconds"], 3),
+            "train_samples_per_s": round(stats["samples"] / stats["seconds"], 2), "ranks": world,
+            "data_wait_fraction": round(stats["data_wait"], 3), **{f"val_{k}": v for k, v in val.items()},
+            "init": init}
+
+
+# -- the loop -----------------------------------------------------------------------------------
+def run_train(run_dir: Path, opts: TrainOptions, resume: bool = False) -> dict:
+    """Train (or resume) `RUN/train/NAME/`; return the final epoch's metrics."""
+    setup = prepare_run(run_dir, opts, resume)
     device = resolve_device(local_device(opts.device))
     rank, world = init_training_group(device)
     if opts.batch_size % world:
         raise TrainError(f"--batch-size {opts.batch_size} must be a multiple of the {world} ranks")
     model = build_resnet50(Path(opts.init_weights) if opts.init_weights else None, seed=opts.seed,
-                           in_channels=cache_config.get("channels", 3))
-    model.to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.Adam(model.parameters(), lr=opts.lr, betas=(0.9, 0.999))
-    state = {"epoch": 0, "lr": opts.lr, "best_acc": -1.0, "stale": 0, "best_epoch": None}
-    recipe = {k: getattr(opts, k) for k in RECIPE}
-    if last.exists() and not resume:
-        raise TrainError(f"{out} already holds a training run; pass --resume to continue it, "
-                         f"or choose another --name")
-    if resume:
-        if not last.exists():
-            raise TrainError(f"{last} not found: nothing to resume; drop --resume to start")
-        ckpt = torch.load(last, map_location="cpu", weights_only=True)
-        diff = describe_differences(ckpt["train"]["recipe"], recipe)
-        if diff:
-            raise TrainError(f"{last} was trained with other settings:\n  " + "\n  ".join(diff))
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        state = ckpt["train"]["state"]
-        torch.set_rng_state(ckpt["rng"]["torch"])
+                           in_channels=setup.config.channels)
+    detector = Detector(model, device, amp=opts.amp)
+    optimizer = torch.optim.Adam(detector.model.parameters(), lr=opts.lr, betas=(0.9, 0.999))
+    schedule = load_resume(setup.last, opts, detector.model, optimizer) if resume else Schedule(lr=opts.lr)
     if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-    net = model
+        setup.out.mkdir(parents=True, exist_ok=True)
+        if not resume:
+            (setup.out / "metrics.jsonl").write_text("")
+    net = detector.model
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
 
-        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    loss_fn = nn.BCEWithLogitsLoss()
-    meta = {"feature": cache_config["feature"], "feature_id": cache_config["feature_id"],
-            "variants": [v.config()["feature"]["perturb"] for v in variants]}
+        net = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
+    data = train_data(setup, opts, rank, world, device)
     init = f"imagenet:{opts.init_weights}" if opts.init_weights else "random (reference)"
-    metrics_path = out / "metrics.jsonl"
-    if not resume and rank == 0:
-        metrics_path.write_text("")
-    stream = cache.backend == "webdataset"
-    if stream and (opts.balance or opts.variants):
-        raise TrainError(f"{cache.root}: --balance and --variants need random access; a WebDataset cache "
-                         f"streams (`convert-cache --to zarr` makes a Zarr copy)")
-    if stream:
-        dataset = WdsStream(cache, train_idx.rows, train_idx.labels, seed=opts.seed,
-                            buffer=opts.shuffle_buffer, rank=rank, world=world)
-    else:
-        dataset = CacheDataset(cache, train_idx, variants, seed=opts.seed)
+    meta = {"feature": setup.config.feature.to_json(), "feature_id": setup.config.feature_id,
+            "variants": [v.config().feature.perturb for v in setup.variants]}
     record = {}
-    while state["epoch"] < opts.epochs and state["lr"] >= MIN_LR:
-        epoch = state["epoch"]
+    while schedule.running(opts.epochs):
+        epoch, lr = schedule.epoch, schedule.lr
         for group in optimizer.param_groups:
-            group["lr"] = state["lr"]
-        dataset.set_epoch(epoch)
-        per_rank = opts.batch_size // world
-        if stream:  # each rank reads its own tars; all ranks take as many steps as the smallest has
-            steps = stream_steps(dataset, per_rank, world)
-            if opts.max_batches:
-                steps = min(steps or opts.max_batches, opts.max_batches)
-            total = len(train_idx) if steps is None else steps * per_rank * world
-            loader = DataLoader(dataset, batch_size=per_rank, num_workers=opts.workers,
-                                pin_memory=device.type == "cuda")
-        else:  # the epoch's order, dealt out to the ranks batch by batch; flips per position
-            order = epoch_order(train_idx.labels, opts.seed, epoch, opts.balance)
-            if opts.max_batches:
-                order = order[: opts.max_batches * opts.batch_size]
-            flip_g = torch.Generator().manual_seed(opts.seed * 100_003 + 50_000 + epoch)
-            flips = torch.rand(len(order), generator=flip_g) < 0.5
-            mine = rank_positions(len(order), opts.batch_size, rank, world)
-            steps, total = None, len(mine) * world
-            loader = DataLoader(dataset, batch_size=per_rank, sampler=[order[p] for p in mine],
-                                num_workers=opts.workers, pin_memory=device.type == "cuda", drop_last=False,
-                                persistent_workers=False)
-        model.train()
-        if opts.freeze_bn:
-            for m in model.modules():
-                if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                    m.eval()
+            group["lr"] = lr
+        batches, total = data.batches(epoch)
+        set_train_mode(detector.model, opts.freeze_bn)
         progress = Progress(total, f"train {opts.name} epoch {epoch + 1}", unit="sample",
                             stream=None if rank == 0 else io.StringIO())
-        t0, data_wait, losses = time.perf_counter(), 0.0, []
-        t_wait = time.perf_counter()
-        seen = 0
-        for step, batch in enumerate(loader):
-            if steps is not None and step >= steps:
-                break
-            data_wait += time.perf_counter() - t_wait
-            if stream:
-                x, y, rows = batch
-                mask = flip_mask(opts.seed, epoch, rows)
-            else:
-                x, y = batch
-                mask = flips[mine[step * per_rank: step * per_rank + len(y)]]
-            seen += len(y) * world
-            x = random_flip(classifier_input(x.to(device, non_blocking=True)), mask)
-            if device.type == "cuda":
-                x = x.contiguous(memory_format=torch.channels_last)
-            y = y.to(device, non_blocking=True).float()
-            with autocast(device, opts.amp):
-                logits = net(x).float().squeeze(1)
-            loss = loss_fn(logits, y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()  # DDP averages the gradients over the ranks here
-            optimizer.step()
-            losses.append(loss.item())
-            progress.update(len(y) * world, f"loss {losses[-1]:.4f}")
-            t_wait = time.perf_counter()
+        stats = train_one_epoch(detector, net, batches, optimizer, progress, world)
         progress.close()
-        train_s = time.perf_counter() - t0
-        mean_loss = float(np.mean(losses))
-        val = {}
-        if rank == 0 and len(val_idx):
-            val = binary_metrics(val_idx.labels, predict(model, cache, val_idx, device, opts.batch_size,
-                                                         opts.workers, opts.amp))
-        if world > 1:  # every rank follows rank 0's schedule decisions; the loss is averaged
-            import torch.distributed as dist
-
-            box = [val]
-            dist.broadcast_object_list(box, src=0)
-            losses_all = [None] * world
-            dist.all_gather_object(losses_all, mean_loss)
-            val, mean_loss = box[0], float(np.mean(losses_all))
-        val_acc = val.get("acc") or 0.0
-        improved = val_acc > state["best_acc"] + IMPROVE_DELTA
-        if improved:
-            state.update(best_acc=val_acc, stale=0, best_epoch=epoch + 1)
-        else:
-            state["stale"] += 1
-        record = {
-            "epoch": epoch + 1, "lr": state["lr"], "train_loss": mean_loss,
-            "train_samples": seen, "train_seconds": round(train_s, 3),
-            "train_samples_per_s": round(seen / train_s, 2), "ranks": world,
-            "data_wait_fraction": round(data_wait / train_s, 3),
-            **{f"val_{k}": v for k, v in val.items()}, "init": init,
-        }
-        if state["stale"] >= opts.patience:
-            state.update(lr=state["lr"] / 10, stale=0)
-        state["epoch"] = epoch + 1
-        extra = {**meta, "train": {"recipe": recipe, "state": state, "init": init,
-                                   "options": asdict(opts)}}
+        val, loss = validate(detector, setup, opts, rank, world, stats["loss"])
+        record = epoch_record(epoch, lr, stats, loss, world, val, init)
+        improved = schedule.end_epoch(val.get("acc") or 0.0, opts.patience)
         if rank == 0:  # checkpoints and metrics come from rank 0 only
-            if improved:
-                save_checkpoint(out / "best.pt", model, extra)
-            save_checkpoint(last, model, {**extra, "optimizer": optimizer.state_dict(),
-                                          "rng": _rng_state()})
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-            progress.write(f"epoch {epoch + 1}: loss {record['train_loss']:.4f}, val acc {val_acc:.4f}, "
-                           f"{record['train_samples_per_s']} samples/s, lr {state['lr']:g}")
+            extra = {**meta, "train": {"recipe": opts.recipe(), "state": asdict(schedule), "init": init,
+                                       "options": asdict(opts)}}
+            save_epoch(setup, detector.model, optimizer, extra, record, improved)
+            progress.write(f"epoch {epoch + 1}: loss {loss:.4f}, val acc {val.get('acc') or 0.0:.4f}, "
+                           f"{record['train_samples_per_s']} samples/s, lr {schedule.lr:g}")
     if world > 1:
         import torch.distributed as dist
 
         dist.barrier()
         dist.destroy_process_group()
-    if not (out / "best.pt").exists():
-        raise RunError(f"{out}: no epoch was trained (epochs={opts.epochs})")
-    return {"out": str(out), "epochs_done": state["epoch"], "best_epoch": state["best_epoch"],
-            "best_val_acc": state["best_acc"], **{k: v for k, v in record.items() if k != "init"}}
+    if not (setup.out / "best.pt").exists():
+        raise RunError(f"{setup.out}: no epoch was trained (epochs={opts.epochs})")
+    return {"out": str(setup.out), "epochs_done": schedule.epoch, "best_epoch": schedule.best_epoch,
+            "best_val_acc": schedule.best_acc, **{k: v for k, v in record.items() if k != "init"}}

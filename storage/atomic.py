@@ -8,6 +8,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from storage.errors import RecordError
+
 
 def fsync_dir(path: Path) -> None:
     """Flush a directory entry (a rename or a new file) to disk."""
@@ -57,7 +59,7 @@ def read_json(path: Path) -> Any:
     try:
         return json.loads(Path(path).read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from e
+        raise RecordError(f"{path}: not valid JSON ({e})") from e
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -71,5 +73,5 @@ def read_jsonl(path: Path) -> list[dict]:
             try:
                 rows.append(json.loads(line))
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: not valid JSON ({e})") from e
+                raise RecordError(f"{path}:{n}: not valid JSON ({e})") from e
     return rows

@@ -1,10 +1,11 @@
 """What every feature cache folder has, whatever its backend (DESIGN.md sec. 4): `config.json`,
 `done/NNNNN.json` markers written last and atomically with a backend-independent checksum, claim
-files beside the folder; and finding the caches of a run.
+files beside the folder; and `FeatureCache`, the interface every backend implements.
 
-Backends: `storage.zarr_cache.ZarrCache` (Zarr v3, the default) and `storage.wds_cache.WdsCache`
-(WebDataset tar shards). Rows of manifest shard i are [i * shard_size, i * shard_size + len(shard));
-a row whose image failed to decode at extract time has label -1 and is listed in its done marker.
+Backends (registered in `storage.caches`): `storage.zarr_cache.ZarrCache` (Zarr v3, the default)
+and `storage.wds_cache.WdsCache` (WebDataset tar shards). Rows of manifest shard i are
+[i * shard_size, i * shard_size + len(shard)); a row whose image failed to decode at extract time
+has label -1 and is listed in its done marker.
 """
 
 from __future__ import annotations
@@ -12,20 +13,21 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import os
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
-from pipeline.config import describe_differences
 from storage.atomic import read_json, write_json_atomic
+from storage.cache_config import CacheConfig, DoneMarker
+from storage.errors import UserError
 
 NOT_CACHED = -1  # label of a row whose image was rejected at extract time
-BACKENDS = ("zarr", "webdataset")
 
 
-class CacheError(RuntimeError):
+class CacheError(UserError, RuntimeError):
     """A cache that cannot be used as asked; the message names the folder and what differs."""
 
 
@@ -50,13 +52,32 @@ def shard_checksum(dnf: np.ndarray, label: np.ndarray, keys: list[str]) -> str:
     return "sha256:" + h.hexdigest()
 
 
-class FeatureCache:
-    """A cache folder: config, done markers, claims; the backend subclass stores the rows."""
+class RowReader(ABC):
+    """Random access to single rows' stored arrays (opened in the process that reads)."""
+
+    @abstractmethod
+    def __getitem__(self, row: int) -> np.ndarray: ...
+
+    def close(self) -> None:  # noqa: B027 (optional: readers without files need not close)
+        """Release open files (readers are also fine to drop)."""
+
+
+class FeatureCache(ABC):
+    """A cache folder: config, done markers, claims (here); the backend subclass stores the rows.
+
+    A backend implements the abstract methods below, sets `backend` (its name in config.json and
+    `--backend`), `folder_suffix` (appended to the feature id to name its folder) and
+    `random_access` (False: training streams whole shards through `iter_shard` instead of reading
+    rows at random), and gets one line in `storage.caches.BACKENDS`.
+    """
 
     backend = ""
+    folder_suffix = ""
+    random_access = True
 
     def __init__(self, root: Path | str):
         self.root = Path(root)
+        self._config: CacheConfig | None = None
 
     @property
     def config_path(self) -> Path:
@@ -77,23 +98,20 @@ class FeatureCache:
     def exists(self) -> bool:
         return self.config_path.exists()
 
-    def config(self) -> dict:
-        if not self.exists():
-            raise CacheError(f"{self.root}: no feature cache here (config.json missing); run `extract`")
-        return read_json(self.config_path)
+    def config(self) -> CacheConfig:
+        """config.json, read once."""
+        if self._config is None:
+            if not self.exists():
+                raise CacheError(f"{self.root}: no feature cache here (config.json missing); run `extract`")
+            self._config = CacheConfig.read(read_json(self.config_path), str(self.config_path))
+        return self._config
 
-    def open_or_create(self, config: dict, num_rows: int, shard_size: int, size: int, dtype: str,
-                       channels: int = 3) -> None:
-        """Create the cache for `config`, or check that the existing one was made with the same.
-
-        `config["about"]` is informational (paths, versions) and never compared.
-        """
+    def open_or_create(self, config: CacheConfig) -> None:
+        """Create the cache for `config`, or check that the existing one was made with the same
+        (`config.about` is informational and never compared)."""
         with file_lock(self.root.parent / f"{self.root.name}.lock"):
             if self.exists():
-                old = self.config()
-                diff = describe_differences(
-                    {k: v for k, v in old.items() if k != "about"},
-                    {k: v for k, v in config.items() if k != "about"})
+                diff = self.config().differences(config)
                 if diff:
                     raise CacheError(
                         f"{self.root} was made with another config; refusing to mix features.\n  "
@@ -101,22 +119,14 @@ class FeatureCache:
                         + "\nUse the settings it was made with, or another cache folder.")
                 return
             self.root.mkdir(parents=True, exist_ok=True)
-            self._create(config, num_rows, shard_size, size, dtype, channels)
-            write_json_atomic(self.config_path, config)  # last: marks the cache as created
+            self._create(config)
+            write_json_atomic(self.config_path, config.to_json())  # last: marks the cache as created
+            self._config = config
 
-    def _create(self, config: dict, num_rows: int, shard_size: int, size: int, dtype: str,
-                channels: int) -> None:
-        raise NotImplementedError
-
-    def done_marker(self, shard_id: int) -> dict | None:
+    def done_marker(self, shard_id: int) -> DoneMarker | None:
         """The shard's done marker, or None while it is not done."""
         path = self.done_path(shard_id)
-        return read_json(path) if path.exists() else None
-
-    def index_arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """label, split, source, key of every row; label -1 for rows without features, including
-        every row of a shard not marked done."""
-        raise NotImplementedError
+        return DoneMarker.read(read_json(path), str(path)) if path.exists() else None
 
     def done_shards(self) -> set[int]:
         """Ids of the shards with a done marker."""
@@ -124,9 +134,9 @@ class FeatureCache:
             return set()
         return {int(p.stem) for p in self.done_dir.glob("*.json") if p.stem.isdigit()}
 
-    def mark_done(self, shard_id: int, marker: dict) -> None:
+    def mark_done(self, marker: DoneMarker) -> None:
         """Written last, atomically: from now on the shard counts as complete."""
-        write_json_atomic(self.done_path(shard_id), marker)
+        write_json_atomic(self.done_path(marker.shard), marker.to_json())
 
     def size_bytes(self) -> int:
         total = 0
@@ -134,70 +144,44 @@ class FeatureCache:
             total += sum(os.path.getsize(os.path.join(dirpath, f)) for f in files)
         return total
 
+    # -- what a backend implements -----------------------------------------------------------
+    @abstractmethod
+    def _create(self, config: CacheConfig) -> None:
+        """Lay out the empty storage for `config` (config.json is written after this)."""
 
-def load_cache(root: Path | str) -> FeatureCache:
-    """The cache folder at `root` as its backend's class (from its config.json)."""
-    from storage.wds_cache import WdsCache
-    from storage.zarr_cache import ZarrCache
+    @abstractmethod
+    def shard_file(self, shard_id: int) -> Path:
+        """The file holding the shard's feature rows (checked by `verify`)."""
 
-    root = Path(root)
-    backend = read_json(root / "config.json").get("backend", "zarr") if (root / "config.json").exists() \
-        else "zarr"
-    return WdsCache(root) if backend == "webdataset" else ZarrCache(root)
+    @abstractmethod
+    def write_shard(self, start: int, dnf: np.ndarray, label: np.ndarray, split: list[str],
+                    source: list[str], key: list[str]) -> dict | None:
+        """Write one manifest shard's rows [start, start + len(dnf)) as one unit. Returns what the
+        done marker must carry for the backend to read the shard back (its `index`), or None."""
 
+    @abstractmethod
+    def read_rows(self, start: int, end: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
+        """dnf, label and keys of rows [start, end) of one written shard, as stored."""
 
-def folder_name(feature_id: str, backend: str) -> str:
-    """A cache's folder under RUN/cache/: the feature id, with `-wds` for WebDataset caches."""
-    return feature_id if backend == "zarr" else f"{feature_id}-wds"
+    @abstractmethod
+    def shard_metadata(self, start: int, end: int) -> tuple[list[str], list[str]]:
+        """split and source of rows [start, end) of one written shard."""
 
+    @abstractmethod
+    def index_arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """label, split, source, key of every row; label -1 for rows without features, including
+        every row of a shard not marked done."""
 
-def new_cache(root: Path | str, backend: str) -> FeatureCache:
-    """An (empty) cache folder object of the given backend."""
-    from storage.wds_cache import WdsCache
-    from storage.zarr_cache import ZarrCache
+    @abstractmethod
+    def row_reader(self) -> RowReader:
+        """Random access to single rows' DNF."""
 
-    if backend not in BACKENDS:
-        raise CacheError(f"--backend {backend}: one of {', '.join(BACKENDS)}")
-    return WdsCache(root) if backend == "webdataset" else ZarrCache(root)
-
-
-def caches_in(cache_root: Path) -> list[FeatureCache]:
-    """Every feature cache folder under a run's `cache/`, by folder name."""
-    if not cache_root.exists():
-        return []
-    return [load_cache(p) for p in sorted(cache_root.iterdir()) if (p / "config.json").exists()]
-
-
-def perturbed_siblings(cache_root: Path, feature: dict, backend: str | None = None) -> list[FeatureCache]:
-    """Caches of the same features as `feature` computed on perturbed images, by perturbation."""
-    out = []
-    for c in caches_in(cache_root):
-        f = c.config()["feature"]
-        if f.get("perturb") and {**f, "perturb": ""} == {**feature, "perturb": ""} \
-                and (backend is None or c.backend == backend):
-            out.append(c)
-    return sorted(out, key=lambda c: c.config()["feature"]["perturb"])
-
-
-def find_cache(cache_root: Path, feature_id: str | None = None, backend: str | None = None) -> FeatureCache:
-    """The cache with this feature id (a prefix will do), or, when none is given, the only cache,
-    or the only clean one among perturbed variants of it. The same features in both backends
-    (after `convert-cache`) resolve to the Zarr one unless `backend` asks for the other."""
-    caches = caches_in(cache_root)
-    if feature_id:
-        caches = [c for c in caches if c.root.name.startswith(feature_id)]
-    if backend:
-        caches = [c for c in caches if c.backend == backend]
-    if len(caches) > 1:
-        clean = [c for c in caches if not c.config()["feature"].get("perturb")]
-        caches = clean if clean else caches
-    if len(caches) > 1 and len({c.config()["feature_id"] for c in caches}) == 1:
-        caches = [c for c in caches if c.backend == "zarr"] or caches
-    if len(caches) == 1:
-        return caches[0]
-    names = ", ".join(c.root.name for c in caches_in(cache_root)) or "none"
-    if not caches:
-        raise CacheError(f"{cache_root}: no feature cache{' ' + feature_id if feature_id else ''}"
-                         f"{' in backend ' + backend if backend else ''} (caches: {names}); "
-                         f"run `extract` first")
-    raise CacheError(f"{cache_root}: several feature caches ({names}); choose one with --feature-id")
+    def iter_shard(self, shard_id: int, rows: set[int]) -> Iterator[tuple[int, np.ndarray]]:
+        """(row, DNF) of the wanted rows of one done shard, in row order: what a training stream
+        reads. This default reads the shard with `read_rows`; a backend may stream instead."""
+        start, end = self.config().shard_rows(shard_id)
+        wanted = [r for r in range(start, end) if r in rows]
+        if wanted:
+            dnf, _, _ = self.read_rows(start, end)
+            for r in wanted:
+                yield r, dnf[r - start]

@@ -1,13 +1,15 @@
-"""The run directory: run.json, manifest shards, rejects and duplicates (DESIGN.md sec. 4)."""
+"""The run directory: run.json (`RunInfo`), manifest shards (`Entry` rows), rejects and duplicates
+(DESIGN.md sec. 4)."""
 
 from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from storage.atomic import read_json, read_jsonl, write_json_atomic, write_jsonl_atomic
+from storage.errors import RecordError, UserError
 
 LABELS = {0: "real", 1: "fake"}
 
@@ -37,7 +39,38 @@ def within_roots(path: str, roots: list[str]) -> bool:
     return False
 
 
-class RunError(RuntimeError):
+@dataclass(frozen=True)
+class RunInfo:
+    """run.json: what was sharded and how, and the manifest's shape; written last by `shard`."""
+
+    shard_size: int
+    num_shards: int
+    images: int
+    files: int
+    rejects: int
+    duplicates: int
+    inputs: tuple[str, ...] = ()
+    roots: tuple[str, ...] = ()
+    options: dict = field(default_factory=dict)
+    version: str = ""
+    tool: str = "dnf-pipeline"
+
+    def shard_len(self, shard_id: int) -> int:
+        """Images in a manifest shard (every shard is full but the last)."""
+        return max(0, min(self.shard_size, self.images - shard_id * self.shard_size))
+
+    def shard_start(self, shard_id: int) -> int:
+        return shard_id * self.shard_size
+
+    @classmethod
+    def from_json(cls, d: dict) -> RunInfo:
+        return cls(**{**d, "inputs": tuple(d.get("inputs", ())), "roots": tuple(d.get("roots", ()))})
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "inputs": list(self.inputs), "roots": list(self.roots)}
+
+
+class RunError(UserError, RuntimeError):
     """A run directory is missing or inconsistent; the message says which file and what to do."""
 
 
@@ -46,6 +79,7 @@ class Run:
 
     def __init__(self, root: Path | str):
         self.root = Path(root)
+        self._info: RunInfo | None = None
 
     # -- paths -------------------------------------------------------------------------------
     @property
@@ -72,22 +106,26 @@ class Run:
         return self.shards_dir / f"{shard_id:05d}.jsonl"
 
     # -- reading -----------------------------------------------------------------------------
-    def info(self) -> dict:
-        """run.json; a clear error when the run was never sharded."""
-        if not self.run_json.exists():
-            raise RunError(
-                f"{self.run_json} not found: {self.root} is not a sharded run; "
-                f"run `dnf-pipeline shard DATA --run {self.root}` first"
-            )
-        return read_json(self.run_json)
+    def info(self) -> RunInfo:
+        """run.json, read once; a clear error when the run was never sharded."""
+        if self._info is None:
+            if not self.run_json.exists():
+                raise RunError(
+                    f"{self.run_json} not found: {self.root} is not a sharded run; "
+                    f"run `dnf-pipeline shard DATA --run {self.root}` first"
+                )
+            try:
+                self._info = RunInfo.from_json(read_json(self.run_json))
+            except TypeError as e:
+                raise RecordError(f"{self.run_json}: not a run.json record ({e})") from e
+        return self._info
 
     def num_shards(self) -> int:
-        return int(self.info()["num_shards"])
+        return self.info().num_shards
 
     def shard_len(self, shard_id: int) -> int:
         """Images in a manifest shard, derived from run.json (every shard is full but the last)."""
-        info = self.info()
-        return max(0, min(info["shard_size"], info["images"] - shard_id * info["shard_size"]))
+        return self.info().shard_len(shard_id)
 
     def shard_entries(self, shard_id: int) -> list[Entry]:
         path = self.shard_path(shard_id)
@@ -114,11 +152,12 @@ class Run:
 
     # -- writing -----------------------------------------------------------------------------
     def write_manifest(self, shards: list[list[Entry]], rejects: list[dict], duplicates: list[dict],
-                       info: dict) -> None:
+                       info: RunInfo) -> None:
         """Write shard files, rejects, duplicates, and run.json last (it marks the manifest complete)."""
         self.shards_dir.mkdir(parents=True, exist_ok=True)
         for i, shard in enumerate(shards):
             write_jsonl_atomic(self.shard_path(i), [e.to_json() for e in shard])
         write_jsonl_atomic(self.rejects_path, rejects)
         write_jsonl_atomic(self.duplicates_path, duplicates)
-        write_json_atomic(self.run_json, info)
+        write_json_atomic(self.run_json, info.to_json())
+        self._info = info

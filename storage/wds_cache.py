@@ -21,11 +21,13 @@ import io
 import json
 import os
 import tarfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
-from storage.cache_folder import NOT_CACHED, CacheError, FeatureCache
+from storage.cache_config import CacheConfig, DoneMarker
+from storage.cache_folder import NOT_CACHED, CacheError, FeatureCache, RowReader
 
 
 def _member(name: str, data: bytes) -> tuple[tarfile.TarInfo, io.BytesIO]:
@@ -47,10 +49,12 @@ class WdsCache(FeatureCache):
     """One feature cache folder of WebDataset tar shards."""
 
     backend = "webdataset"
+    folder_suffix = "-wds"
+    random_access = False  # training streams the tars
 
     def __init__(self, root: Path | str):
         super().__init__(root)
-        self._index: dict[int, dict] = {}  # written shard -> its index, until its marker is written
+        self._written: dict[int, dict] = {}  # shards this object wrote -> their index (read-back)
 
     @property
     def shards_dir(self) -> Path:
@@ -59,17 +63,14 @@ class WdsCache(FeatureCache):
     def shard_file(self, shard_id: int) -> Path:
         return self.shards_dir / f"{shard_id:05d}.tar"
 
-    def _create(self, config: dict, num_rows: int, shard_size: int, size: int, dtype: str,
-                channels: int) -> None:
+    def _create(self, config: CacheConfig) -> None:
         self.shards_dir.mkdir(parents=True, exist_ok=True)
 
-    def _shard_size(self) -> int:
-        return int(self.config()["manifest"]["shard_size"])
-
     def write_shard(self, start: int, dnf: np.ndarray, label: np.ndarray, split: list[str],
-                    source: list[str], key: list[str]) -> None:
-        """Write rows [start, start + len(dnf)) as one tar (temporary name, then renamed)."""
-        shard_id = start // self._shard_size()
+                    source: list[str], key: list[str]) -> dict:
+        """Write rows [start, start + len(dnf)) as one tar (temporary name, then renamed); return
+        the shard's index for its done marker."""
+        shard_id = start // self.config().shard_size
         final = self.shard_file(shard_id)
         for stale in final.parent.glob(f".{final.name}.*.tmp"):  # left by a killed writer
             stale.unlink(missing_ok=True)  # (this worker holds the shard's claim)
@@ -92,32 +93,34 @@ class WdsCache(FeatureCache):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, final)
-        self._index[shard_id] = {
-            "key": list(key), "label": [int(v) for v in label], "split": list(split), "source": list(source),
-            "offset": offset, "size": size,
-        }
+        index = {"key": list(key), "label": [int(v) for v in label], "split": list(split),
+                 "source": list(source), "offset": offset, "size": size}
+        self._written[shard_id] = index
+        return index
 
-    def mark_done(self, shard_id: int, marker: dict) -> None:
-        """The marker with the shard's index (from its write, or already in the marker), written last."""
-        index = self._index.pop(shard_id, None) or marker.get("index")
+    def mark_done(self, marker: DoneMarker) -> None:
+        """The marker, which must carry the shard's index (what `write_shard` returned), written last."""
+        if marker.index is None:
+            raise CacheError(f"{self.root}: shard {marker.shard:05d}: a done marker without the tar's index")
+        self._written.pop(marker.shard, None)
+        super().mark_done(marker)
+
+    def _shard_index(self, shard_id: int) -> dict:
+        index = self._written.get(shard_id)
         if index is None:
-            raise CacheError(f"{self.root}: shard {shard_id:05d} has no written tar to mark done")
-        super().mark_done(shard_id, {**marker, "index": index})
+            marker = self.done_marker(shard_id)
+            if marker is None:
+                raise CacheError(f"{self.root}: shard {shard_id:05d} is not done")
+            index = marker.index
+        return index
 
     # -- reading -----------------------------------------------------------------------------
-    def _row_shape(self) -> tuple[tuple[int, ...], np.dtype]:
-        config = self.config()
-        size = config["feature"]["size"]
-        return (config.get("channels", 3), size, size), np.dtype(config["dtype"])
-
     def read_rows(self, start: int, end: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
         """dnf, label and keys of rows [start, end) of one done shard, rejected rows as zeros."""
-        shard_id = start // self._shard_size()
-        index = self._index.get(shard_id) or (self.done_marker(shard_id) or {}).get("index")
-        if index is None:
-            raise CacheError(f"{self.root}: shard {shard_id:05d} is not done")
-        shape, dtype = self._row_shape()
-        dnf = np.zeros((end - start, *shape), dtype=dtype)
+        config = self.config()
+        shard_id = start // config.shard_size
+        index = self._shard_index(shard_id)
+        dnf = np.zeros((end - start, *config.row_shape()), dtype=config.dtype)
         with open(self.shard_file(shard_id), "rb") as f:
             for j, (offset, size) in enumerate(zip(index["offset"], index["size"], strict=True)):
                 if offset >= 0:
@@ -127,18 +130,18 @@ class WdsCache(FeatureCache):
 
     def shard_metadata(self, start: int, end: int) -> tuple[list[str], list[str]]:
         """split and source of rows [start, end) of a done shard."""
-        index = self.done_marker(start // self._shard_size())["index"]
+        index = self._shard_index(start // self.config().shard_size)
         return list(index["split"]), list(index["source"])
 
     def index_arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """label, split, source, key of every row, from the done markers (label -1 elsewhere)."""
-        n = int(self.config()["manifest"]["images"])
+        n = self.config().manifest.images
         label = np.full(n, NOT_CACHED, dtype=np.int8)
         split, source, key = (np.full(n, "", dtype=object) for _ in range(3))
         for s in self.done_shards():
             marker = self.done_marker(s)
-            a, b = marker["rows"]
-            index = marker["index"]
+            a, b = marker.rows
+            index = marker.index
             label[a:b] = index["label"]
             split[a:b], source[a:b], key[a:b] = index["split"], index["source"], index["key"]
         return label, split, source, key
@@ -146,24 +149,30 @@ class WdsCache(FeatureCache):
     def row_reader(self) -> WdsRowReader:
         return WdsRowReader(self)
 
-    def tar_files(self) -> list[tuple[int, Path]]:
-        """(shard id, tar path) of every done shard, in shard order."""
-        return [(s, self.shard_file(s)) for s in sorted(self.done_shards())]
+    def iter_shard(self, shard_id: int, rows: set[int]) -> Iterator[tuple[int, np.ndarray]]:
+        """(row, DNF) of the wanted rows of one done shard, streamed through its tar in order (what
+        a WebDataset reader of an object store does)."""
+        import webdataset as wds
+
+        for sample in wds.tarfile_samples([{"url": str(self.shard_file(shard_id))}]):
+            row = json.loads(sample["json"])["row"]
+            if row in rows:
+                yield row, np.load(io.BytesIO(sample["dnf.npy"]), allow_pickle=False)
 
 
-class WdsRowReader:
+class WdsRowReader(RowReader):
     """Random access to single rows of a WebDataset cache (pread at the offsets in the markers)."""
 
     def __init__(self, cache: WdsCache):
         self.cache = cache
-        self.shard_size = cache._shard_size()
+        self.shard_size = cache.config().shard_size
         self.fds: dict[int, int] = {}
         self.index: dict[int, dict] = {}
 
     def __getitem__(self, row: int) -> np.ndarray:
         shard, j = divmod(int(row), self.shard_size)
         if shard not in self.index:
-            self.index[shard] = self.cache.done_marker(shard)["index"]
+            self.index[shard] = self.cache.done_marker(shard).index
             self.fds[shard] = os.open(self.cache.shard_file(shard), os.O_RDONLY)
         index = self.index[shard]
         offset = index["offset"][j]

@@ -85,7 +85,7 @@ class RandomWeights(dict):
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
-    from stages.noise_model import make_test_model
+    from stages.domain.noise_model import make_test_model
 
     return make_test_model(tmp_path_factory.mktemp("model") / "tiny", size=32)
 

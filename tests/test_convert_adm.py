@@ -15,9 +15,9 @@ import torch.nn.functional as F
 import zarr
 from conftest import RandomWeights, make_dataset
 
-from stages.convert import convert_model
+from stages.convert_model import convert_model
+from stages.domain.noise_model import ModelError, load_noise_model
 from stages.extract import ExtractOptions, run_extract
-from stages.noise_model import ModelError, load_noise_model
 from stages.shard import run_shard
 
 MC, MULT, R, ATTN_DS, HEAD_CH = 32, (1, 2), 1, (2,), 16

@@ -23,9 +23,9 @@ from PIL import Image
 from torchvision.io import read_image
 from torchvision.utils import save_image
 
-from stages.convert import convert_model, ddim_architecture
+from stages.convert_model import convert_model, ddim_architecture
+from stages.domain.noise_model import ModelError, load_noise_model
 from stages.extract import ExtractOptions, run_extract
-from stages.noise_model import ModelError, load_noise_model
 from stages.shard import run_shard
 from storage.run import Run
 

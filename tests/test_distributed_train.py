@@ -13,7 +13,7 @@ from conftest import ROOT, cli
 from test_reliability import clean  # noqa: F401
 
 from pipeline.distributed import rank_positions
-from stages.classifier import build_resnet50
+from stages.domain.detector import build_resnet50
 
 _ = clean
 ARGS = ["--epochs", "2", "--batch-size", "8", "--workers", "0", "--device", "cpu", "--seed", "3"]

@@ -17,9 +17,9 @@ from conftest import ROOT, cli, image_bytes, make_dataset, write
 from PIL import Image
 from torchvision.utils import save_image
 
+from stages.domain.images import decode_rgb, preprocess
+from stages.domain.noise_model import load_noise_model
 from stages.extract import ExtractOptions, run_extract
-from stages.images import decode_rgb, preprocess
-from stages.noise_model import load_noise_model
 from stages.shard import run_shard
 from storage.cache_folder import CacheError
 from storage.run import Run
@@ -94,13 +94,13 @@ def test_files_that_break_after_shard_are_rejected_not_fatal(tmp_path, tiny_mode
     summary = extract(tmp_path / "run", tiny_model)
     assert summary["images"] == 4 and summary["rejected"] == 2
     cache = ZarrCache(summary["cache"])
-    reasons = sorted(r["reason"].split(":")[0] for s in (0, 1) for r in cache.done_marker(s)["rejected"])
+    reasons = sorted(r["reason"].split(":")[0] for s in (0, 1) for r in cache.done_marker(s).rejected)
     assert reasons == ["changed since `shard`", "missing"]
     labels = cache.open_read()["label"][:]
     assert (labels == -1).sum() == 2
     # accounted for: every manifest row is cached or rejected
     markers = [cache.done_marker(s) for s in (0, 1)]
-    assert sum(m["cached"] + len(m["rejected"]) for m in markers) == 6
+    assert sum(m.cached + len(m.rejected) for m in markers) == 6
 
 
 def _wait_for(path: Path, count: int, proc: subprocess.Popen, timeout: float = 120) -> None:
@@ -138,7 +138,7 @@ def test_kill_and_resume_gives_identical_cache(tmp_path, tiny_model):
 
 @pytest.mark.parametrize("encoding", ["reference", "raw"])
 def test_direct_shard_reader_equals_zarr(tmp_path, tiny_model, encoding):
-    from storage.feature_dataset import ShardChunkReader
+    from storage.zarr_cache import ShardChunkReader
 
     data = make_dataset(tmp_path / "data", per_class=3, splits=("train",))
     run_shard([data], tmp_path / "run", shard_size=4)  # 6 images: the last shard is partial
@@ -158,4 +158,4 @@ def test_resume_reuses_the_recorded_batch_size(tmp_path, tiny_model):
     first = extract(tmp_path / "run", tiny_model, batch_size=3, redo=())
     again = extract(tmp_path / "run", tiny_model, batch_size=0, redo=(0,))  # automatic: the recorded 3
     assert first["batch_size"] == again["batch_size"] == 3
-    assert ZarrCache(first["cache"]).config()["about"]["batch_size"] == 3
+    assert ZarrCache(first["cache"]).config().about["batch_size"] == 3

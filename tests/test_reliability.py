@@ -21,9 +21,9 @@ import zarr.storage
 from conftest import ROOT, cli, image_bytes, make_dataset, write
 from test_extract import cache_files
 
-from pipeline.verify import run_verify
 from stages.extract import ExtractOptions, run_extract
 from stages.shard import run_shard
+from stages.verify import run_verify
 from storage.cache_folder import CacheError
 from storage.run import Run
 
@@ -71,7 +71,7 @@ def accounted(run: Path) -> None:
     """Every manifest row is in the cache or listed as rejected; verify finds nothing wrong."""
     cache = only_cache(run)
     markers = [json.loads(p.read_text()) for p in sorted((cache / "done").glob("*.json"))]
-    assert sum(m["cached"] + len(m["rejected"]) for m in markers) == Run(run).info()["images"]
+    assert sum(m["cached"] + len(m["rejected"]) for m in markers) == Run(run).info().images
     assert run_verify(run)["ok"]
 
 

@@ -13,7 +13,7 @@ import zarr
 from conftest import cli, make_dataset
 from sklearn.metrics import accuracy_score, average_precision_score
 
-from stages.perturb import parse_perturbations, perturb
+from stages.domain.perturb import parse_perturbations, perturb
 from stages.shard import run_shard
 
 SIZE = 32
@@ -109,11 +109,11 @@ def test_plots_cross_generator_and_variants(robust_run):
     assert "## Cross-generator" in md and "![curves](curves.png)" in md
     assert "![robustness](robustness.png)" in md
     # variants are drawn per (seed, epoch, sample): the same sample can come from different caches
-    from storage.cache_folder import find_cache, perturbed_siblings
+    from storage.caches import find_cache, perturbed_siblings
     from storage.feature_dataset import CacheDataset, cache_index
 
     cache = find_cache(robust_run / "cache")
-    siblings = perturbed_siblings(robust_run / "cache", cache.config()["feature"])
+    siblings = perturbed_siblings(robust_run / "cache", cache.config().feature)
     ds = CacheDataset(cache, cache_index(cache, "train"), siblings, seed=0)
     seen = set()
     for epoch in range(6):

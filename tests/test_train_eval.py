@@ -13,7 +13,7 @@ import torch
 from conftest import cli, make_dataset
 from sklearn.metrics import accuracy_score, average_precision_score, roc_auc_score
 
-from stages.classifier import CheckpointError, build_resnet50, load_checkpoint
+from stages.domain.detector import CheckpointError, build_resnet50, load_checkpoint
 from stages.evaluate import run_eval
 from stages.extract import ExtractOptions, run_extract
 from stages.shard import run_shard

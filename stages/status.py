@@ -6,12 +6,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline.queue import ShardQueue
-from storage.cache_folder import FeatureCache, caches_in
+from storage.cache_folder import FeatureCache
+from storage.caches import caches_in
 from storage.packed_images import pack_path
 from storage.run import Run
 
 
 def cache_status(cache: FeatureCache, num_shards: int) -> dict:
+    """One cache's progress: shards done, pending and held by a worker; images; rejects; bytes."""
     done = cache.done_shards()
     queue = ShardQueue(cache.claims_dir, num_shards, lambda s: s in done)
     markers = [cache.done_marker(s) for s in sorted(done)]
@@ -19,31 +21,32 @@ def cache_status(cache: FeatureCache, num_shards: int) -> dict:
     config = cache.config()
     return {
         "cache": str(cache.root),
-        "feature_id": config["feature_id"],
+        "feature_id": config.feature_id,
         "backend": cache.backend,
-        "feature": config["feature"],
-        "model_path": config.get("about", {}).get("model_path"),
+        "feature": config.feature.to_json(),
+        "model_path": config.about.get("model_path"),
         "shards_done": len(done),
         "shards_pending": num_shards - len(done),
         "shards_in_progress": {f"{s:05d}": h for s, h in held.items() if h},
-        "images_cached": sum(m["cached"] for m in markers),
-        "rejected_at_extract": sum(len(m["rejected"]) for m in markers),
+        "images_cached": sum(m.cached for m in markers),
+        "rejected_at_extract": sum(len(m.rejected) for m in markers),
         "bytes": cache.size_bytes(),
     }
 
 
 def run_status(run_dir: Path) -> dict:
+    """The run's manifest counts and every cache's progress."""
     run = Run(run_dir)
     info = run.info()
     return {
         "run": str(run.root),
-        "shards": info["num_shards"],
-        "images": info["images"],
-        "files_seen": info["files"],
-        "rejected_at_shard": info["rejects"],
-        "duplicates": info["duplicates"],
-        "packed": sum(pack_path(run.root, i).exists() for i in range(info["num_shards"])),
-        "caches": [cache_status(c, info["num_shards"]) for c in caches_in(run.cache_root)],
+        "shards": info.num_shards,
+        "images": info.images,
+        "files_seen": info.files,
+        "rejected_at_shard": info.rejects,
+        "duplicates": info.duplicates,
+        "packed": sum(pack_path(run.root, i).exists() for i in range(info.num_shards)),
+        "caches": [cache_status(c, info.num_shards) for c in caches_in(run.cache_root)],
     }
 
 

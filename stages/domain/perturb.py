@@ -10,6 +10,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageFilter
 
+from storage.errors import OptionError
+
 KINDS = {"jpeg": (1, 100), "blur": (0.0, 50.0), "resize": (0.01, 8.0)}
 
 
@@ -19,14 +21,14 @@ def parse_perturbations(text: str) -> list[str]:
     for part in filter(None, (p.strip() for p in text.split(","))):
         kind, _, value = part.partition(":")
         if kind not in KINDS or not value:
-            raise ValueError(f"--perturb {part!r}: expected jpeg:QUALITY, blur:SIGMA or resize:SCALE")
+            raise OptionError(f"--perturb {part!r}: expected jpeg:QUALITY, blur:SIGMA or resize:SCALE")
         low, high = KINDS[kind]
         try:
             number = int(value) if kind == "jpeg" else float(value)
         except ValueError:
-            raise ValueError(f"--perturb {part!r}: {value!r} is not a number") from None
+            raise OptionError(f"--perturb {part!r}: {value!r} is not a number") from None
         if not low <= number <= high or (kind != "jpeg" and number <= 0):
-            raise ValueError(f"--perturb {part!r}: {kind} takes values in ({low}, {high}]")
+            raise OptionError(f"--perturb {part!r}: {kind} takes values in ({low}, {high}]")
         specs.append(f"{kind}:{number:g}" if kind != "jpeg" else f"jpeg:{number}")
     return specs
 

@@ -14,10 +14,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline.device import PRECISIONS
+from storage.errors import UserError
+
 WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 
 
-class ModelError(RuntimeError):
+class ModelError(UserError, RuntimeError):
     """A model folder that cannot be used; the message names the folder and what is missing."""
 
 
@@ -55,8 +58,6 @@ class NoiseModel:
 
     def __init__(self, unet: torch.nn.Module, device: torch.device, fingerprint: str, path: str,
                  precision: str = "fp32", channels_last: bool = True, compile: bool = False):
-        from pipeline.device import PRECISIONS
-
         self.unet = unet.to(device).eval().requires_grad_(False)
         self.channels_last = channels_last
         if channels_last:  # faster convolutions on CPU (oneDNN) and on tensor cores
@@ -126,6 +127,16 @@ class NoiseModel:
         return out[:, :3].float().contiguous()
 
 
+def encode(eps: torch.Tensor, encoding: str) -> torch.Tensor:
+    """eps to the stored form: `reference` is exactly torchvision's save_image quantisation
+    (`eps * 255 + 0.5`, clamped to [0, 255], truncated to uint8); `raw` is float16."""
+    if encoding == "reference":
+        return eps.mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8)
+    if encoding == "raw":
+        return eps.to(torch.float16)
+    raise ValueError(f"unknown encoding {encoding!r}")
+
+
 def load_noise_model(path: Path | str, device: torch.device, precision: str = "fp32",
                      channels_last: bool = True, compile: bool = False) -> NoiseModel:
     """Load a UNet2DModel (or a converted ADM UNet) from a local folder, never from the network."""
@@ -135,7 +146,7 @@ def load_noise_model(path: Path | str, device: torch.device, precision: str = "f
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     model_class = UNet2DModel
     if json.loads((folder / "config.json").read_text()).get("_class_name") == "ADMUNet":
-        from stages.adm import ADMUNet
+        from stages.domain.adm import ADMUNet
 
         model_class = ADMUNet
     try:

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from stages.noise_model import ModelError
+from stages.domain.adm import ADMUNet
+from stages.domain.noise_model import ModelError, model_fingerprint
 from storage.checkpoint_file import read_state_dict
 
 
@@ -138,11 +139,72 @@ def convert_ddim(state: dict[str, torch.Tensor], yaml_config: dict | None):
     return unet, arch["schedule"]
 
 
+# -- adm -----------------------------------------------------------------------------------------
+def adm_config(state: dict[str, torch.Tensor], yaml_config: dict | None) -> dict:
+    """ADMUNet settings from the tensor shapes; heads and image size from the YAML (flags of
+    guided-diffusion's scripts), defaulting to the released 256x256 models' (64 channels per head)."""
+    if "label_emb.weight" in state:
+        raise ModelError("class-conditional ADM checkpoints are not supported: DNF needs an "
+                         "unconditional model (e.g. 256x256_diffusion_uncond.pt)")
+    mc = state["input_blocks.0.0.weight"].shape[0]
+    n_out = len({int(k.split(".")[1]) for k in state if k.startswith("output_blocks.")})
+    # A level ends at the output block that holds an upsampling layer (all but the last level).
+    ups = sorted({int(m.group(1)) for k in state
+                  if (m := re.match(r"output_blocks\.(\d+)\.[12]\.(in_layers|conv)\.", k))})
+    per_level = ups[0] + 1 if ups else n_out
+    levels = n_out // per_level
+    mults, attn_ds = [], []
+    for lv in range(levels):
+        first = (levels - 1 - lv) * per_level  # output blocks run from the deepest level up
+        mults.append(state[f"output_blocks.{first}.0.out_layers.3.weight"].shape[0] // mc)
+        if f"output_blocks.{first}.1.qkv.weight" in state:
+            attn_ds.append(2 ** lv)
+    first_res = "input_blocks.1.0"
+    emb_out = state[f"{first_res}.emb_layers.1.weight"].shape[0]
+    config = {
+        "in_channels": state["input_blocks.0.0.weight"].shape[1],
+        "out_channels": state["out.2.weight"].shape[0], "model_channels": mc,
+        "channel_mult": mults, "num_res_blocks": per_level - 1, "attention_resolutions": attn_ds,
+        "use_scale_shift_norm": emb_out == 2 * state[f"{first_res}.out_layers.3.weight"].shape[0],
+        "resblock_updown": not any(k.endswith(".op.weight") or re.search(r"\.\d+\.conv\.weight$", k)
+                                   for k in state if "blocks." in k),
+        "sample_size": 256, "num_head_channels": 64, "num_heads": 4, "num_heads_upsample": -1,
+        "use_new_attention_order": False,
+    }
+    schedule = {"beta_schedule": "linear", "beta_start": 1e-4, "beta_end": 0.02, "num_train_timesteps": 1000}
+    if yaml_config:
+        flags = yaml_config.get("model", yaml_config)
+        for key in ("num_head_channels", "num_heads", "num_heads_upsample", "use_new_attention_order"):
+            if key in flags:
+                config[key] = flags[key]
+        if "image_size" in flags:
+            config["sample_size"] = int(flags["image_size"])
+        if "attention_resolutions" in flags:
+            resolutions = str(flags["attention_resolutions"]).split(",")
+            given = sorted(config["sample_size"] // int(r) for r in resolutions)
+            if given != sorted(attn_ds):
+                raise ModelError(f"the YAML's attention_resolutions give rates {given}, "
+                                 f"the weights {attn_ds}")
+        if flags.get("noise_schedule", "linear") != "linear":
+            schedule["beta_schedule"] = "squaredcos_cap_v2"
+    return config, schedule
+
+
+def convert_adm(state: dict[str, torch.Tensor], yaml_config: dict | None):
+    """(ADMUNet holding the checkpoint's weights in float32, scheduler settings)."""
+    config, schedule = adm_config(state, yaml_config)
+    model = ADMUNet(**config)
+    try:
+        model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+    except RuntimeError as e:
+        raise ModelError(f"the ADM checkpoint does not fit the inferred architecture {config}: "
+                         f"{str(e).splitlines()[0]}") from e
+    return model, schedule
+
+
 def convert_model(src: Path, out: Path, fmt: str = "auto", config: Path | None = None) -> dict:
     """Convert `src` into a diffusers pipeline folder `out` (unet/ + scheduler/); return a summary."""
     from diffusers import DDPMPipeline, DDPMScheduler
-
-    from stages.noise_model import model_fingerprint
 
     state = load_original(Path(src))
     found = detect_format(state, Path(src))
@@ -156,8 +218,6 @@ def convert_model(src: Path, out: Path, fmt: str = "auto", config: Path | None =
     if found == "ddim":
         unet, schedule = convert_ddim(state, yaml_config)
     else:
-        from stages.adm import convert_adm
-
         unet, schedule = convert_adm(state, yaml_config)
     scheduler = DDPMScheduler(**schedule)
     out = Path(out)

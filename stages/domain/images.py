@@ -15,10 +15,11 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from torchvision.io import ImageReadMode, decode_image
 
-from stages.shard import DEFAULT_MAX_PIXELS
+from stages.domain.image_limits import DEFAULT_MAX_PIXELS
+from storage.errors import UserError
 
 
-class DecodeError(ValueError):
+class DecodeError(UserError, ValueError):
     """An image that cannot be decoded; the message is the reject reason."""
 
 

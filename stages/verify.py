@@ -7,7 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from storage.cache_folder import NOT_CACHED, FeatureCache, caches_in, find_cache, shard_checksum
+from storage.cache_folder import NOT_CACHED, FeatureCache, shard_checksum
+from storage.caches import caches_in, find_cache
 from storage.run import Run
 
 
@@ -16,8 +17,8 @@ def verify_shard(run: Run, cache: FeatureCache, shard_id: int, shard_size: int) 
     marker = cache.done_marker(shard_id)
     entries = run.shard_entries(shard_id)
     start, end = shard_id * shard_size, shard_id * shard_size + len(entries)
-    if marker.get("rows") != [start, end] or marker.get("count") != len(entries):
-        return f"done marker says rows {marker.get('rows')}, the manifest shard has rows [{start}, {end}]"
+    if list(marker.rows) != [start, end] or marker.count != len(entries):
+        return f"done marker says rows {list(marker.rows)}, the manifest shard has rows [{start}, {end}]"
     shard_file = cache.shard_file(shard_id)
     if not shard_file.exists():
         return f"marked done but its data is missing ({shard_file})"
@@ -27,41 +28,45 @@ def verify_shard(run: Run, cache: FeatureCache, shard_id: int, shard_size: int) 
         return f"data unreadable ({type(e).__name__}: {e})"
     if keys != [e.key for e in entries]:
         return "keys differ from the manifest"
-    rejected = {r["key"] for r in marker["rejected"]}
+    rejected = marker.rejected_keys
     expected = np.array([NOT_CACHED if e.key in rejected else e.label for e in entries], dtype=np.int8)
     if not np.array_equal(label, expected):
         return "labels differ from the manifest"
-    if shard_checksum(dnf, label, keys) != marker["checksum"]:
+    if shard_checksum(dnf, label, keys) != marker.checksum:
         return "data differs from the checksum in its done marker (changed or corrupted bytes)"
     return None
 
 
-def verify_cache(run: Run, cache: FeatureCache) -> dict:
-    info = run.info()
+def redo_hint(run: Run, cache: FeatureCache, shard_id: int) -> str:
+    """The extract command that recomputes one shard of this cache."""
     config = cache.config()
+    f = config.feature
+    return (f"dnf-pipeline extract --run {run.root} --model {config.about.get('model_path', 'MODEL')} "
+            f"--size {f.size} --timestep {f.timestep} --encoding {f.encoding} --redo {shard_id}")
+
+
+def verify_cache(run: Run, cache: FeatureCache) -> dict:
+    """Every done shard of one cache checked; a problem and a hint per bad shard."""
+    info = run.info()
     problems = []
-    if config["manifest"]["fingerprint"] != run.manifest_fingerprint():
+    if cache.config().manifest.fingerprint != run.manifest_fingerprint():
         problems.append({"shard": None, "problem": "the manifest changed after this cache was made",
                          "hint": "re-shard into a new run"})
     done = sorted(cache.done_shards())
     for s in done:
-        if s >= info["num_shards"]:
+        if s >= info.num_shards:
             problems.append({"shard": s, "problem": "done marker for a shard the manifest lacks",
                              "hint": f"delete {cache.done_path(s)}"})
             continue
-        problem = verify_shard(run, cache, s, info["shard_size"])
+        problem = verify_shard(run, cache, s, info.shard_size)
         if problem:
-            problems.append({"shard": s, "problem": problem,
-                             "hint": f"dnf-pipeline extract --run {run.root} --model "
-                                     f"{config.get('about', {}).get('model_path', 'MODEL')} "
-                                     f"--size {config['feature']['size']} --timestep "
-                                     f"{config['feature']['timestep']} --encoding "
-                                     f"{config['feature']['encoding']} --redo {s}"})
+            problems.append({"shard": s, "problem": problem, "hint": redo_hint(run, cache, s)})
     return {"cache": str(cache.root), "shards_checked": len(done),
-            "shards_pending": info["num_shards"] - len(done), "problems": problems}
+            "shards_pending": info.num_shards - len(done), "problems": problems}
 
 
 def run_verify(run_dir: Path, feature_id: str | None = None) -> dict:
+    """Verify the run's caches (or the one with this feature id)."""
     run = Run(run_dir)
     caches = [find_cache(run.cache_root, feature_id)] if feature_id else caches_in(run.cache_root)
     reports = [verify_cache(run, c) for c in caches]

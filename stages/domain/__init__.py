@@ -1,0 +1,1 @@
+"""The domain pieces the commands share: the noise model, the detector, images, metrics, plots."""
