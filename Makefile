@@ -34,8 +34,10 @@ test: $(DEMO_STAMP) demo-system-libs
 test-long: $(DEMO_STAMP) demo-system-libs
 	$(BIN)/python -m pytest -q
 
+# ruff (style, complexity <= 15), then layers one way, no import cycles, no function over 80 lines
 lint: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/python scripts/check_structure.py
 
 # The demo: real photos vs two real generators, a DDPM trained here, shard -> extract -> train -> eval.
 demo: $(DEMO_STAMP) demo-system-libs

@@ -280,6 +280,26 @@ def compute_shard(job: ShardJob, model: NoiseModel, feature: FeatureConfig, prog
     return arrays, marker
 
 
+def resolve_batch_size(run: Run, model: NoiseModel, opts: ExtractOptions) -> int:
+    """--batch-size; else the one the cache recorded (a resumed run repeats the first run's batches,
+    so its bytes equal an uninterrupted run's); else from free GPU memory."""
+    existing = new_cache(opts.cache_root(run, opts.feature(model.fingerprint, model.precision).feature_id),
+                         opts.backend)
+    recorded = existing.config().about.get("batch_size", 0) if existing.exists() else 0
+    return opts.batch_size or recorded or auto_batch_size(model, opts.size)
+
+
+def forget_done(cache: FeatureCache, queue: ShardQueue, redo: tuple[int, ...]) -> None:
+    """`--redo`: drop the done markers of these shards so they are computed again."""
+    for shard_id in redo:
+        if not 0 <= shard_id < queue.num_shards:
+            raise RunError(f"--redo {shard_id}: the run has shards 0 to {queue.num_shards - 1}")
+        with queue.try_claim(shard_id) as claimed:
+            if not claimed:
+                raise CacheError(f"--redo {shard_id}: another process is working on that shard")
+            cache.done_path(shard_id).unlink(missing_ok=True)
+
+
 def run_extract(run_dir: Path, opts: ExtractOptions) -> dict:
     """Extract every pending shard of the run that no other process holds; return a summary."""
     run = Run(run_dir)
@@ -289,20 +309,11 @@ def run_extract(run_dir: Path, opts: ExtractOptions) -> dict:
     precision = resolve_precision(opts.precision, device)
     model = load_noise_model(opts.model, device, precision, compile=opts.compile)
     model.check_size(opts.size)
-    existing = new_cache(opts.cache_root(run, opts.feature(model.fingerprint, model.precision).feature_id),
-                         opts.backend)
-    recorded = existing.config().about.get("batch_size", 0) if existing.exists() else 0
-    batch_size = opts.batch_size or recorded or auto_batch_size(model, opts.size)
+    batch_size = resolve_batch_size(run, model, opts)
     cache, feature = open_cache(run, model, opts, batch_size)
     queue = ShardQueue(cache.claims_dir, info.num_shards, lambda s: cache.done_path(s).exists(),
                        mode=opts.claims)
-    for shard_id in opts.redo:
-        if not 0 <= shard_id < info.num_shards:
-            raise RunError(f"--redo {shard_id}: the run has shards 0 to {info.num_shards - 1}")
-        with queue.try_claim(shard_id) as claimed:
-            if not claimed:
-                raise CacheError(f"--redo {shard_id}: another process is working on that shard")
-            cache.done_path(shard_id).unlink(missing_ok=True)
+    forget_done(cache, queue, opts.redo)
     pending = queue.pending()
     # totals from run.json: no need to parse every pending manifest shard twice
     progress = Progress(sum(run.shard_len(s) for s in pending), f"extract {feature.feature_id}")
@@ -353,18 +364,10 @@ def run_extract(run_dir: Path, opts: ExtractOptions) -> dict:
     rejected = sum(len(m.rejected) for m in markers)
     elapsed = time.perf_counter() - t0
     return {
-        "cache": str(cache.root),
-        "feature_id": feature.feature_id,
-        "device": str(device),
-        "worker": f"{worker + 1}/{workers_total}",
-        "precision": precision,
-        "batch_size": batch_size,
-        "shards_total": info.num_shards,
-        "shards_done_before": info.num_shards - len(pending),
-        "shards_done_now": len(done_now),
-        "shards_left_to_others": len(skipped),
-        "images": images,
-        "rejected": rejected,
-        "seconds": round(elapsed, 2),
+        "cache": str(cache.root), "feature_id": feature.feature_id, "device": str(device),
+        "worker": f"{worker + 1}/{workers_total}", "precision": precision, "batch_size": batch_size,
+        "shards_total": info.num_shards, "shards_done_before": info.num_shards - len(pending),
+        "shards_done_now": len(done_now), "shards_left_to_others": len(skipped),
+        "images": images, "rejected": rejected, "seconds": round(elapsed, 2),
         "images_per_s": round(images / elapsed, 2) if elapsed > 0 and images else 0.0,
     }

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
-from conftest import cli, image_bytes, make_dataset, write
+from conftest import ROOT, cli, image_bytes, make_dataset, write
 
 from stages.shard import ShardError, infer_from_layout, run_shard
 from storage.run import Run, RunError
@@ -96,3 +98,23 @@ def test_cli_shard_errors_are_one_line(tmp_path):
     assert proc.returncode == 2
     assert "missing: no such file or folder" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("bug", ["ValueError('operands could not be broadcast together')",
+                                 "KeyError('num_shardz')", "FileNotFoundError('/tmp/x')"])
+def test_a_bug_inside_a_stage_keeps_its_traceback(tmp_path, bug):
+    """Only UserError subclasses become one-line `error:` messages: a programming error inside a
+    stage (here planted in `status`) exits non-zero with its traceback, whatever its type."""
+    run_shard([make_dataset(tmp_path / "data", per_class=1, splits=("train",))], tmp_path / "run")
+    code = ("import sys, cli, stages.status as st\n"
+            f"def broken(run):\n    raise {bug}\n"
+            "st.run_status = broken\n"
+            f"sys.argv = ['dnf-pipeline', 'status', '--run', {str(tmp_path / 'run')!r}]\n"
+            "cli.main()\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode not in (0, 2), proc.stderr
+    assert "Traceback" in proc.stderr and "in broken" in proc.stderr
+    assert "error: " not in proc.stderr.splitlines()[0]
+    # the same stage's user error stays one line
+    proc = cli("status", "--run", tmp_path / "nothing-here", check=False)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr
