@@ -38,29 +38,62 @@ def torchrun_train(run: Path, name: str, *extra: str) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
-def distances(run: Path, a: str, b: str) -> tuple[float, float]:
-    """(how far run a's weights moved from the init, how far run b's weights are from run a's)."""
-    one = torch.load(run / f"train/{a}/last.pt", weights_only=True)["model"]
-    two = torch.load(run / f"train/{b}/last.pt", weights_only=True)["model"]
-    init = build_resnet50(seed=3).state_dict()
-    weights = [k for k, v in init.items() if v.is_floating_point() and "running" not in k]
-    moved = sum(float((one[k] - init[k]).norm() ** 2) for k in weights) ** 0.5
-    apart = sum(float((two[k] - one[k]).norm() ** 2) for k in weights) ** 0.5
-    return moved, apart
+def first_step_gradients(rank: int, world: int, run: str, port: int, out: str) -> None:
+    """The gradients of epoch 0's first global batch, as the training pieces compute them on this
+    rank (DDP averages them over the ranks in backward); rank 0 saves them."""
+    import os
+
+    import torch.distributed as dist
+    from torch import nn
+    from torch.nn.parallel import DistributedDataParallel
+
+    from stages.domain.detector import Detector
+    from stages.train import TrainOptions, prepare_run, set_train_mode, train_data
+
+    torch.set_num_threads(1)
+    if world > 1:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        dist.init_process_group("gloo", rank=rank, world_size=world)
+    opts = TrainOptions(name="gradients", batch_size=8, workers=0, device="cpu", seed=3, freeze_bn=True)
+    setup = prepare_run(Path(run), opts, resume=False)
+    detector = Detector(build_resnet50(seed=3), torch.device("cpu"))
+    set_train_mode(detector.model, freeze_bn=True)
+    net = DistributedDataParallel(detector.model) if world > 1 else detector.model
+    batches, _ = train_data(setup, opts, rank, world, detector.device).batches(0)
+    x, y, mask = next(iter(batches))
+    loss = nn.BCEWithLogitsLoss()(detector.logits(detector.inputs(x, flip=mask), net), y.float())
+    loss.backward()
+    if rank == 0:
+        torch.save({n: p.grad.clone() for n, p in detector.model.named_parameters()}, out)
+    if world > 1:
+        dist.destroy_process_group()
 
 
-def test_two_ranks_match_one_within_tolerance(clean, tmp_path):  # noqa: F811
+def test_ddp_averaged_gradients_equal_one_process_gradients(clean, tmp_path):  # noqa: F811
+    """What 1 vs 2 ranks must agree on, on any CPU: each rank's half of a global batch (same samples,
+    same flips), with DDP's averaging, gives the one-process gradient of the whole batch. (Weights
+    after training drift apart by kernel-dependent summation order, which Adam turns into full
+    steps: 7.5 % of the distance moved on a CPU without AVX-512, 0.06 % with it.)"""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    first_step_gradients(0, 1, str(clean["run"]), port, str(tmp_path / "one.pt"))
+    mp.spawn(first_step_gradients, args=(2, str(clean["run"]), port, str(tmp_path / "two.pt")), nprocs=2)
+    one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
+    norm = sum(float(g.norm() ** 2) for g in one.values()) ** 0.5
+    diff = sum(float((two[k] - one[k]).norm() ** 2) for k in one) ** 0.5
+    print(f"first-step gradients: norm {norm:.4g}, 1 vs 2 ranks apart {diff:.3g} ({diff / norm:.2e})")
+    assert norm > 0 and diff < 1e-4 * norm, (diff, norm)
+
+
+def test_two_ranks_train_like_one(clean, tmp_path):  # noqa: F811
+    """torchrun end to end: the same samples per epoch, metrics and checkpoints from rank 0 only."""
     run = tmp_path / "run"
     shutil.copytree(clean["run"], run)
-    # With BatchNorm on its running statistics the two ranks' averaged gradients are the one
-    # process's gradients (same global batches, same flips) up to float summation order.
-    cli("train", "--run", run, "--name", "one-frozen", *ARGS, "--freeze-bn")
-    torchrun_train(run, "two-frozen", "--freeze-bn")
-    moved, apart = distances(run, "one-frozen", "two-frozen")
-    print(f"frozen BN: weights moved {moved:.4f} from init; 1 vs 2 ranks apart {apart:.2e}")
-    assert apart < 1e-2 * moved, (apart, moved)  # measured: 6e-4 of the distance moved
-    # Trained BatchNorm normalises over each rank's half batch, so runs drift apart (Adam turns
-    # small gradient differences into full steps); the recipe and bookkeeping still match.
     cli("train", "--run", run, "--name", "one", *ARGS)
     torchrun_train(run, "two")
     lines = [json.loads(s) for s in (run / "train/two/metrics.jsonl").read_text().splitlines()]
