@@ -285,7 +285,7 @@ def resolve_batch_size(run: Run, model: NoiseModel, opts: ExtractOptions) -> int
     so its bytes equal an uninterrupted run's); else from free GPU memory."""
     existing = new_cache(opts.cache_root(run, opts.feature(model.fingerprint, model.precision).feature_id),
                          opts.backend)
-    recorded = existing.config().about.get("batch_size", 0) if existing.exists() else 0
+    recorded = existing.config().batch_size if existing.exists() else 0
     return opts.batch_size or recorded or auto_batch_size(model, opts.size)
 
 

@@ -24,7 +24,7 @@ def cache_status(cache: FeatureCache, num_shards: int) -> dict:
         "feature_id": config.feature_id,
         "backend": cache.backend,
         "feature": config.feature.to_json(),
-        "model_path": config.about.get("model_path"),
+        "model_path": config.model_path,
         "shards_done": len(done),
         "shards_pending": num_shards - len(done),
         "shards_in_progress": {f"{s:05d}": h for s, h in held.items() if h},

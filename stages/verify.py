@@ -41,7 +41,7 @@ def redo_hint(run: Run, cache: FeatureCache, shard_id: int) -> str:
     """The extract command that recomputes one shard of this cache."""
     config = cache.config()
     f = config.feature
-    return (f"dnf-pipeline extract --run {run.root} --model {config.about.get('model_path', 'MODEL')} "
+    return (f"dnf-pipeline extract --run {run.root} --model {config.model_path or 'MODEL'} "
             f"--size {f.size} --timestep {f.timestep} --encoding {f.encoding} --redo {shard_id}")
 
 

@@ -137,6 +137,16 @@ class CacheConfig:
     def shard_size(self) -> int:
         return self.manifest.shard_size
 
+    @property
+    def model_path(self) -> str | None:
+        """The model folder the first extract used (informational)."""
+        return self.about.get("model_path")
+
+    @property
+    def batch_size(self) -> int:
+        """The first extract's batch size (0: unknown); a resumed extract repeats it."""
+        return int(self.about.get("batch_size") or 0)
+
     def shard_rows(self, shard_id: int) -> tuple[int, int]:
         """[start, end) rows of a manifest shard (every shard is full but the last)."""
         start = shard_id * self.manifest.shard_size
