@@ -65,30 +65,50 @@ def shard(
     label: Optional[str] = typer.Option(None, help="Force the label of all inputs: real or fake."),
     source: Optional[str] = typer.Option(None, help="Force the source (generator / set) name."),
     split: Optional[str] = typer.Option(None, help="Force the split (train, val, test)."),
+    layout: str = typer.Option("auto", help="Folder layout: auto (CNNDetection, DiffusionForensics, "
+                                            "GenImage, AIGCDetectBenchmark, Chameleon), ufd "
+                                            "(UniversalFakeDetect diffusion set) or synthbuster."),
+    split_map: Optional[List[str]] = typer.Option(None, "--split-map", help="Rename a split, e.g. "
+                                                  "val=test (GenImage is evaluated on val); repeatable."),
+    append: bool = typer.Option(False, help="Add these inputs as new shards after the run's existing "
+                                            "ones (nothing extracted is touched)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Only walk and infer: print the split x "
+                                                          "source x label table, write nothing."),
     workers: int = typer.Option(2, help="Processes hashing and checking images."),
     max_pixels: int = typer.Option(8192 * 8192, help="Reject images with more pixels."),
     max_bytes: int = typer.Option(256 * 2**20, help="Reject files larger than this."),
     pack: bool = typer.Option(False, help="Also copy each shard's original bytes into RUN/packed/NNNNN.tar."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
-    """Index images into deterministic manifest shards (key = sha256 of the bytes)."""
+    """Index images into deterministic manifest shards (key = sha256 of the bytes); rerun to resume."""
     from stages.shard import run_shard
 
     with user_errors():
         summary = run_shard(inputs, run, shard_size, label, source, split, workers, max_pixels,
-                            max_bytes, pack=pack)
-    _print(summary, as_json)
-    if not as_json:
+                            max_bytes, pack=pack, layout=layout, split_map=split_map, append=append,
+                            dry_run=dry_run)
+    if as_json:
+        _print(summary, True)
+    elif dry_run:
+        typer.echo(f"{summary['files']} files (dry run: nothing written)")
+        for row in summary["table"]:
+            typer.echo(f"  {row['split']:>5} {row['label']:>4} {row['source']}: {row['files']} "
+                       f"(e.g. {row['example']})")
+    else:
+        _print(summary, False)
         for row in summary["counts"]:
             typer.echo(f"  {row['split']:>5} {row['label']:>4} {row['source']}: {row['images']}")
         if summary["rejects"]:
-            typer.echo(f"rejected files are listed with their reason in {run / 'rejects.jsonl'}")
+            typer.echo(f"rejected files (and conflicts) are listed with their reason in "
+                       f"{run / 'rejects.jsonl'}")
 
 
 @app.command()
 def extract(
     run: Path = RUN_OPT,
-    model: Path = typer.Option(..., help="Local diffusers UNet2DModel or DDPM pipeline folder."),
+    model: Path = typer.Option(..., help="Local diffusers UNet2DModel or DDPM pipeline folder, or a "
+                                         "hub id (org/name) in the local Hugging Face cache."),
+    download: bool = typer.Option(False, help="Fetch a hub id missing from the local cache (network)."),
     size: int = typer.Option(256, help="Images are resized to size x size."),
     timestep: int = typer.Option(0, help="Diffusion timestep t of the noise prediction."),
     encoding: str = typer.Option("reference", help="reference (uint8, as the paper saves) or raw (float16)."),
@@ -130,7 +150,7 @@ def extract(
                           ddim_steps=ddim_steps, keep=_int_list(keep, "--keep"), combine=combine,
                           precision=precision, compile=compile, gpu_decode=gpu_decode,
                           worker_index=worker_index, num_workers_total=num_workers, claims=claims,
-                          backend=backend)
+                          backend=backend, download=download)
     with user_errors():
         try:
             variants = parse_perturbations(perturb)
@@ -223,7 +243,9 @@ def compare(a: Path = typer.Argument(..., help="An eval folder (RUN/eval/NAME)."
 @app.command()
 def detect(
     images: List[Path] = typer.Argument(..., help="Image files or folders."),
-    model: Path = typer.Option(..., help="The diffusion model folder the detector was trained with."),
+    model: Path = typer.Option(..., help="The diffusion model folder (or cached hub id) the detector "
+                                         "was trained with."),
+    download: bool = typer.Option(False, help="Fetch a hub id missing from the local cache (network)."),
     checkpoint: Path = typer.Option(..., help="Detector checkpoint (ours or reference format)."),
     device: str = DEVICE_OPT,
     batch_size: int = typer.Option(16, help="Images per forward pass."),
@@ -234,7 +256,7 @@ def detect(
     from stages.detect import run_detect
 
     with user_errors():
-        results = run_detect(images, model, checkpoint, device, batch_size, threshold)
+        results = run_detect(images, model, checkpoint, device, batch_size, threshold, download)
     for r in results:
         if as_json:
             typer.echo(json.dumps(r))

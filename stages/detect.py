@@ -11,7 +11,7 @@ import torch
 from pipeline.device import resolve_device, resolve_precision
 from stages.domain.detector import Detector
 from stages.domain.images import DecodeError, decode_rgb, preprocess
-from stages.domain.noise_model import ModelError, encode, load_noise_model
+from stages.domain.noise_model import ModelError, encode, load_noise_model, resolve_model
 from storage.cache_config import FeatureConfig
 
 REFERENCE_FEATURE = {"size": 256, "timestep": 0, "encoding": "reference"}
@@ -32,12 +32,13 @@ def list_images(inputs: list[Path]) -> list[Path]:
 
 @torch.inference_mode()
 def run_detect(inputs: list[Path], model_path: Path, checkpoint: Path, device: str = "auto",
-               batch_size: int = 16, threshold: float = 0.5) -> list[dict]:
+               batch_size: int = 16, threshold: float = 0.5, download: bool = False) -> list[dict]:
     """One result per image: path, probability of being generated, verdict (or the error)."""
     dev = resolve_device(device)
     detector = Detector.from_checkpoint(checkpoint, dev)
     feature = detector.meta.get("feature", REFERENCE_FEATURE)
-    noise_model = load_noise_model(model_path, dev, resolve_precision(feature.get("precision", "fp32"), dev))
+    noise_model = load_noise_model(resolve_model(model_path, download), dev,
+                                   resolve_precision(feature.get("precision", "fp32"), dev))
     config = FeatureConfig(**{**feature, "model_fingerprint": noise_model.fingerprint})
     expected = feature.get("model_fingerprint")
     if expected and expected != noise_model.fingerprint:

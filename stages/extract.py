@@ -29,7 +29,7 @@ from pipeline.queue import Claim, ShardQueue
 from pipeline.signals import StopFlag, graceful_stop
 from stages.domain.image_limits import DEFAULT_MAX_PIXELS
 from stages.domain.images import DecodeError, decode_rgb, preprocess
-from stages.domain.noise_model import NoiseModel, encode, load_noise_model
+from stages.domain.noise_model import NoiseModel, encode, load_noise_model, resolve_model
 from stages.domain.perturb import perturb
 from storage.cache_config import CacheConfig, DoneMarker, FeatureConfig, ManifestRef
 from storage.cache_folder import NOT_CACHED, CacheError, FeatureCache, shard_checksum
@@ -134,6 +134,7 @@ class ExtractOptions:
     num_workers_total: int | None = None
     claims: str = "auto"  # flock, or heartbeat files for filesystems without flock (pipeline/queue.py)
     backend: str = "zarr"  # or "webdataset" (tar shards)
+    download: bool = False  # a hub id not in the local Hugging Face cache is fetched (network)
 
     def cache_root(self, run: Run, feature_id: str) -> Path:
         return self.cache_dir or run.cache_root / folder_name(feature_id, self.backend)
@@ -165,11 +166,17 @@ def open_cache(run: Run, model: NoiseModel, opts: ExtractOptions,
     cache = new_cache(opts.cache_root(run, feature.feature_id), opts.backend)
     config = CacheConfig(
         feature=feature, backend=cache.backend, channels=feature.channels,
-        manifest=ManifestRef(run.manifest_fingerprint(), info.images, info.shard_size, info.num_shards),
+        manifest=ManifestRef(run.manifest_fingerprint(), info.images, info.shard_size, info.num_shards,
+                             info.rows),
         # batch_size: the first run's, reused by resumed runs with --batch-size 0, since the batch
         # composition moves eps in the last bits and a resumed cache should equal an uninterrupted one
         about={"model_path": model.path, "tool_version": pipeline.__version__, "batch_size": batch_size})
-    cache.open_or_create(config)
+
+    def extends(old: ManifestRef) -> bool:  # the run grew by `shard --append` since the cache was made
+        return (old.num_shards < info.num_shards
+                and run.manifest_fingerprint(old.num_shards) == old.fingerprint)
+
+    cache.open_or_create(config, extends)
     return cache, feature
 
 
@@ -307,7 +314,8 @@ def run_extract(run_dir: Path, opts: ExtractOptions) -> dict:
     device = resolve_device(local_device(opts.device))
     worker, workers_total = worker_identity(opts.worker_index, opts.num_workers_total)
     precision = resolve_precision(opts.precision, device)
-    model = load_noise_model(opts.model, device, precision, compile=opts.compile)
+    model = load_noise_model(resolve_model(opts.model, opts.download), device, precision,
+                             compile=opts.compile)
     model.check_size(opts.size)
     batch_size = resolve_batch_size(run, model, opts)
     cache, feature = open_cache(run, model, opts, batch_size)

@@ -1,8 +1,14 @@
 """`shard`: index image folders and list files into deterministic manifest shards.
 
 Every input file ends up in exactly one place: a manifest shard (keyed by the sha256 of its bytes),
-`duplicates.jsonl` (same bytes as a kept image) or `rejects.jsonl` (with the reason).
-Original bytes are only read and hashed, never re-encoded.
+`duplicates.jsonl` (same bytes as a kept image) or `rejects.jsonl` (with the reason; the same bytes
+under a real and a fake label are both rejected, each naming the other). Original bytes are only
+read and hashed, never re-encoded.
+
+Probing (read, hash, full decode) is the slow part: it runs in worker processes over batches of
+files, and each finished batch is checkpointed under `RUN/.shard-progress/`, so a killed `shard`
+continues where it stopped and ends with the same manifest. `--append` adds new inputs as new shards
+after the existing ones, which stay untouched (as do the caches made of them).
 """
 
 from __future__ import annotations
@@ -10,33 +16,35 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import json
 import os
+import shutil
 import warnings
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from multiprocessing import get_context
 from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
 import pipeline
+from pipeline.progress import Progress
 from stages.domain.image_limits import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
-from storage.atomic import read_jsonl
+from stages.domain.layouts import LAYOUTS, SPLIT_NAMES, infer_from_layout, parse_label
+from storage.atomic import read_jsonl, write_jsonl_atomic
 from storage.errors import UserError
 from storage.packed_images import pack_path, write_pack
-from storage.run import Entry, Run, RunError, RunInfo, within_roots
+from storage.run import Append, Entry, Run, RunError, RunInfo, within_roots
 
-SPLIT_NAMES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
-REAL_NAMES = {"0_real", "real", "nature"}
-FAKE_NAMES = {"1_fake", "fake", "ai"}
 LIST_SUFFIXES = {".csv", ".jsonl"}
+PROBE_BATCH = 1024  # files per probe task and per checkpoint file (DNF_SHARD_BATCH overrides)
 
 
 class ShardError(UserError, RuntimeError):
     """Inputs that cannot be sharded as a whole (missing input, conflicting labels)."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Candidate:
     """A file found in the inputs, with what its location or list row says about it."""
 
@@ -47,52 +55,14 @@ class Candidate:
     reason: str | None = None  # set when the candidate is refused before it is read
 
 
-def parse_label(value: object) -> int | None:
-    """`0`, `1`, `real`, `fake`, `0_real`, `1_fake` (any case) to 0 / 1; anything else to None."""
-    text = str(value).strip().lower()
-    if text in {"0"} | REAL_NAMES:
-        return 0
-    if text in {"1"} | FAKE_NAMES:
-        return 1
-    return None
-
-
-def infer_from_layout(rel_dirs: list[str], root_name: str) -> tuple[int | None, str | None, str | None]:
-    """Label, source and split from the folders between an input root and a file.
-
-    CNNDetection: `{train,val,test}/<set>/.../{0_real,1_fake}/` gives source `<set>`.
-    DiffusionForensics: `{train,val,test}/<set>/{real,<generator>}/` gives `<set>/real` for real
-    images and `<set>/<generator>` for generated ones. A `real`/`fake` folder right under the root
-    takes the root's name as source.
-    """
-    lowered = [d.lower() for d in rel_dirs]
-    split_idx = next((i for i, d in enumerate(lowered) if d in SPLIT_NAMES), None)
-    split = SPLIT_NAMES[lowered[split_idx]] if split_idx is not None else None
-    after = rel_dirs[split_idx + 1:] if split_idx is not None else rel_dirs
-    low_after = [d.lower() for d in after]
-    marker = next((j for j, d in enumerate(low_after) if d in REAL_NAMES | FAKE_NAMES), None)
-    if marker is not None:
-        label = 0 if low_after[marker] in REAL_NAMES else 1
-        if marker == 0:
-            source = root_name
-        elif marker == 1 and split is not None and low_after[1] == "real":
-            source = f"{after[0]}/real"  # DiffusionForensics real folder
-        else:
-            source = after[0]
-        return label, source, split
-    if split is not None and len(after) >= 2:  # DiffusionForensics generator folder
-        return 1, f"{after[0]}/{after[1]}", split
-    return None, None, split
-
-
-def _walk_folder(root: Path) -> list[Candidate]:
+def _walk_folder(root: Path, layout: str = "auto") -> list[Candidate]:
     """Every file below `root` (sorted, symlinked folders not followed), with its layout labels."""
     out = []
     root_name = root.resolve().name
     for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
         dirnames.sort()
         rel_dirs = list(Path(dirpath).relative_to(root).parts)
-        label, source, split = infer_from_layout(rel_dirs, root_name)
+        label, source, split = infer_from_layout(rel_dirs, root_name, layout)
         for name in sorted(filenames):
             out.append(Candidate(os.path.abspath(os.path.join(dirpath, name)), label, source, split))
         # Folders named like images (x.jpg/) or symlinks to folders are files the user may expect
@@ -130,32 +100,47 @@ def _read_list(path: Path) -> list[Candidate]:
     return out
 
 
+def parse_split_map(pairs: list[str] | None) -> dict[str, str]:
+    """`--split-map val=test` (repeatable) to {"val": "test"}."""
+    out = {}
+    for pair in pairs or []:
+        old, sep, new = pair.partition("=")
+        if not sep or not old.strip() or not new.strip():
+            raise ShardError(f"--split-map {pair!r}: expected FROM=TO, e.g. val=test")
+        out[SPLIT_NAMES.get(old.strip().lower(), old.strip())] = new.strip()
+    return out
+
+
 def collect(inputs: list[Path], label: str | None = None, source: str | None = None,
-            split: str | None = None) -> list[Candidate]:
+            split: str | None = None, layout: str = "auto",
+            split_map: dict[str, str] | None = None) -> list[Candidate]:
     """Candidates from folders, list files and single files, with the options' overrides applied."""
     forced_label = None
     if label is not None:
         forced_label = parse_label(label)
         if forced_label is None:
             raise ShardError(f"--label {label!r}: expected real or fake")
+    if layout not in LAYOUTS:
+        raise ShardError(f"--layout {layout!r}: one of {', '.join(LAYOUTS)}")
     found: list[Candidate] = []
     for inp in inputs:
         inp = Path(inp)
         if not os.path.lexists(inp):
             raise ShardError(f"{inp}: no such file or folder")
         if inp.is_dir():
-            found += _walk_folder(inp)
+            found += _walk_folder(inp, layout)
         elif inp.suffix.lower() in LIST_SUFFIXES:
             found += _read_list(inp)
         else:
-            lab, src, spl = infer_from_layout(list(inp.parent.parts[-4:]), inp.parent.name)
+            lab, src, spl = infer_from_layout(list(inp.parent.parts[-4:]), inp.parent.name, layout)
             found.append(Candidate(os.path.abspath(inp), lab, src or inp.parent.name, spl))
+    split_map = split_map or {}
     return [
         Candidate(
             c.path,
             forced_label if forced_label is not None else c.label,
             source or c.source or "unknown",
-            split or c.split or "train",
+            split or split_map.get(c.split or "train", c.split or "train"),
             c.reason,
         )
         for c in found
@@ -217,56 +202,101 @@ def check_image_bytes(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> str 
     return None
 
 
-def _probe_star(args: tuple[str, int, int]) -> dict:
-    return probe_file(*args)
+
+def _probe_batch(args: tuple[int, list[str], int, int]) -> tuple[int, list[dict]]:
+    b, paths, max_pixels, max_bytes = args
+    return b, [probe_file(p, max_pixels, max_bytes) for p in paths]
 
 
-def build_manifest(candidates: list[Candidate], workers: int, max_pixels: int,
-                   max_bytes: int) -> tuple[list[Entry], list[dict], list[dict]]:
-    """Probe every candidate; return (entries sorted by key, rejects, duplicates)."""
-    jobs = [(c.path, max_pixels, max_bytes) for c in candidates if c.reason is None]
-    if workers > 1 and len(jobs) > 64:
+def probe_all(paths: list[str], workers: int, max_pixels: int, max_bytes: int,
+              checkpoints: Path) -> list[dict]:
+    """`probe_file` of every path, in order, on `workers` processes. Each finished batch is written
+    to `checkpoints/NNNNNN.jsonl` (atomically), and batches found there are not probed again."""
+    size = int(os.environ.get("DNF_SHARD_BATCH", PROBE_BATCH))
+    batches = [paths[i:i + size] for i in range(0, len(paths), size)]
+    results: list[list[dict] | None] = [None] * len(batches)
+    progress = Progress(len(paths), "shard: probing", unit="file")
+    for b, batch in enumerate(batches):
+        rows = read_jsonl(checkpoints / f"{b:06d}.jsonl")
+        if [r.pop("path") for r in rows] == batch:
+            results[b] = rows
+            progress.update(len(batch))
+    todo = [(b, batches[b], max_pixels, max_bytes) for b in range(len(batches)) if results[b] is None]
+    if todo:
+        checkpoints.mkdir(parents=True, exist_ok=True)
+
+    def done(b: int, rows: list[dict]) -> None:
+        write_jsonl_atomic(checkpoints / f"{b:06d}.jsonl",
+                           [{"path": p, **r} for p, r in zip(batches[b], rows, strict=True)])
+        results[b] = rows
+        progress.update(len(rows))
+
+    if workers > 1 and sum(len(t[1]) for t in todo) > 64:
         with get_context("spawn").Pool(workers) as pool:
-            results = pool.map(_probe_star, jobs, chunksize=32)
+            for b, rows in pool.imap_unordered(_probe_batch, todo):
+                done(b, rows)
     else:
-        results = [_probe_star(j) for j in jobs]
-    results_iter = iter(results)
-    results = [{"reason": c.reason} if c.reason else next(results_iter) for c in candidates]
+        for task in todo:
+            done(*_probe_batch(task))
+    progress.close()
+    return [r for rows in results for r in rows]
+
+
+def conflict_rejects(key: str, group: list[Entry], old: Entry | None) -> list[dict]:
+    """Every new copy of an image labelled both real and fake, each naming the copies with the
+    other label (and the run's copy, when the image is already in the run)."""
+    everyone = group + ([old] if old is not None else [])
+    out = []
+    for e in group:
+        others = ", ".join(f"{o.path} ({'fake' if o.label else 'real'})" for o in everyone
+                           if o.label != e.label)
+        out.append({"path": e.path, "key": key, "stage": "shard",
+                    "reason": f"conflict: the same image (sha256 {key[:16]}...) is labelled "
+                              f"{'fake' if e.label else 'real'} here and the other way at {others}; "
+                              f"remove one copy or fix its folder"})
+    return out
+
+
+def build_manifest(candidates: list[Candidate], results: list[dict], existing: dict[str, Entry] | None = None,
+                   ) -> tuple[list[Entry], list[dict], list[dict], int]:
+    """(entries sorted by key, rejects, duplicates, conflicting images) of probed candidates;
+    `existing` maps the keys already in the run (an append) to their entries."""
+    existing = existing or {}
     rejects, by_key = [], {}
     for c, r in zip(candidates, results, strict=True):
         if "reason" in r:
             rejects.append({"path": c.path, "reason": r["reason"], "stage": "shard"})
-            continue
-        if c.label is None:
+        elif c.label is None:
             rejects.append({
                 "path": c.path, "stage": "shard",
                 "reason": "no label: the folders name no real/fake class (0_real, 1_fake, real, "
-                          "<generator> under a split) and no --label was given",
+                          "nature, ai, <generator> under a split) and no --label or --layout was given",
             })
-            continue
-        by_key.setdefault(r["key"], []).append(
-            Entry(r["key"], c.path, c.label, c.source, c.split, r["size"]))
-    entries, duplicates = [], []
+        else:
+            entry = Entry(r["key"], c.path, c.label, c.source, c.split, r["size"])
+            by_key.setdefault(r["key"], []).append(entry)
+    entries, duplicates, conflicts = [], [], 0
     for key in sorted(by_key):
         group = sorted(by_key[key], key=lambda e: e.path)
-        labels = {e.label for e in group}
-        if len(labels) > 1:
-            paths = ", ".join(f"{e.path} ({'fake' if e.label else 'real'})" for e in group)
-            raise ShardError(f"the same image (sha256 {key[:16]}...) is labelled both real and fake: "
-                             f"{paths}; remove one copy or fix its folder")
-        kept = group[0]
-        entries.append(kept)
-        for dup in group[1:]:
+        old = existing.get(key)
+        if len({e.label for e in group} | ({old.label} if old else set())) > 1:
+            rejects += conflict_rejects(key, group, old)
+            conflicts += 1
+            continue
+        kept = old or group[0]
+        if old is None:
+            entries.append(kept)
+        for dup in group[0 if old else 1:]:
             duplicates.append({"key": key, "path": dup.path, "split": dup.split,
                                "kept": kept.path, "kept_split": kept.split})
     rejects.sort(key=lambda r: r["path"])
-    return entries, rejects, duplicates
+    return entries, rejects, duplicates, conflicts
 
 
-def pack_shards(run: Run, shards: list[list[Entry]]) -> dict:
+def pack_shards(run: Run, shards: list[list[Entry]], first_shard: int = 0) -> dict:
     """Write RUN/packed/NNNNN.tar for every shard that has none yet (complete tars are kept)."""
     written, total = 0, 0
-    for i, shard in enumerate(shards):
+    for i, shard in enumerate(shards, first_shard):
         path = pack_path(run.root, i)
         if not path.exists():
             try:
@@ -279,37 +309,146 @@ def pack_shards(run: Run, shards: list[list[Entry]]) -> dict:
     return {"packed_now": written, "packed_shards": len(shards), "packed_mib": round(total / 2**20, 2)}
 
 
-def run_shard(inputs: list[Path], run_dir: Path, shard_size: int = 1024, label: str | None = None,
-              source: str | None = None, split: str | None = None, workers: int = 1,
-              max_pixels: int = DEFAULT_MAX_PIXELS, max_bytes: int = DEFAULT_MAX_BYTES,
-              pack: bool = False) -> dict:
-    """Index `inputs` into `run_dir`; return a summary. Rerunning with the same inputs is a no-op
-    (with `pack`, it writes the packed tars still missing)."""
-    if shard_size < 1:
-        raise ShardError(f"--shard-size must be at least 1 (got {shard_size})")
-    candidates = collect(inputs, label=label, source=source, split=split)
-    entries, rejects, duplicates = build_manifest(candidates, workers, max_pixels, max_bytes)
-    shards = [entries[i:i + shard_size] for i in range(0, len(entries), shard_size)]
+def layout_table(candidates: list[Candidate]) -> list[dict]:
+    """Split x source x label with counts and one example path per row (`--dry-run`)."""
+    rows: dict[tuple, dict] = {}
+    for c in candidates:
+        label = "-" if c.label is None else ("fake" if c.label else "real")
+        row = rows.setdefault((c.split, c.source, label), {"split": c.split, "source": c.source,
+                                                          "label": label, "files": 0, "example": c.path})
+        row["files"] += 1
+    return [rows[k] for k in sorted(rows)]
+
+
+@dataclass(frozen=True)
+class ShardOptions:
+    """What `shard` reads and how it labels it; all but `workers` and `pack` are recorded."""
+
+    shard_size: int = 1024
+    label: str | None = None
+    source: str | None = None
+    split: str | None = None
+    layout: str = "auto"
+    split_map: tuple[str, ...] = ()
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    max_bytes: int = DEFAULT_MAX_BYTES
+
+    def recorded(self) -> dict:
+        """run.json's `options` (layout and split map only where given, as older runs have none)."""
+        d = {"label": self.label, "source": self.source, "split": self.split,
+             "max_pixels": self.max_pixels, "max_bytes": self.max_bytes}
+        if self.layout != "auto":
+            d["layout"] = self.layout
+        if self.split_map:
+            d["split_map"] = list(self.split_map)
+        return d
+
+
+def progress_dir(run: Run, inputs: list[str], opts: ShardOptions, append: bool) -> Path:
+    """Where the probe checkpoints of this shard command live until its manifest is written."""
+    token = json.dumps([inputs, opts.recorded(), append], sort_keys=True)
+    return run.root / ".shard-progress" / hashlib.sha256(token.encode()).hexdigest()[:16]
+
+
+def shard_summary(info: RunInfo, entries: list[Entry], conflicts: int, extra: dict) -> dict:
+    counts = Counter((e.split, "fake" if e.label else "real", e.source) for e in entries)
+    return {**info.to_json(), "conflicts": conflicts, **extra, "counts": [
+        {"split": sp, "label": lab, "source": src, "images": n}
+        for (sp, lab, src), n in sorted(counts.items())]}
+
+
+def appended_info(old: RunInfo, inputs: list[str], opts: ShardOptions, n_shards: int, n_entries: int,
+                  files: int, rejects: int, duplicates: int, roots: list[str]) -> RunInfo:
+    """run.json after an append: totals grown, the append recorded after the earlier ones."""
+    record = Append(tuple(inputs), opts.recorded(), old.num_shards, n_shards, n_entries, files, rejects,
+                    duplicates)
+    return replace(old, num_shards=old.num_shards + n_shards, images=old.images + n_entries,
+                   files=old.files + files, rejects=old.rejects + rejects,
+                   duplicates=old.duplicates + duplicates, roots=tuple(sorted(set(old.roots) | set(roots))),
+                   appends=(*old.appends, record))
+
+
+def check_same_manifest(run: Run, shards: list[list[Entry]], n_entries: int) -> None:
+    """A plain `shard` into a sharded run must find the same first shards; else it is refused."""
+    old = run.info()
+    base = old.segments()[0][1]
+    same = base == len(shards) and all(
+        run.shard_path(i).exists() and run.shard_entries(i) == s for i, s in enumerate(shards))
+    if not same:
+        raise RunError(
+            f"{run.root} already holds a manifest of other inputs ({old.images} images in "
+            f"{old.num_shards} shards, now {n_entries} in {len(shards)}); its caches index those "
+            f"rows. Use a new --run folder, or --append to add these inputs as new shards.")
+
+
+def write_append(run: Run, inputs: list[Path], opts: ShardOptions, candidates: list[Candidate],
+                 manifest: tuple) -> RunInfo:
+    """New shards after the run's last one, rejects and duplicates added, run.json last."""
+    entries, rejects, duplicates, _ = manifest
+    old = run.info()
+    if opts.shard_size != old.shard_size:
+        raise ShardError(f"--shard-size {opts.shard_size}: {run.root} has shards of {old.shard_size}")
+    shards = [entries[i:i + opts.shard_size] for i in range(0, len(entries), opts.shard_size)]
+    info = appended_info(old, sorted(os.path.abspath(p) for p in inputs), opts, len(shards), len(entries),
+                         len(candidates), len(rejects), len(duplicates), input_roots(inputs))
+    if shards:
+        run.write_manifest(shards, run.rejects() + rejects, run.duplicates() + duplicates, info,
+                           first_shard=old.num_shards)
+    return info
+
+
+def write_first(run: Run, inputs: list[Path], opts: ShardOptions, candidates: list[Candidate],
+                manifest: tuple) -> RunInfo:
+    """The run's manifest; an existing one must be the same (then nothing is written)."""
+    entries, rejects, duplicates, _ = manifest
+    shards = [entries[i:i + opts.shard_size] for i in range(0, len(entries), opts.shard_size)]
+    if run.run_json.exists():
+        check_same_manifest(run, shards, len(entries))
+        return run.info()
     info = RunInfo(
         tool="dnf-pipeline", version=pipeline.__version__,
         inputs=tuple(sorted(os.path.abspath(p) for p in inputs)), roots=tuple(input_roots(inputs)),
-        options={"label": label, "source": source, "split": split, "max_pixels": max_pixels,
-                 "max_bytes": max_bytes},
-        shard_size=shard_size, num_shards=len(shards), images=len(entries), files=len(candidates),
-        rejects=len(rejects), duplicates=len(duplicates))
-    run = Run(run_dir)
-    if run.run_json.exists():
-        old = run.info()
-        same = old.num_shards == len(shards) and all(
-            run.shard_path(i).exists() and run.shard_entries(i) == s for i, s in enumerate(shards))
-        if not same:
-            raise RunError(
-                f"{run.root} already holds a manifest of other inputs ({old.images} images in "
-                f"{old.num_shards} shards, now {len(entries)} in {len(shards)}); its caches "
-                f"index those rows. Use a new --run folder.")
+        options=opts.recorded(), shard_size=opts.shard_size, num_shards=len(shards), images=len(entries),
+        files=len(candidates), rejects=len(rejects), duplicates=len(duplicates))
     run.write_manifest(shards, rejects, duplicates, info)
-    packed = pack_shards(run, shards) if pack else {}
-    counts = Counter((e.split, "fake" if e.label else "real", e.source) for e in entries)
-    return {**info.to_json(), **packed, "counts": [
-        {"split": sp, "label": lab, "source": src, "images": n}
-        for (sp, lab, src), n in sorted(counts.items())]}
+    return info
+
+
+def run_shard(inputs: list[Path], run_dir: Path, shard_size: int = 1024, label: str | None = None,
+              source: str | None = None, split: str | None = None, workers: int = 1,
+              max_pixels: int = DEFAULT_MAX_PIXELS, max_bytes: int = DEFAULT_MAX_BYTES,
+              pack: bool = False, layout: str = "auto", split_map: list[str] | None = None,
+              append: bool = False, dry_run: bool = False) -> dict:
+    """Index `inputs` into `run_dir` (or, with `append`, after its existing shards); return a
+    summary. Rerunning with the same inputs is a no-op (with `pack`, it writes the packed tars
+    still missing); a killed run continues from its probe checkpoints."""
+    if shard_size < 1:
+        raise ShardError(f"--shard-size must be at least 1 (got {shard_size})")
+    opts = ShardOptions(shard_size, label, source, split, layout, tuple(split_map or ()), max_pixels,
+                        max_bytes)
+    candidates = collect(inputs, label, source, split, layout, parse_split_map(split_map))
+    if dry_run:
+        return {"dry_run": True, "files": len(candidates), "table": layout_table(candidates)}
+    run = Run(run_dir)
+    append = append and run.run_json.exists()
+    abs_inputs = sorted(os.path.abspath(p) for p in inputs)
+    if append and any(a.inputs == tuple(abs_inputs) and a.options == opts.recorded()
+                      for a in run.info().appends):
+        return shard_summary(run.info(), [], 0, {"appended_now": 0,
+                                                 "note": "these inputs were appended before"})
+    first = run.info().num_shards if append else 0
+    checkpoints = progress_dir(run, abs_inputs, opts, append)
+    probed = iter(probe_all([c.path for c in candidates if c.reason is None], workers, max_pixels,
+                            max_bytes, checkpoints))
+    results = [{"reason": c.reason} if c.reason else next(probed) for c in candidates]
+    manifest = build_manifest(candidates, results, {e.key: e for e in run.entries()} if append else None)
+    info = (write_append if append else write_first)(run, inputs, opts, candidates, manifest)
+    shutil.rmtree(checkpoints, ignore_errors=True)
+    if checkpoints.parent.exists() and not any(checkpoints.parent.iterdir()):
+        checkpoints.parent.rmdir()
+    entries, conflicts = manifest[0], manifest[3]
+    extra: dict = {"appended_now": len(entries)} if append else {}
+    if pack:
+        extra.update(pack_shards(run, [entries[i:i + shard_size] for i in range(0, len(entries), shard_size)],
+                                 first))
+    return shard_summary(info, entries, conflicts, extra)

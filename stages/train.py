@@ -116,7 +116,7 @@ def prepare_run(run_dir: Path, opts: TrainOptions, resume: bool) -> TrainSetup:
     run.info()
     cache = find_cache(run.cache_root, opts.feature_id)
     config = cache.config()
-    pending = config.manifest.num_shards - len(cache.done_shards())
+    pending = run.info().num_shards - len(cache.done_shards())  # shards appended since count too
     if pending and not opts.partial:
         raise TrainError(f"{cache.root}: extraction is not finished ({pending} shards pending); "
                          f"run `extract` again, or pass --partial to train on what is there")

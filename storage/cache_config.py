@@ -99,19 +99,28 @@ def _record(cls, d: Any, what: str):
 
 @dataclass(frozen=True)
 class ManifestRef:
-    """The manifest a cache indexes: its fingerprint and shape."""
+    """The manifest a cache indexes: its fingerprint and shape. `rows` (the cache's row count) is
+    recorded only where it differs from `images`: after `shard --append` behind a partial shard."""
 
     fingerprint: str
     images: int
     shard_size: int
     num_shards: int
+    rows: int = 0
+
+    @property
+    def row_count(self) -> int:
+        return self.rows or self.images
 
     @classmethod
     def from_json(cls, d: dict) -> ManifestRef:
         return cls(**d)
 
     def to_json(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if self.rows in (0, self.images):
+            del d["rows"]
+        return d
 
 
 @dataclass(frozen=True)
@@ -146,11 +155,6 @@ class CacheConfig:
     def batch_size(self) -> int:
         """The first extract's batch size (0: unknown); a resumed extract repeats it."""
         return int(self.about.get("batch_size") or 0)
-
-    def shard_rows(self, shard_id: int) -> tuple[int, int]:
-        """[start, end) rows of a manifest shard (every shard is full but the last)."""
-        start = shard_id * self.manifest.shard_size
-        return start, min(start + self.manifest.shard_size, self.manifest.images)
 
     def row_shape(self) -> tuple[int, int, int]:
         return self.channels, self.feature.size, self.feature.size

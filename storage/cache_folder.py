@@ -14,14 +14,15 @@ import fcntl
 import hashlib
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
 from storage.atomic import read_json, write_json_atomic
-from storage.cache_config import CacheConfig, DoneMarker
+from storage.cache_config import CacheConfig, DoneMarker, ManifestRef
 from storage.errors import UserError
 
 NOT_CACHED = -1  # label of a row whose image was rejected at extract time
@@ -106,12 +107,22 @@ class FeatureCache(ABC):
             self._config = CacheConfig.read(read_json(self.config_path), str(self.config_path))
         return self._config
 
-    def open_or_create(self, config: CacheConfig) -> None:
+    def open_or_create(self, config: CacheConfig,
+                       extends: Callable[[ManifestRef], bool] | None = None) -> None:
         """Create the cache for `config`, or check that the existing one was made with the same
-        (`config.about` is informational and never compared)."""
+        (`config.about` is informational and never compared). A cache of a manifest that `config`'s
+        manifest extends (`extends(old manifest)`: a run grown by `shard --append`) grows to it:
+        new rows, its shards, markers and data untouched."""
         with file_lock(self.root.parent / f"{self.root.name}.lock"):
             if self.exists():
-                diff = self.config().differences(config)
+                old = self.config()
+                diff = old.differences(config)
+                only_grown = not old.differences(replace(config, manifest=old.manifest))
+                if diff and only_grown and extends is not None and extends(old.manifest):
+                    self._grow(config)
+                    write_json_atomic(self.config_path, config.to_json())
+                    self._config = config
+                    return
                 if diff:
                     raise CacheError(
                         f"{self.root} was made with another config; refusing to mix features.\n  "
@@ -150,6 +161,10 @@ class FeatureCache(ABC):
         """Lay out the empty storage for `config` (config.json is written after this)."""
 
     @abstractmethod
+    def _grow(self, config: CacheConfig) -> None:
+        """Make room for the rows of a grown manifest (config.json is rewritten after this)."""
+
+    @abstractmethod
     def shard_file(self, shard_id: int) -> Path:
         """The file holding the shard's feature rows (checked by `verify`)."""
 
@@ -179,7 +194,7 @@ class FeatureCache(ABC):
     def iter_shard(self, shard_id: int, rows: set[int]) -> Iterator[tuple[int, np.ndarray]]:
         """(row, DNF) of the wanted rows of one done shard, in row order: what a training stream
         reads. This default reads the shard with `read_rows`; a backend may stream instead."""
-        start, end = self.config().shard_rows(shard_id)
+        start, end = self.done_marker(shard_id).rows
         wanted = [r for r in range(start, end) if r in rows]
         if wanted:
             dnf, _, _ = self.read_rows(start, end)

@@ -40,8 +40,30 @@ def within_roots(path: str, roots: list[str]) -> bool:
 
 
 @dataclass(frozen=True)
+class Append:
+    """One `shard --append`: its inputs and options, and the shards it added after the others."""
+
+    inputs: tuple[str, ...]
+    options: dict
+    first_shard: int
+    num_shards: int
+    images: int
+    files: int
+    rejects: int
+    duplicates: int
+
+    @classmethod
+    def from_json(cls, d: dict) -> Append:
+        return cls(**{**d, "inputs": tuple(d["inputs"])})
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "inputs": list(self.inputs)}
+
+
+@dataclass(frozen=True)
 class RunInfo:
-    """run.json: what was sharded and how, and the manifest's shape; written last by `shard`."""
+    """run.json: what was sharded and how, and the manifest's shape; written last by `shard`.
+    Counts are totals over the first shard run and its appends (`appends`, in order)."""
 
     shard_size: int
     num_shards: int
@@ -54,20 +76,44 @@ class RunInfo:
     options: dict = field(default_factory=dict)
     version: str = ""
     tool: str = "dnf-pipeline"
+    appends: tuple[Append, ...] = ()
+
+    def segments(self) -> list[tuple[int, int, int]]:
+        """(first shard, shards, images) of the first shard run and of each append: within one,
+        every shard is full but the last."""
+        first = self.appends[0].first_shard if self.appends else self.num_shards
+        base = (0, first, self.images - sum(a.images for a in self.appends))
+        return [base] + [(a.first_shard, a.num_shards, a.images) for a in self.appends]
 
     def shard_len(self, shard_id: int) -> int:
-        """Images in a manifest shard (every shard is full but the last)."""
-        return max(0, min(self.shard_size, self.images - shard_id * self.shard_size))
+        """Images in a manifest shard."""
+        for first, count, images in self.segments():
+            if first <= shard_id < first + count:
+                return min(self.shard_size, images - (shard_id - first) * self.shard_size)
+        return 0
 
     def shard_start(self, shard_id: int) -> int:
+        """The first row of a shard: rows of shard i are [i * shard_size, i * shard_size + len)."""
         return shard_id * self.shard_size
+
+    @property
+    def rows(self) -> int:
+        """Rows a cache of this manifest holds: the end of the last shard (rows after a partial
+        shard that an append followed are never used)."""
+        last = self.num_shards - 1
+        return self.shard_start(last) + self.shard_len(last) if self.num_shards else 0
 
     @classmethod
     def from_json(cls, d: dict) -> RunInfo:
-        return cls(**{**d, "inputs": tuple(d.get("inputs", ())), "roots": tuple(d.get("roots", ()))})
+        return cls(**{**d, "inputs": tuple(d.get("inputs", ())), "roots": tuple(d.get("roots", ())),
+                      "appends": tuple(Append.from_json(a) for a in d.get("appends", ()))})
 
     def to_json(self) -> dict:
-        return {**asdict(self), "inputs": list(self.inputs), "roots": list(self.roots)}
+        d = {**asdict(self), "inputs": list(self.inputs), "roots": list(self.roots),
+             "appends": [a.to_json() for a in self.appends]}
+        if not self.appends:
+            del d["appends"]  # run.json of a run never appended to is as it always was
+        return d
 
 
 class RunError(UserError, RuntimeError):
@@ -143,19 +189,21 @@ class Run:
     def duplicates(self) -> list[dict]:
         return read_jsonl(self.duplicates_path)
 
-    def manifest_fingerprint(self) -> str:
-        """sha256 over the manifest shard files: a cache records it to refuse a re-sharded run."""
+    def manifest_fingerprint(self, num_shards: int | None = None) -> str:
+        """sha256 over the manifest shard files (the first `num_shards` of them): a cache records
+        it to refuse a re-sharded run, and to know an appended run for a grown one."""
         h = hashlib.sha256()
-        for s in range(self.num_shards()):
+        for s in range(self.num_shards() if num_shards is None else num_shards):
             h.update(self.shard_path(s).read_bytes())
         return h.hexdigest()
 
     # -- writing -----------------------------------------------------------------------------
     def write_manifest(self, shards: list[list[Entry]], rejects: list[dict], duplicates: list[dict],
-                       info: RunInfo) -> None:
-        """Write shard files, rejects, duplicates, and run.json last (it marks the manifest complete)."""
+                       info: RunInfo, first_shard: int = 0) -> None:
+        """Write shard files (numbered from `first_shard`; an append keeps the ones before),
+        rejects, duplicates, and run.json last (it marks the manifest complete)."""
         self.shards_dir.mkdir(parents=True, exist_ok=True)
-        for i, shard in enumerate(shards):
+        for i, shard in enumerate(shards, first_shard):
             write_jsonl_atomic(self.shard_path(i), [e.to_json() for e in shard])
         write_jsonl_atomic(self.rejects_path, rejects)
         write_jsonl_atomic(self.duplicates_path, duplicates)

@@ -66,6 +66,9 @@ class WdsCache(FeatureCache):
     def _create(self, config: CacheConfig) -> None:
         self.shards_dir.mkdir(parents=True, exist_ok=True)
 
+    def _grow(self, config: CacheConfig) -> None:
+        """Nothing to do: a new shard is a new tar."""
+
     def write_shard(self, start: int, dnf: np.ndarray, label: np.ndarray, split: list[str],
                     source: list[str], key: list[str]) -> dict:
         """Write rows [start, start + len(dnf)) as one tar (temporary name, then renamed); return
@@ -135,7 +138,7 @@ class WdsCache(FeatureCache):
 
     def index_arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """label, split, source, key of every row, from the done markers (label -1 elsewhere)."""
-        n = self.config().manifest.images
+        n = self.config().manifest.row_count
         label = np.full(n, NOT_CACHED, dtype=np.int8)
         split, source, key = (np.full(n, "", dtype=object) for _ in range(3))
         for s in self.done_shards():

@@ -120,7 +120,7 @@ class ZarrCache(FeatureCache):
         return self.root / "features.zarr"
 
     def _create(self, config: CacheConfig) -> None:
-        num_rows, shard_size = config.manifest.images, config.manifest.shard_size
+        num_rows, shard_size = config.manifest.row_count, config.manifest.shard_size
         channels, size, _ = config.row_shape()
         dtype = config.dtype
         group = zarr.open_group(self.zarr_path, mode="w", zarr_format=3)
@@ -133,6 +133,14 @@ class ZarrCache(FeatureCache):
         for name in ("split", "source", "key"):
             group.create_array(name, shape=(num_rows,), dtype=str, chunks=(shard_size,))
         # keys sorted as in config.json, so a cache rebuilt from that file has the same bytes
+        group.attrs.update({"dnf_pipeline": json.loads(json.dumps(config.to_json(), sort_keys=True))})
+
+    def _grow(self, config: CacheConfig) -> None:
+        """Longer arrays (only their zarr.json changes: shard files keep their bytes)."""
+        group = zarr.open_group(self.zarr_path, mode="r+")
+        for name in ("dnf", "label", "split", "source", "key"):
+            array = group[name]
+            array.resize((config.manifest.row_count, *array.shape[1:]))
         group.attrs.update({"dnf_pipeline": json.loads(json.dumps(config.to_json(), sort_keys=True))})
 
     # -- shards ------------------------------------------------------------------------------

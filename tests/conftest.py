@@ -97,7 +97,7 @@ def dataset(tmp_path) -> Path:
 
 def cli(*args: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
     """Run the real command line in a subprocess, as a user would."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **kw.pop("env", {})}
     proc = subprocess.run([sys.executable, str(ROOT / "cli.py"), *map(str, args)], capture_output=True,
                           text=True, env=env, **kw)
     if check and proc.returncode != 0:

@@ -9,7 +9,8 @@ import sys
 import pytest
 from conftest import ROOT, cli, image_bytes, make_dataset, write
 
-from stages.shard import ShardError, infer_from_layout, run_shard
+from stages.domain.layouts import infer_from_layout
+from stages.shard import run_shard
 from storage.run import Run, RunError
 
 
@@ -49,14 +50,20 @@ def test_shard_counts_rejects_and_duplicates(tmp_path):
     assert summary["files"] == len(entries) + len(rejects) + len(dups)
 
 
-def test_conflicting_labels_is_an_error(tmp_path):
+def test_conflicting_labels_are_rejects_not_a_stop(tmp_path):
     data = tmp_path / "data"
     img = image_bytes(1)
     write(data / "train/a/0_real/x.png", img)
     write(data / "train/a/1_fake/y.png", img)
-    with pytest.raises(ShardError, match="both real and fake"):
-        run_shard([data], tmp_path / "run")
-    assert not (tmp_path / "run" / "run.json").exists()
+    write(data / "train/a/0_real/z.png", image_bytes(2))
+    summary = run_shard([data], tmp_path / "run")
+    run = Run(tmp_path / "run")
+    assert summary["conflicts"] == 1 and summary["images"] == 1  # the stage goes on
+    reasons = {r["path"].rsplit("/", 1)[-1]: r["reason"] for r in run.rejects()}
+    assert set(reasons) == {"x.png", "y.png"}
+    assert reasons["x.png"].startswith("conflict") and "y.png (fake)" in reasons["x.png"]
+    assert "x.png (real)" in reasons["y.png"]
+    assert summary["files"] == summary["images"] + summary["rejects"] + summary["duplicates"]
 
 
 def test_deterministic_and_rerun(tmp_path):

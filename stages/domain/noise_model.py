@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -18,10 +19,40 @@ from pipeline.device import PRECISIONS
 from storage.errors import UserError
 
 WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # org/name
 
 
 class ModelError(UserError, RuntimeError):
     """A model folder that cannot be used; the message names the folder and what is missing."""
+
+
+def hub_cache_dir() -> Path:
+    """The Hugging Face hub cache, resolved as huggingface_hub does (read now, not at import)."""
+    env = os.environ
+    if env.get("HF_HUB_CACHE") or env.get("HUGGINGFACE_HUB_CACHE"):
+        return Path(env.get("HF_HUB_CACHE") or env["HUGGINGFACE_HUB_CACHE"]).expanduser()
+    home = env.get("HF_HOME") or os.path.join(env.get("XDG_CACHE_HOME", "~/.cache"), "huggingface")
+    return Path(home).expanduser() / "hub"
+
+
+def resolve_model(model: Path | str, download: bool = False) -> Path:
+    """A local model folder as given; a hub id (`google/ddpm-bedroom-256`) from the local Hugging
+    Face cache, offline; with `download`, fetched into that cache first (network needed)."""
+    path = Path(model)
+    if path.exists() or not HUB_ID.match(str(model)):
+        return path
+    from huggingface_hub import snapshot_download
+
+    cache = hub_cache_dir()
+    try:
+        return Path(snapshot_download(str(model), cache_dir=cache, local_files_only=not download,
+                                      allow_patterns=["*.json", "*.safetensors", "*.bin"]))
+    except Exception as e:  # not cached (LocalEntryNotFoundError), or the download failed
+        how = "" if download else (f"; on a machine with a network, `huggingface-cli download {model}` "
+                                   f"(or rerun with --download) puts it there")
+        raise ModelError(f"{model}: no such folder, and not in the Hugging Face cache {cache} "
+                         f"(searched models--{str(model).replace('/', '--')}/snapshots/ there; "
+                         f"HF_HUB_CACHE or HF_HOME move it){how} ({type(e).__name__})") from e
 
 
 def unet_folder(path: Path | str) -> Path:
