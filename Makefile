@@ -17,7 +17,7 @@ NAME       ?= default
 SHARD_ARGS   ?=
 EXTRACT_ARGS ?=
 
-.PHONY: install test test-long lint quickstart shard extract status train eval bench bench-scaling clean \
+.PHONY: install test test-long lint quickstart shard extract status train eval bench bench-scaling bench-shard clean \
 	demo demo-install demo-system-libs demo-data demo-data-extra demo-model
 
 install: $(STAMP)
@@ -97,6 +97,10 @@ status: $(STAMP)
 # Speed figures (a script, not a test); sizes are options of benchmarks/bench.py.
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench.py $(BENCH_ARGS)
+
+# shard files/s and peak RSS at 200,000 small files and 2,000 photos; status/verify over 100,000 rows
+bench-shard: $(STAMP)
+	$(BIN)/python benchmarks/bench_shard.py $(BENCH_ARGS)
 
 # Extract images/s with 1 vs 2 workers sharing one run's queue (options: benchmarks/scaling.py).
 bench-scaling: $(STAMP)
