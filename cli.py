@@ -101,6 +101,24 @@ def shard(
         if summary["rejects"]:
             typer.echo(f"rejected files (and conflicts) are listed with their reason in "
                        f"{run / 'rejects.jsonl'}")
+        if summary["images"]:
+            from stages.audit import format_audit, run_audit
+
+            with user_errors():
+                typer.echo(format_audit(run_audit(run), short=True))
+
+
+@app.command()
+def audit(run: Path = RUN_OPT,
+          threshold: float = typer.Option(0.8, help="Flag properties whose separability is at least this."),
+          reread: bool = typer.Option(False, help="Read the headers again instead of the manifest's facts."),
+          as_json: bool = typer.Option(False, "--json", help="Print the audit as JSON.")) -> None:
+    """What besides the generator (format, JPEG quality, size, ...) separates real from fake, per source."""
+    from stages.audit import format_audit, run_audit
+
+    with user_errors():
+        result = run_audit(run, threshold, reread)
+    typer.echo(json.dumps(result, indent=2) if as_json else format_audit(result))
 
 
 @app.command()
@@ -220,12 +238,14 @@ def evaluate(
     batch_size: int = typer.Option(64, help="Samples per forward pass."),
     workers: int = typer.Option(2, help="DataLoader workers reading the cache."),
     device: str = DEVICE_OPT,
+    gallery: int = typer.Option(4, help="gallery.png: this many most confident false positives and "
+                                        "false negatives per source (0: none)."),
 ) -> None:
     """Predict a split from the cache; write predictions.csv, report.json and report.md."""
     from stages.evaluate import run_eval
 
     with user_errors():
-        summary = run_eval(run, checkpoint, split, name, feature_id, batch_size, workers, device)
+        summary = run_eval(run, checkpoint, split, name, feature_id, batch_size, workers, device, gallery)
     typer.echo((Path(summary["out"]) / "report.md").read_text())
     _print(summary, False)
 
@@ -238,6 +258,20 @@ def compare(a: Path = typer.Argument(..., help="An eval folder (RUN/eval/NAME)."
 
     with user_errors():
         typer.echo(compare_markdown(a, b))
+
+
+@app.command()
+def show(images: List[str] = typer.Argument(..., help="Manifest keys (a unique prefix will do) or "
+                                                     "image paths."),
+         run: Path = RUN_OPT,
+         out: Path = typer.Option(Path("show.png"), help="The PNG to write."),
+         feature_id: Optional[str] = typer.Option(None, help="Which cache, when several.")) -> None:
+    """Write the image / DNF pairs of chosen images (the DNF as the classifier sees it)."""
+    from stages.show import run_show
+
+    with user_errors():
+        summary = run_show(run, images, out, feature_id)
+    _print(summary, False)
 
 
 @app.command()

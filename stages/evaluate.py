@@ -15,14 +15,16 @@ import numpy as np
 
 from pipeline.device import resolve_device
 from stages.domain.detector import Detector, predict
+from stages.domain.gallery import sheet, tile
 from stages.domain.metrics import binary_metrics
+from stages.domain.pairing import source_groups
 from stages.domain.plots import curves_png, robustness_png
 from storage.atomic import write_bytes_atomic, write_json_atomic
 from storage.cache_config import CacheConfig, describe_differences
 from storage.cache_folder import CacheError, FeatureCache
 from storage.caches import find_cache, perturbed_siblings
-from storage.feature_dataset import cache_index
-from storage.run import Run
+from storage.feature_dataset import CacheIndex, cache_index
+from storage.run import Entry, Run
 
 METRIC_COLUMNS = ("n_real", "n_fake", "acc", "ap", "auc", "real_acc", "fake_acc")
 
@@ -41,24 +43,6 @@ def check_feature_match(checkpoint: Path, meta: dict, cache_config: CacheConfig,
                          + "\n  ".join(d.replace("(cache)", "(checkpoint)").replace("(now)", "(cache)")
                                        for d in diff))
     return "feature config matches the checkpoint"
-
-
-def source_groups(sources: list[str], labels: np.ndarray) -> dict[str, np.ndarray]:
-    """Row masks per source; single-class fake sources get their set's real images added."""
-    sources_arr = np.asarray(sources, dtype=object)
-    groups = {}
-    for src in sorted(set(sources)):
-        mask = sources_arr == src
-        if np.all(labels[mask] == 1):
-            prefix = src.split("/")[0] if "/" in src else None
-            reals = labels == 0
-            if prefix is not None:
-                same_set = np.array([s.startswith(prefix + "/") for s in sources], dtype=bool)
-                if (reals & same_set).any():
-                    reals &= same_set
-            mask = mask | reals
-        groups[src] = mask
-    return groups
 
 
 def report(labels: np.ndarray, probs: np.ndarray, sources: list[str]) -> dict:
@@ -93,9 +77,9 @@ def report_markdown(rep: dict, title: str) -> str:
 
 
 def predict_to_csv(detector: Detector, cache: FeatureCache, split: str, paths: dict[str, str],
-                   batch_size: int, workers: int, csv_path: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Predict every cached sample of `split`, write the CSV; return (labels, probabilities as
-    written, sources) so metrics can be recomputed from the file."""
+                   batch_size: int, workers: int, csv_path: Path) -> tuple[CacheIndex, np.ndarray]:
+    """Predict every cached sample of `split`, write the CSV; return (the rows, probabilities as
+    written) so metrics can be recomputed from the file."""
     index = cache_index(cache, split)
     if len(index) == 0:
         raise CacheError(f"{cache.root}: no cached samples in split {split!r}")
@@ -108,7 +92,63 @@ def predict_to_csv(detector: Detector, cache: FeatureCache, split: str, paths: d
     with open(tmp, "w", newline="", errors="surrogateescape") as f:
         csv.writer(f).writerows(lines)
     tmp.replace(csv_path)
-    return index.labels, np.array([float(r[4]) for r in lines[1:]]), index.sources
+    return index, np.array([float(r[4]) for r in lines[1:]])
+
+
+QUALITY_BANDS = ((0, 70, "<= 70"), (71, 85, "71-85"), (86, 95, "86-95"), (96, 100, "96-100"))
+
+
+def format_breakdown(index: CacheIndex, probs: np.ndarray, entries: dict[str, Entry]) -> dict:
+    """Metrics by the original file's format, and for JPEGs by quality band: a detector that learned
+    the format instead of the generator shows here (real JPEGs right, real PNGs wrong, ...)."""
+    found = [entries.get(k) for k in index.keys]
+    fmt = np.array([(e.format if e and e.format else "unknown") for e in found])
+    quality = np.array([e.quality if e and e.quality is not None else -1 for e in found])
+    by_format = {f: binary_metrics(index.labels[fmt == f], probs[fmt == f]) for f in sorted(set(fmt))}
+    by_quality = {}
+    for low, high, name in QUALITY_BANDS:
+        m = (fmt == "JPEG") & (quality >= low) & (quality <= high)
+        if m.any():
+            by_quality[name] = binary_metrics(index.labels[m], probs[m])
+    return {"by_format": by_format, "by_jpeg_quality": by_quality}
+
+
+def breakdown_markdown(rep: dict) -> str:
+    """The per-format and per-JPEG-quality tables."""
+    head = ["", "real", "fake", "acc", "AP", "AUC", "real acc", "fake acc"]
+    md = ""
+    for key, title in (("by_format", "By original file format"), ("by_jpeg_quality", "By JPEG quality")):
+        if not rep[key]:
+            continue
+        md += f"\n## {title}\n\n| " + " | ".join([title.split()[-1], *head[1:]]) + " |\n"
+        md += "|" + "---|" * len(head) + "\n"
+        md += "".join("| " + " | ".join([name] + [_fmt(r[k]) for k in METRIC_COLUMNS]) + " |\n"
+                      for name, r in rep[key].items())
+    return md
+
+
+def worst_errors(index: CacheIndex, probs: np.ndarray, n: int) -> list[dict]:
+    """Per source, the `n` most confident false positives (real, highest probability) and false
+    negatives (generated, lowest probability), scored as in the report."""
+    out = []
+    for src, mask in source_groups(index.sources, index.labels).items():
+        rows = np.flatnonzero(mask)
+        fp = sorted((i for i in rows if index.labels[i] == 0 and probs[i] > 0.5), key=lambda i: -probs[i])
+        fn = sorted((i for i in rows if index.labels[i] == 1 and probs[i] <= 0.5), key=lambda i: probs[i])
+        out += [{"source": src, "kind": kind, "key": index.keys[i], "row": int(index.rows[i]),
+                 "probability": round(float(probs[i]), 6)}
+                for kind, picked in (("false positive", fp[:n]), ("false negative", fn[:n])) for i in picked]
+    return out
+
+
+def gallery_png(errors: list[dict], cache: FeatureCache, paths: dict[str, str], out: Path) -> Path:
+    """gallery.png: a tile per error: the image, its DNF, source, probability and path."""
+    reader = cache.row_reader()
+    tiles = [tile(paths.get(e["key"], ""), reader[e["row"]],
+                  [f"{e['kind']} p={e['probability']:.3f}", e["source"], Path(paths.get(e["key"], "?")).name])
+             for e in errors]
+    reader.close()
+    return sheet(tiles, out)
 
 
 def cross_generator(rep: dict, trained_on: list[str]) -> dict:
@@ -157,6 +197,7 @@ def write_report(out: Path, rep: dict, title: str) -> None:
     md = report_markdown(rep, title)
     if "cross_generator" in rep:
         md += cross_generator_markdown(rep["cross_generator"])
+    md += breakdown_markdown(rep)
     if rep["perturbations"]:
         md += robustness_markdown(rep)
     md += "".join(f"\n![{k}]({v})\n" for k, v in rep["plots"].items())
@@ -165,9 +206,10 @@ def write_report(out: Path, rep: dict, title: str) -> None:
 
 def run_eval(run_dir: Path, checkpoint: Path, split: str = "test", name: str | None = None,
              feature_id: str | None = None, batch_size: int = 64, workers: int = 2,
-             device: str = "auto") -> dict:
+             device: str = "auto", gallery: int = 4) -> dict:
     """Predict every cached sample of `split` (and of its perturbed variants, when extracted),
-    write predictions*.csv, report.json and report.md."""
+    write predictions*.csv, report.json and report.md (with per-format tables, plots and, for
+    `gallery` > 0, the most confident mistakes of each source)."""
     run = Run(run_dir)
     run.info()
     detector = Detector.from_checkpoint(checkpoint, resolve_device(device))
@@ -175,19 +217,21 @@ def run_eval(run_dir: Path, checkpoint: Path, split: str = "test", name: str | N
     cache = find_cache(run.cache_root, feature_id or meta.get("feature_id"))
     config = cache.config()
     note = check_feature_match(checkpoint, meta, config, cache.root)
-    paths = {e.key: e.path for e in run.entries()}
+    entries = {e.key: e for e in run.entries()}
+    paths = {k: e.path for k, e in entries.items()}
     name = name or f"{Path(checkpoint).parent.name}-{split}"
     out = run.root / "eval" / name
     out.mkdir(parents=True, exist_ok=True)
-    labels, probs, sources = predict_to_csv(detector, cache, split, paths, batch_size, workers,
-                                            out / "predictions.csv")
+    index, probs = predict_to_csv(detector, cache, split, paths, batch_size, workers, out / "predictions.csv")
+    labels, sources = index.labels, index.sources
     rep = report(labels, probs, sources)
+    rep.update(format_breakdown(index, probs, entries))
     rep["perturbations"] = {}
     for sibling in perturbed_siblings(run.cache_root, config.feature, cache.backend):
         spec = sibling.config().feature.perturb
         csv_path = out / f"predictions_{spec.replace(':', '_')}.csv"
-        rep["perturbations"][spec] = report(*predict_to_csv(detector, sibling, split, paths, batch_size,
-                                                            workers, csv_path))
+        sib_index, sib_probs = predict_to_csv(detector, sibling, split, paths, batch_size, workers, csv_path)
+        rep["perturbations"][spec] = report(sib_index.labels, sib_probs, sib_index.sources)
     rep.update({"checkpoint": str(checkpoint), "split": split, "feature_id": config.feature_id, "note": note})
     trained_on = (meta.get("train") or {}).get("options", {}).get("sources") or []
     if trained_on:
@@ -198,6 +242,9 @@ def run_eval(run_dir: Path, checkpoint: Path, split: str = "test", name: str | N
     if rep["perturbations"]:
         rep["plots"]["robustness"] = robustness_png(rep["overall"]["acc"], rep["perturbations"],
                                                     out / "robustness.png").name
+    if gallery:
+        rep["gallery"] = worst_errors(index, probs, gallery)
+        rep["plots"]["gallery"] = gallery_png(rep["gallery"], cache, paths, out / "gallery.png").name
     write_report(out, rep, f"{name}: {Path(checkpoint).name} on {split} ({config.feature_id})")
     return {"out": str(out), **{k: rep["overall"][k] for k in ("n", "acc", "ap", "auc")}, "note": note,
             "perturbations": list(rep["perturbations"])}

@@ -29,6 +29,7 @@ from PIL import Image, UnidentifiedImageError
 
 import pipeline
 from pipeline.progress import Progress
+from stages.domain.image_facts import header_facts
 from stages.domain.image_limits import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from stages.domain.layouts import LAYOUTS, SPLIT_NAMES, infer_from_layout, parse_label
 from storage.atomic import read_jsonl, write_jsonl_atomic
@@ -160,7 +161,7 @@ def input_roots(inputs: list[Path]) -> list[str]:
 
 def probe_file(path: str, max_pixels: int = DEFAULT_MAX_PIXELS,
                max_bytes: int = DEFAULT_MAX_BYTES) -> dict:
-    """Read, hash and fully decode one file: `{"key", "size"}` or `{"reason"}`."""
+    """Read, hash and fully decode one file: `{"key", "size", "facts"}` or `{"reason"}`."""
     try:
         if os.path.isdir(path):
             return {"reason": "is a folder, not an image file"}
@@ -174,14 +175,15 @@ def probe_file(path: str, max_pixels: int = DEFAULT_MAX_PIXELS,
     except OSError as e:
         return {"reason": f"unreadable: {e.strerror or e}"}
     key = hashlib.sha256(data).hexdigest()
-    reason = check_image_bytes(data, max_pixels)
+    reason, facts = check_image_bytes(data, max_pixels)
     if reason:
         return {"reason": reason, "key": key}
-    return {"key": key, "size": len(data)}
+    return {"key": key, "size": len(data), "facts": facts}
 
 
-def check_image_bytes(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> str | None:
-    """None when `data` decodes completely as an image within the pixel limit, else the reason."""
+def check_image_bytes(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[str | None, dict]:
+    """(None, the header's facts) when `data` decodes completely as an image within the pixel
+    limit, else (the reason, {})."""
     Image.MAX_IMAGE_PIXELS = None  # our own limit below, checked before any pixel is decoded
     try:
         with warnings.catch_warnings():
@@ -189,17 +191,18 @@ def check_image_bytes(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> str 
             with Image.open(io.BytesIO(data)) as im:
                 w, h = im.size
                 if w * h > max_pixels:
-                    return f"too large: {w}x{h} pixels > --max-pixels {max_pixels}"
+                    return f"too large: {w}x{h} pixels > --max-pixels {max_pixels}", {}
                 if w < 1 or h < 1:
-                    return f"empty image: {w}x{h} pixels"
+                    return f"empty image: {w}x{h} pixels", {}
+                facts = header_facts(im)
                 if im.format == "JPEG":
                     im.draft("RGB", (max(1, w // 8), max(1, h // 8)))  # fast, still reads all data
                 im.load()
     except UnidentifiedImageError:
-        return "not an image: no image format recognised"
+        return "not an image: no image format recognised", {}
     except (OSError, SyntaxError, ValueError, EOFError) as e:
-        return f"truncated or corrupt image: {e}"
-    return None
+        return f"truncated or corrupt image: {e}", {}
+    return None, facts
 
 
 
@@ -273,7 +276,7 @@ def build_manifest(candidates: list[Candidate], results: list[dict], existing: d
                           "nature, ai, <generator> under a split) and no --label or --layout was given",
             })
         else:
-            entry = Entry(r["key"], c.path, c.label, c.source, c.split, r["size"])
+            entry = Entry(r["key"], c.path, c.label, c.source, c.split, r["size"], **r.get("facts", {}))
             by_key.setdefault(r["key"], []).append(entry)
     entries, duplicates, conflicts = [], [], 0
     for key in sorted(by_key):

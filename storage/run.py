@@ -16,7 +16,9 @@ LABELS = {0: "real", 1: "fake"}
 
 @dataclass(frozen=True)
 class Entry:
-    """One image of the manifest: its key is the sha256 of its bytes."""
+    """One image of the manifest: its key is the sha256 of its bytes. What its header said (format
+    to subsampling) is recorded by `shard` for `audit` and per-format metrics; None in manifests
+    written before that was recorded."""
 
     key: str
     path: str
@@ -24,6 +26,13 @@ class Entry:
     source: str
     split: str
     size: int
+    format: str | None = None  # container format as Pillow names it: JPEG, PNG, WEBP, ...
+    width: int | None = None
+    height: int | None = None
+    mode: str | None = None  # colour mode: RGB, L, RGBA, P, ...
+    exif: bool | None = None
+    quality: int | None = None  # JPEG quality estimated from the quantisation tables
+    subsampling: str | None = None  # JPEG chroma subsampling: 4:4:4, 4:2:2, 4:2:0
 
     def to_json(self) -> dict:
         return asdict(self)

@@ -164,3 +164,54 @@ def test_eval_refuses_other_features(cached_run, tmp_path, tiny_model):
     torch.save(ckpt, tmp_path / "t10.pt")
     with pytest.raises(CacheError, match="timestep: 10 \\(checkpoint\\) vs 0 \\(cache\\)"):
         run_eval(cached_run, tmp_path / "t10.pt", "test", "bad", workers=0, device="cpu")
+
+
+def test_per_format_metrics_and_gallery(cached_run, tmp_path):
+    """report.json's per-format tables equal scikit-learn on the CSV with the manifest's formats;
+    gallery.png holds one tile per listed mistake; `show` writes the tiles of chosen images."""
+    from PIL import Image
+
+    from stages.domain.gallery import COLUMNS, TILE_H, TILE_W
+    from storage.run import Run
+
+    if not (cached_run / "train/full/best.pt").exists():
+        run_train(cached_run, opts("full"))
+    summary = run_eval(cached_run, cached_run / "train/full/best.pt", "test", "fmt", workers=0,
+                       device="cpu", gallery=2)
+    out = Path(summary["out"])
+    rows = list(csv.DictReader(open(out / "predictions.csv")))
+    fmt = {e.key: e.format for e in Run(cached_run).entries()}
+    rep = json.loads((out / "report.json").read_text())
+    y = np.array([int(r["label"]) for r in rows])
+    p = np.array([float(r["probability"]) for r in rows])
+    f = np.array([fmt[r["key"]] for r in rows])
+    assert set(rep["by_format"]) == {"JPEG", "PNG"}
+    for name in ("JPEG", "PNG"):
+        m = f == name
+        assert rep["by_format"][name]["n"] == int(m.sum())
+        assert rep["by_format"][name]["acc"] == pytest.approx(accuracy_score(y[m], p[m] > 0.5))
+        if len(set(y[m])) == 2:
+            assert rep["by_format"][name]["ap"] == pytest.approx(average_precision_score(y[m], p[m]))
+            assert rep["by_format"][name]["auc"] == pytest.approx(roc_auc_score(y[m], p[m]))
+    assert sum(r["n"] for r in rep["by_jpeg_quality"].values()) == int((f == "JPEG").sum())
+    md = (out / "report.md").read_text()
+    assert "## By original file format" in md and "| JPEG |" in md and "![gallery](gallery.png)" in md
+    # the gallery: the most confident mistakes, at most 2 of each kind per source
+    expected = 0
+    for src in ("gan_a", "gan_b"):
+        m = np.array([r["source"] == src for r in rows])
+        expected += min(2, int((m & (y == 0) & (p > 0.5)).sum()))
+        expected += min(2, int((m & (y == 1) & (p <= 0.5)).sum()))
+    assert len(rep["gallery"]) == expected
+    fps = [g["probability"] for g in rep["gallery"] if g["kind"] == "false positive"]
+    assert all(v > 0.5 for v in fps)
+    with Image.open(out / "gallery.png") as im:
+        assert im.size == (COLUMNS * TILE_W, max(1, -(-expected // COLUMNS)) * TILE_H)
+    # show: chosen images by path and by key prefix
+    proc = cli("show", rows[0]["path"], rows[1]["key"][:10], "--run", cached_run, "--out", tmp_path / "s.png")
+    assert "images: 2" in proc.stdout
+    with Image.open(tmp_path / "s.png") as im:
+        assert im.size == (COLUMNS * TILE_W, TILE_H)
+        assert np.asarray(im).std() > 0  # not blank
+    proc = cli("show", "nothing-like-this", "--run", cached_run, "--out", tmp_path / "t.png", check=False)
+    assert proc.returncode == 2 and "no image of the run" in proc.stderr

@@ -1,0 +1,56 @@
+"""Image / DNF pairs as tiles of one PNG: what the detector saw for chosen images (`show`) and for
+its most confident mistakes (`eval --gallery`). The DNF is shown as the classifier sees it: the
+stored uint8 map / 255 (reference encoding), or raw eps clipped to [0, 1], first three channels."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+PANEL = 128  # pixels of each image in a tile
+PAD = 4
+LINE = 12
+LINES = 3
+COLUMNS = 4
+TILE_W, TILE_H = 2 * PANEL + 3 * PAD, PANEL + 2 * PAD + LINES * LINE
+
+
+def dnf_view(dnf: np.ndarray) -> Image.Image:
+    """A stored DNF (C, S, S) as an RGB picture of its first three channels."""
+    x = np.asarray(dnf)[:3]
+    if x.dtype != np.uint8:
+        x = (np.clip(x.astype(np.float32), 0, 1) * 255 + 0.5).astype(np.uint8)
+    return Image.fromarray(np.ascontiguousarray(x.transpose(1, 2, 0)), "RGB")
+
+
+def original_view(path: str) -> Image.Image:
+    """The original image as RGB, or a grey panel when it can no longer be read."""
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except (OSError, ValueError, SyntaxError):
+        return Image.new("RGB", (PANEL, PANEL), (96, 96, 96))
+
+
+def tile(path: str, dnf: np.ndarray, caption: list[str]) -> Image.Image:
+    """The image and its DNF side by side, with up to three caption lines below."""
+    out = Image.new("RGB", (TILE_W, TILE_H), (255, 255, 255))
+    out.paste(original_view(path).resize((PANEL, PANEL), Image.BICUBIC), (PAD, PAD))
+    out.paste(dnf_view(dnf).resize((PANEL, PANEL), Image.NEAREST), (2 * PAD + PANEL, PAD))
+    draw, font = ImageDraw.Draw(out), ImageFont.load_default()
+    for i, text in enumerate(caption[:LINES]):
+        draw.text((PAD, PANEL + 2 * PAD + i * LINE), text[:42], fill=(0, 0, 0), font=font)
+    return out
+
+
+def sheet(tiles: list[Image.Image], out: Path) -> Path:
+    """Tiles in rows of COLUMNS, written as one PNG (a blank tile when there are none)."""
+    rows = max(1, -(-len(tiles) // COLUMNS))
+    page = Image.new("RGB", (COLUMNS * TILE_W, rows * TILE_H), (255, 255, 255))
+    for i, t in enumerate(tiles):
+        page.paste(t, ((i % COLUMNS) * TILE_W, (i // COLUMNS) * TILE_H))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    page.save(out)
+    return out
