@@ -17,7 +17,7 @@ NAME       ?= default
 SHARD_ARGS   ?=
 EXTRACT_ARGS ?=
 
-.PHONY: install test test-long lint quickstart shard extract status train eval bench bench-scaling bench-shard clean \
+.PHONY: install test test-long lint quickstart shard extract status train eval bench bench-host bench-gpu bench-scaling bench-shard clean \
 	demo demo-install demo-system-libs demo-data demo-data-extra demo-model
 
 install: $(STAMP)
@@ -97,6 +97,14 @@ status: $(STAMP)
 # Speed figures (a script, not a test); sizes are options of benchmarks/bench.py.
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench.py $(BENCH_ARGS)
+
+# The host ceiling: the real extract pipeline with a no-op UNet, and the core-ms of each host step
+bench-host: $(STAMP)
+	$(BIN)/python benchmarks/bench.py --host-only $(BENCH_ARGS)
+
+# On a CUDA box: the bedroom UNet at fp32/bf16/fp16, compile on/off, batch 16-256, nvJPEG on/off
+bench-gpu: $(STAMP)
+	$(BIN)/python benchmarks/bench_gpu.py $(BENCH_ARGS)
 
 # shard files/s and peak RSS at 200,000 small files and 2,000 photos; status/verify over 100,000 rows
 bench-shard: $(STAMP)

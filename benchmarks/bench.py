@@ -120,14 +120,18 @@ def reference_loop(model_dir: Path, files: list[Path], size: int, device, worker
     return median_rate(run, len(files), repeats=1)
 
 
-def host_cost_ms(files: list[Path], size: int, cache_dir: Path) -> dict:
-    """CPU-core-ms per image of everything but the model: read + hash, decode + resize, encode, write."""
+def host_cost_ms(files: list[Path], size: int, cache_dir: Path, encoding: str = "reference") -> dict:
+    """CPU-core-ms per image of everything but the model: read + hash, decode + resize, encode, and
+    the cache write: `write` as extract does it now (the shard's bytes written directly, chunks
+    compressed on a thread pool), `write_zarr_python` through zarr-python's array assignment."""
     import zarr
 
+    from storage.zarr_cache import RowShardLayout, write_row_shard
+
     torch.set_num_threads(1)
-    t = {"read": 0.0, "decode": 0.0, "encode": 0.0, "write": 0.0}
+    t = {"read": 0.0, "decode": 0.0, "encode": 0.0, "write": 0.0, "write_zarr_python": 0.0}
     eps = torch.randn(1, 3, size, size) * 0.3
-    out = np.zeros((len(files), 3, size, size), np.uint8)
+    out = np.zeros((len(files), 3, size, size), np.uint8 if encoding == "reference" else np.float16)
     for i, f in enumerate(files):
         c0 = time.process_time()
         data = f.read_bytes()
@@ -135,20 +139,90 @@ def host_cost_ms(files: list[Path], size: int, cache_dir: Path) -> dict:
         c1 = time.process_time()
         preprocess(decode_rgb(data), size)
         c2 = time.process_time()
-        out[i] = encode(eps, "reference").numpy()[0]
+        out[i] = encode(eps, encoding).numpy()[0]
         t["read"] += c1 - c0
         t["decode"] += c2 - c1
         t["encode"] += time.process_time() - c2
-    arr = zarr.create_array(cache_dir / f"w{len(files)}-{size}-{files[0].parent.name}.zarr", overwrite=True,
-                            shape=out.shape, dtype="uint8", chunks=(1, 3, size, size),
-                            shards=out.shape, compressors=zarr.codecs.ZstdCodec(level=3))
+    name = f"{len(files)}-{size}-{files[0].parent.name}-{encoding}"
+    paths = [cache_dir / f"w{k}-{name}.zarr" for k in range(2)]
+    arrays = [zarr.create_array(paths[k], overwrite=True, shape=out.shape, dtype=out.dtype,
+                                chunks=(1, 3, size, size), shards=out.shape,
+                                compressors=zarr.codecs.ZstdCodec(level=3), fill_value=0)
+              for k in range(2)]
     c0 = time.process_time()
-    arr[:] = out
+    arrays[0][:] = out
+    t["write_zarr_python"] = time.process_time() - c0
+    c0 = time.process_time()
+    write_row_shard(RowShardLayout.read(paths[1]), 0, out)
     t["write"] = time.process_time() - c0
     torch.set_num_threads(os.cpu_count() or 1)
     per = {k: 1000 * v / len(files) for k, v in t.items()}
-    per["total"] = sum(per.values())
+    per["total"] = sum(v for k, v in per.items() if k != "write_zarr_python")
+    per["total_with_zarr_python_write"] = per["total"] - per["write"] + per["write_zarr_python"]
     return per
+
+
+def host_ceiling(tmp: Path, size_in: int, size_out: int, n: int, encoding: str = "reference",
+                 backend: str = "zarr", workers: int = 2, batch: int = 64) -> dict:
+    """Images/s of the real extract pipeline (shard files, decode, resize, encode, cache write,
+    done markers, claims) with the UNet's forward replaced by a no-op of the right shape: what the
+    host can feed a GPU at most. The no-op exists in this benchmark only."""
+    from stages.domain.noise_model import NoiseModel
+
+    data = tmp / f"ceiling-{size_in}-{n}"
+    if not data.exists():
+        make_jpegs(data, n, size_in)
+    run = tmp / f"ceiling-run-{size_in}-{n}"
+    if not run.exists():
+        run_shard([data], run, shard_size=128)
+    model = tmp / "unet-ceiling"
+    if not model.exists():
+        make_test_model(model, size=64)
+    predict = NoiseModel.predict
+    NoiseModel.predict = lambda self, x, timestep=0: x  # (B, 3, S, S) float32 in, the same out
+    try:
+        cache = tmp / f"ceiling-cache-{size_in}-{encoding}-{backend}-{workers}-{time.perf_counter_ns()}"
+        summary = run_extract(run, ExtractOptions(model, size=size_out, encoding=encoding, backend=backend,
+                                                  workers=workers, batch_size=batch, device="cpu",
+                                                  cache_dir=cache))
+    finally:
+        NoiseModel.predict = predict
+    return {"jpeg": size_in, "out": size_out, "encoding": encoding, "backend": backend, "workers": workers,
+            "images": summary["images"], "host_ceiling_img_s": summary["images_per_s"]}
+
+
+def host_only(args, tmp: Path) -> None:
+    """`--host-only`: the host ceiling of each configuration and the core-ms of each step."""
+    cpus = os.cpu_count() or 1
+    configs = [(256, "reference", "zarr"), (1024, "reference", "zarr"), (256, "raw", "zarr"),
+               (256, "reference", "webdataset")]
+    rows, steps = [], {}
+    for size_in, encoding, backend in configs:
+        n = args.host_images if size_in <= 256 else max(64, args.host_images // 4)
+        for workers in sorted({0, cpus}):
+            rows.append(host_ceiling(tmp, size_in, 256, n, encoding, backend, workers))
+            print(json.dumps(rows[-1]), flush=True)
+        make_jpegs(tmp / f"steps{size_in}", 32, size_in)
+        steps[f"{size_in} {encoding}"] = host_cost_ms(sorted((tmp / f"steps{size_in}").rglob("*.jpg")), 256,
+                                                      tmp, encoding)
+    best = max(r["host_ceiling_img_s"] for r in rows if r["jpeg"] == 256 and r["backend"] == "zarr"
+               and r["encoding"] == "reference")
+    print("\n## Host ceiling (no-op UNet; images/s, 256x256 DNF)")
+    print("| JPEG in | encoding | backend | decode workers | images/s |\n|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['jpeg']}x{r['jpeg']} | {r['encoding']} | {r['backend']} | {r['workers']} | "
+              f"{r['host_ceiling_img_s']:.0f} |")
+    print("\n## Host cost per image, CPU-core-ms (one thread each step, alone)")
+    cols = ["read", "decode", "encode", "write", "total", "write_zarr_python", "total_with_zarr_python_write"]
+    print("| input | " + " | ".join(cols) + " |\n|" + "---|" * (len(cols) + 1))
+    for k, h in steps.items():
+        print(f"| {k} | " + " | ".join(f"{h[c]:.2f}" for c in cols) + " |")
+    print(f"\nhost ceiling: {best:.0f} images/s (256x256 JPEG -> 256x256 reference DNF, Zarr, "
+          f"{cpus} cores)")
+    out = Path(args.results or tmp / "bench_host.json")
+    out.write_text(json.dumps({"cpu_cores": cpus, "host_ceiling_img_s": best, "ceilings": rows,
+                               "core_ms_per_image": steps}, indent=2))
+    print(f"results in {out}")
 
 
 def training_rates(cache, size: int, batch: int, samples: int, device, png_dir: Path) -> dict:
@@ -230,7 +304,14 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=-1)
     ap.add_argument("--train-samples", type=int, default=32)
     ap.add_argument("--train-batch", type=int, default=16)
+    ap.add_argument("--host-only", action="store_true", help="Only the host ceiling (no-op UNet) and "
+                                                               "the core-ms of each host step.")
+    ap.add_argument("--host-images", type=int, default=512, help="256x256 JPEGs for the host ceiling")
+    ap.add_argument("--results", default="", help="Where to write the results JSON.")
     args = ap.parse_args()
+    if args.host_only:
+        host_only(args, Path(tempfile.mkdtemp(prefix="dnf-bench-host-")))
+        return
     device = resolve_device(args.device)
     models = args.models.split(",") if args.models else (
         ["tiny", "mid", "bedroom"] if device.type == "cuda" else ["tiny", "mid"])
@@ -297,6 +378,7 @@ def main() -> None:
     for s, h in host.items():
         print(f"| {s}x{s} | {h['read']:.2f} | {h['decode']:.2f} | {h['encode']:.2f} | {h['write']:.2f} | "
               f"{h['total']:.2f} |")
+    print("(`make bench-host` measures the host ceiling of the whole pipeline with a no-op UNet)")
     print("\n## Training (samples/s, ResNet50 at the cache size)")
     for k, v in train.items():
         print(f"- {k}: {v:.1f}")

@@ -20,7 +20,8 @@ def run_convert_cache(run_dir: Path, to: str, feature_id: str | None = None, out
     source = find_cache(run.cache_root, feature_id, backend=next(b for b in BACKENDS if b != to))
     config = source.config()
     target = new_cache(out or run.cache_root / folder_name(config.feature_id, to), to)
-    target.open_or_create(replace(config, backend=to))
+    target.open_or_create(replace(config, backend=to, format=target.format_version),
+                          vocabulary=run.vocabulary())
     converted, skipped = 0, 0
     for s in sorted(source.done_shards()):
         if target.done_path(s).exists():

@@ -87,18 +87,25 @@ class ShardImages(Dataset):
             return i, None, str(e)
 
 
-def _collate(items: list) -> tuple[list[int], list[torch.Tensor], list[tuple[int, str]]]:
-    """Indices and tensors (preprocessed, or JPEG bytes for the GPU) of the images that read,
-    and (index, reason) of those that did not."""
+def _collate(items: list) -> tuple[list[int], torch.Tensor | list[torch.Tensor], list[tuple[int, str]]]:
+    """Indices and tensors of the images that read, and (index, reason) of those that did not.
+    Preprocessed images are stacked here, in the loader worker, so that a batch crosses to the
+    main process as one shared-memory block (not one per image) and is copied once; a batch
+    holding JPEG bytes for the GPU decoder stays a list."""
     ok = [(i, x) for i, x, _ in items if x is not None]
     failed = [(i, reason) for i, x, reason in items if x is None]
-    return [i for i, _ in ok], [x for _, x in ok], failed
+    tensors = [x for _, x in ok]
+    if tensors and all(t.ndim == 3 for t in tensors):
+        return [i for i, _ in ok], torch.stack(tensors), failed
+    return [i for i, _ in ok], tensors, failed
 
 
-def gpu_batch(tensors: list[torch.Tensor], size: int, device: torch.device) -> torch.Tensor:
-    """Stack a batch on the device; JPEG bytes (1-D uint8) are decoded there by nvJPEG."""
+def gpu_batch(tensors: torch.Tensor | list[torch.Tensor], size: int, device: torch.device) -> torch.Tensor:
+    """A batch on the device; JPEG bytes (1-D uint8) are decoded there by nvJPEG."""
     from torchvision.io import ImageReadMode, decode_jpeg
 
+    if isinstance(tensors, torch.Tensor):  # already stacked by the loader
+        return tensors.to(device, non_blocking=True)
     jpeg_at = [k for k, t in enumerate(tensors) if t.ndim == 1]
     out = [t.to(device, non_blocking=True) if t.ndim == 3 else None for t in tensors]
     if jpeg_at:
@@ -165,7 +172,7 @@ def open_cache(run: Run, model: NoiseModel, opts: ExtractOptions,
     feature = opts.feature(model.fingerprint, model.precision)
     cache = new_cache(opts.cache_root(run, feature.feature_id), opts.backend)
     config = CacheConfig(
-        feature=feature, backend=cache.backend, channels=feature.channels,
+        feature=feature, backend=cache.backend, channels=feature.channels, format=cache.format_version,
         manifest=ManifestRef(run.manifest_fingerprint(), info.images, info.shard_size, info.num_shards,
                              info.rows),
         # batch_size: the first run's, reused by resumed runs with --batch-size 0, since the batch
@@ -176,7 +183,7 @@ def open_cache(run: Run, model: NoiseModel, opts: ExtractOptions,
         return (old.num_shards < info.num_shards
                 and run.manifest_fingerprint(old.num_shards) == old.fingerprint)
 
-    cache.open_or_create(config, extends)
+    cache.open_or_create(config, extends, run.vocabulary())
     return cache, feature
 
 
@@ -273,7 +280,7 @@ def compute_shard(job: ShardJob, model: NoiseModel, feature: FeatureConfig, prog
         for i, reason in failed:
             rejected.append({"key": entries[i].key, "path": entries[i].path, "reason": reason,
                              "stage": "extract"})
-        if tensors:
+        if len(tensors):
             x = gpu_batch(tensors, size, model.device)
             dnf[idx] = encode(model.features(x, feature), feature.encoding).cpu().numpy()
             labels[idx] = [entries[i].label for i in idx]

@@ -133,6 +133,7 @@ class CacheConfig:
     backend: str = "zarr"
     channels: int = 3
     about: dict = field(default_factory=dict)
+    format: int = 1  # the backend's storage format version (`FeatureCache.format_version`)
 
     @property
     def feature_id(self) -> str:
@@ -163,12 +164,15 @@ class CacheConfig:
     def from_json(cls, d: dict) -> CacheConfig:
         return cls(feature=FeatureConfig.from_json(d["feature"]),
                    manifest=ManifestRef.from_json(d["manifest"]), backend=d.get("backend", "zarr"),
-                   channels=d.get("channels", 3), about=d.get("about", {}))
+                   channels=d.get("channels", 3), about=d.get("about", {}), format=d.get("format", 1))
 
     def to_json(self) -> dict:
-        return {"feature_id": self.feature_id, "feature": self.feature.to_json(), "backend": self.backend,
-                "dtype": self.dtype, "channels": self.channels, "manifest": self.manifest.to_json(),
-                "about": dict(self.about)}
+        d = {"feature_id": self.feature_id, "feature": self.feature.to_json(), "backend": self.backend,
+             "dtype": self.dtype, "channels": self.channels, "manifest": self.manifest.to_json(),
+             "about": dict(self.about)}
+        if self.format != 1:  # format 1 caches (and WebDataset's) keep the config.json they had
+            d["format"] = self.format
+        return d
 
     def differences(self, other: CacheConfig) -> list[str]:
         """`name: old (cache) vs new (now)` for every compared field that differs (`about` is not)."""

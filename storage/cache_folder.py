@@ -75,6 +75,7 @@ class FeatureCache(ABC):
     backend = ""
     folder_suffix = ""
     random_access = True
+    format_version = 1  # of the backend's storage; a cache of another version is not written to
 
     def __init__(self, root: Path | str):
         self.root = Path(root)
@@ -107,22 +108,30 @@ class FeatureCache(ABC):
             self._config = CacheConfig.read(read_json(self.config_path), str(self.config_path))
         return self._config
 
-    def open_or_create(self, config: CacheConfig,
-                       extends: Callable[[ManifestRef], bool] | None = None) -> None:
+    def open_or_create(self, config: CacheConfig, extends: Callable[[ManifestRef], bool] | None = None,
+                       vocabulary: dict[str, list[str]] | None = None) -> None:
         """Create the cache for `config`, or check that the existing one was made with the same
         (`config.about` is informational and never compared). A cache of a manifest that `config`'s
         manifest extends (`extends(old manifest)`: a run grown by `shard --append`) grows to it:
-        new rows, its shards, markers and data untouched."""
+        new rows, its shards, markers and data untouched. `vocabulary` is the manifest's split and
+        source names in their fixed order (`Run.vocabulary`), for backends that store codes."""
+        vocabulary = vocabulary or {"split": [], "source": []}
         with file_lock(self.root.parent / f"{self.root.name}.lock"):
             if self.exists():
                 old = self.config()
                 diff = old.differences(config)
                 only_grown = not old.differences(replace(config, manifest=old.manifest))
                 if diff and only_grown and extends is not None and extends(old.manifest):
-                    self._grow(config)
+                    self._grow(config, vocabulary)
                     write_json_atomic(self.config_path, config.to_json())
                     self._config = config
                     return
+                if old.format != config.format:
+                    raise CacheError(
+                        f"{self.root} is a format-{old.format} {self.backend} cache made by an older "
+                        f"dnf-pipeline; this version writes format {config.format}. Extract into a new "
+                        f"cache folder (--cache-dir, or remove this one); train, eval and verify still "
+                        f"read it, and `convert-cache` copies it to the other backend.")
                 if diff:
                     raise CacheError(
                         f"{self.root} was made with another config; refusing to mix features.\n  "
@@ -130,7 +139,7 @@ class FeatureCache(ABC):
                         + "\nUse the settings it was made with, or another cache folder.")
                 return
             self.root.mkdir(parents=True, exist_ok=True)
-            self._create(config)
+            self._create(config, vocabulary)
             write_json_atomic(self.config_path, config.to_json())  # last: marks the cache as created
             self._config = config
 
@@ -157,11 +166,11 @@ class FeatureCache(ABC):
 
     # -- what a backend implements -----------------------------------------------------------
     @abstractmethod
-    def _create(self, config: CacheConfig) -> None:
+    def _create(self, config: CacheConfig, vocabulary: dict[str, list[str]]) -> None:
         """Lay out the empty storage for `config` (config.json is written after this)."""
 
     @abstractmethod
-    def _grow(self, config: CacheConfig) -> None:
+    def _grow(self, config: CacheConfig, vocabulary: dict[str, list[str]]) -> None:
         """Make room for the rows of a grown manifest (config.json is rewritten after this)."""
 
     @abstractmethod

@@ -192,6 +192,20 @@ class Run:
         """Every entry of the manifest, in row order."""
         return [e for s in range(self.num_shards()) for e in self.shard_entries(s)]
 
+    def vocabulary(self) -> dict[str, list[str]]:
+        """The split and source names of the manifest in a fixed order: those of the first shard run
+        sorted, then each append's new ones sorted, so that names get codes that never change."""
+        out: dict[str, list[str]] = {"split": [], "source": []}
+        for first, count, _ in self.info().segments():
+            found: dict[str, set[str]] = {"split": set(), "source": set()}
+            for s in range(first, first + count):
+                for e in self.shard_entries(s):
+                    found["split"].add(e.split)
+                    found["source"].add(e.source)
+            for name, values in found.items():
+                out[name] += sorted(values - set(out[name]))
+        return out
+
     def rejects(self) -> list[dict]:
         return read_jsonl(self.rejects_path)
 

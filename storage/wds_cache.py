@@ -63,10 +63,10 @@ class WdsCache(FeatureCache):
     def shard_file(self, shard_id: int) -> Path:
         return self.shards_dir / f"{shard_id:05d}.tar"
 
-    def _create(self, config: CacheConfig) -> None:
+    def _create(self, config: CacheConfig, vocabulary: dict[str, list[str]]) -> None:
         self.shards_dir.mkdir(parents=True, exist_ok=True)
 
-    def _grow(self, config: CacheConfig) -> None:
+    def _grow(self, config: CacheConfig, vocabulary: dict[str, list[str]]) -> None:
         """Nothing to do: a new shard is a new tar."""
 
     def write_shard(self, start: int, dnf: np.ndarray, label: np.ndarray, split: list[str],

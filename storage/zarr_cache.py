@@ -17,29 +17,41 @@ from __future__ import annotations
 
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
+import google_crc32c
 import numcodecs
 import numpy as np
 import zarr
 from zarr.codecs import ZstdCodec
 
 from storage.cache_config import CacheConfig
-from storage.cache_folder import NOT_CACHED, FeatureCache, RowReader
+from storage.cache_folder import NOT_CACHED, CacheError, FeatureCache, RowReader, file_lock
 
 EMPTY = np.uint64(2**64 - 1)
 
 
-class ShardChunkReader(RowReader):
-    """Rows of a sharded Zarr v3 array written with one chunk per row along axis 0 and
-    [bytes, zstd] chunk codecs, index at the end: read straight from the shard files."""
+@dataclass(frozen=True)
+class RowShardLayout:
+    """A sharded Zarr v3 array with one chunk per row along axis 0, [bytes, zstd] (or [bytes])
+    chunk codecs in little-endian order and its shard index at the end ([bytes, crc32c]): the layout
+    this project writes, which the direct reader and writer handle; anything else goes to zarr."""
 
-    def __init__(self, array_path: Path):
+    path: Path
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    fill: float
+    rows_per_shard: int
+    zstd_level: int | None  # None: chunks stored uncompressed
+    zstd_checksum: bool
+
+    @classmethod
+    def read(cls, array_path: Path) -> RowShardLayout:
+        """The layout of the array at `array_path`; ValueError when it is another one."""
         meta = json.loads((Path(array_path) / "zarr.json").read_text())
-        self.path = Path(array_path)
-        self.shape = tuple(meta["shape"])
-        self.dtype = np.dtype(meta["data_type"]).newbyteorder("<")
-        self.fill = meta.get("fill_value", 0)
+        shape = tuple(meta["shape"])
         shard = meta["codecs"][0]
         if shard["name"] != "sharding_indexed":
             raise ValueError("not sharded")
@@ -49,21 +61,76 @@ class ShardChunkReader(RowReader):
         chunk = conf["chunk_shape"]
         if (inner not in (["bytes"], ["bytes", "zstd"]) or index_codecs != ["bytes", "crc32c"]
                 or conf.get("index_location", "end") != "end" or chunk[0] != 1
-                or list(chunk[1:]) != list(self.shape[1:])
+                or list(chunk[1:]) != list(shape[1:])
                 or any(c.get("configuration", {}).get("endian", "little") != "little"
-                       for c in conf["codecs"])):
+                       for c in conf["codecs"] + conf["index_codecs"])):
             raise ValueError("layout not supported by the direct reader")
-        self.zstd = numcodecs.Zstd() if "zstd" in inner else None
-        self.rows_per_shard = meta["chunk_grid"]["configuration"]["chunk_shape"][0]
+        zstd = conf["codecs"][1].get("configuration", {}) if "zstd" in inner else None
+        return cls(Path(array_path), shape, np.dtype(meta["data_type"]).newbyteorder("<"),
+                   meta.get("fill_value", 0), meta["chunk_grid"]["configuration"]["chunk_shape"][0],
+                   None if zstd is None else int(zstd.get("level", 0)),
+                   bool(zstd and zstd.get("checksum", False)))
+
+    def shard_path(self, shard: int) -> Path:
+        return self.path / "c" / str(shard) / "/".join("0" * (len(self.shape) - 1))
+
+    def codec(self) -> numcodecs.Zstd | None:
+        return None if self.zstd_level is None else numcodecs.Zstd(self.zstd_level, self.zstd_checksum)
+
+
+def _compress_pool() -> ThreadPoolExecutor:
+    """Threads that compress a shard's chunks in parallel (zstd releases the GIL)."""
+    global _POOL
+    if _POOL is None:
+        _POOL = ThreadPoolExecutor(max(1, os.cpu_count() or 1), thread_name_prefix="zstd")
+    return _POOL
+
+
+_POOL: ThreadPoolExecutor | None = None
+
+
+def encode_row_shard(layout: RowShardLayout, rows: np.ndarray) -> bytes | None:
+    """The bytes of one shard file holding `rows` (its first rows; the rest empty), as zarr-python
+    writes them: chunks equal to the fill value left out, the others compressed (in parallel) and
+    concatenated in row order, then the index of (offset, size) pairs and its crc32c. None when
+    every chunk is empty (zarr-python then writes no file)."""
+    rows = np.ascontiguousarray(rows, dtype=layout.dtype)
+    present = [j for j in range(len(rows)) if not np.all(rows[j] == layout.fill)]
+    codec = layout.codec()
+    if not present:
+        return None
+    if codec is None:
+        parts = [rows[j].tobytes() for j in present]
+    else:
+        parts = list(_compress_pool().map(lambda j: codec.encode(rows[j]), present))
+    index = np.full((layout.rows_per_shard, 2), EMPTY, dtype="<u8")
+    offset = 0
+    for j, part in zip(present, parts, strict=True):
+        index[j] = (offset, len(part))
+        offset += len(part)
+    index_bytes = index.tobytes()
+    crc = np.uint32(google_crc32c.value(index_bytes)).astype("<u4").tobytes()
+    return b"".join(parts) + index_bytes + crc
+
+
+class ShardChunkReader(RowReader):
+    """Rows of an array in the `RowShardLayout`, read straight from the shard files: one pread and
+    one zstd decode per row, each shard's index read once."""
+
+    def __init__(self, array_path: Path):
+        layout = RowShardLayout.read(array_path)
+        self.path, self.shape, self.dtype, self.fill = layout.path, layout.shape, layout.dtype, layout.fill
+        self.layout = layout
+        self.zstd = numcodecs.Zstd() if layout.zstd_level is not None else None
+        self.rows_per_shard = layout.rows_per_shard
         self.row_shape = tuple(self.shape[1:])
         self.fds: dict[int, int] = {}
         self.indexes: dict[int, np.ndarray] = {}
 
     def _index(self, shard: int) -> tuple[int, np.ndarray] | None:
         if shard not in self.indexes:
-            path = self.path / "c" / str(shard) / "/".join("0" * (len(self.shape) - 1))
             try:
-                fd = os.open(path, os.O_RDONLY)
+                fd = os.open(self.layout.shard_path(shard), os.O_RDONLY)
             except FileNotFoundError:
                 return None
             size = os.fstat(fd).st_size
@@ -102,6 +169,22 @@ class ZarrArrayRows(RowReader):
         return self.array[int(row)]
 
 
+def write_row_shard(layout: RowShardLayout, shard: int, rows: np.ndarray) -> None:
+    """Write one shard file of the array (under a temporary name, then renamed): the bytes
+    zarr-python would write for the same rows, at a fraction of its cost."""
+    data = encode_row_shard(layout, rows)
+    path = layout.shard_path(shard)
+    if data is None:  # every row empty: as zarr-python, no file
+        path.unlink(missing_ok=True)
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a killed writer (we hold the claim)
+        stale.unlink(missing_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
 def open_rows(array_path: Path) -> RowReader:
     """A row reader of a dnf array: the direct shard reader when the layout allows, else zarr."""
     try:
@@ -110,37 +193,60 @@ def open_rows(array_path: Path) -> RowReader:
         return ZarrArrayRows(array_path)
 
 
+def keys_to_bytes(keys: list[str]) -> np.ndarray:
+    """sha256 hex keys as (n, 32) uint8, how format 2 stores them."""
+    return np.frombuffer(b"".join(bytes.fromhex(k) for k in keys), dtype=np.uint8).reshape(len(keys), 32)
+
+
+def bytes_to_keys(raw: np.ndarray) -> list[str]:
+    """(n, 32) uint8 back to hex keys ("" for rows never written)."""
+    return [row.tobytes().hex() if row.any() else "" for row in np.asarray(raw)]
+
+
 class ZarrCache(FeatureCache):
-    """One feature cache folder backed by a Zarr v3 group."""
+    """One feature cache folder backed by a Zarr v3 group.
+
+    Format 2 (this version) keeps every array in a Zarr v3 core data type, so any v3 client
+    (tensorstore, zarr-python, ...) reads all of them: `dnf` uint8 or float16, `label` int8, `key`
+    (N, 32) uint8 (the sha256 bytes), `split` and `source` int16 codes (-1: no row) whose names are
+    the array's attribute `names`. Format 1 (before) stored key, split and source as zarr-python's
+    variable-length strings: such caches are read as before; extracting into one is refused."""
 
     backend = "zarr"
+    format_version = 2
+    CODED = ("split", "source")
 
     @property
     def zarr_path(self) -> Path:
         return self.root / "features.zarr"
 
-    def _create(self, config: CacheConfig) -> None:
+    def _create(self, config: CacheConfig, vocabulary: dict[str, list[str]]) -> None:
         num_rows, shard_size = config.manifest.row_count, config.manifest.shard_size
         channels, size, _ = config.row_shape()
-        dtype = config.dtype
         group = zarr.open_group(self.zarr_path, mode="w", zarr_format=3)
         group.create_array(
-            "dnf", shape=(num_rows, channels, size, size), dtype=dtype,
+            "dnf", shape=(num_rows, channels, size, size), dtype=config.dtype,
             chunks=(1, channels, size, size), shards=(shard_size, channels, size, size),
             compressors=ZstdCodec(level=3), fill_value=0)
         group.create_array("label", shape=(num_rows,), dtype="int8", chunks=(shard_size,),
                            fill_value=NOT_CACHED)
-        for name in ("split", "source", "key"):
-            group.create_array(name, shape=(num_rows,), dtype=str, chunks=(shard_size,))
+        group.create_array("key", shape=(num_rows, 32), dtype="uint8", chunks=(shard_size, 32), fill_value=0)
+        for name in self.CODED:
+            group.create_array(name, shape=(num_rows,), dtype="int16", chunks=(shard_size,), fill_value=-1,
+                               attributes={"names": list(vocabulary.get(name, []))})
         # keys sorted as in config.json, so a cache rebuilt from that file has the same bytes
         group.attrs.update({"dnf_pipeline": json.loads(json.dumps(config.to_json(), sort_keys=True))})
 
-    def _grow(self, config: CacheConfig) -> None:
-        """Longer arrays (only their zarr.json changes: shard files keep their bytes)."""
+    def _grow(self, config: CacheConfig, vocabulary: dict[str, list[str]]) -> None:
+        """Longer arrays, the appended names after the others (only zarr.json files change: shard
+        files keep their bytes)."""
         group = zarr.open_group(self.zarr_path, mode="r+")
         for name in ("dnf", "label", "split", "source", "key"):
             array = group[name]
             array.resize((config.manifest.row_count, *array.shape[1:]))
+            if name in self.CODED and array.dtype.kind == "i":
+                names = list(array.attrs.get("names", []))
+                array.attrs["names"] = names + [n for n in vocabulary.get(name, []) if n not in names]
         group.attrs.update({"dnf_pipeline": json.loads(json.dumps(config.to_json(), sort_keys=True))})
 
     # -- shards ------------------------------------------------------------------------------
@@ -148,24 +254,67 @@ class ZarrCache(FeatureCache):
         """The file holding the shard's DNF rows."""
         return self.zarr_path / "dnf" / "c" / str(shard_id) / "0" / "0" / "0"
 
+    def _codes(self, group: zarr.Group, name: str, values: list[str]) -> np.ndarray:
+        """int16 codes of `values` in the array's `names` (the manifest's, set at creation); a name
+        missing there (a cache made outside `extract`) is appended under the cache lock, so a code
+        never changes its name."""
+        names = list(group[name].attrs.get("names", []))
+        if set(values) - set(names):
+            with file_lock(self.root.parent / f"{self.root.name}.lock"):
+                array = zarr.open_array(self.zarr_path / name, mode="r+")
+                names = list(array.attrs.get("names", []))
+                names += sorted(set(values) - set(names))
+                array.attrs["names"] = names
+        code = {n: i for i, n in enumerate(names)}
+        return np.array([code[v] for v in values], dtype=np.int16)
+
     def write_shard(self, start: int, dnf: np.ndarray, label: np.ndarray, split: list[str],
                     source: list[str], key: list[str]) -> None:
-        """Write rows [start, start + len(dnf)): exactly one zarr shard of every array (the
-        done marker needs no index: the arrays hold everything)."""
+        """Write rows [start, start + len(dnf)): exactly one zarr shard (or chunk) of every array (the
+        done marker needs no index: the arrays hold everything). The DNF shard's bytes are written
+        directly (`write_row_shard`), the same bytes zarr-python writes."""
+        if self.config().format != self.format_version:
+            raise CacheError(f"{self.root}: a format-{self.config().format} cache (made by an older "
+                             f"version) cannot take new shards; extract into a new cache folder")
         end = start + len(dnf)
         group = zarr.open_group(self.zarr_path, mode="r+")
-        group["dnf"][start:end] = dnf
+        layout = self._dnf_layout()
+        if layout is not None and start % layout.rows_per_shard == 0 and len(dnf) <= layout.rows_per_shard:
+            write_row_shard(layout, start // layout.rows_per_shard, dnf)
+        else:
+            group["dnf"][start:end] = dnf
         group["label"][start:end] = label.astype(np.int8)
-        for name, values in (("split", split), ("source", source), ("key", key)):
-            group[name][start:end] = np.array(values, dtype=object)
+        group["key"][start:end] = keys_to_bytes(key)
+        for name, values in (("split", split), ("source", source)):
+            group[name][start:end] = self._codes(group, name, values)
+
+    def _dnf_layout(self) -> RowShardLayout | None:
+        """The dnf array's layout when the direct writer handles it (every cache this project
+        makes), else None (zarr-python writes)."""
+        try:
+            return RowShardLayout.read(self.zarr_path / "dnf")
+        except (ValueError, KeyError):
+            return None
 
     def open_read(self) -> zarr.Group:
         return zarr.open_group(self.zarr_path, mode="r")
 
+    def _strings(self, group: zarr.Group, name: str, start: int = 0, end: int | None = None) -> np.ndarray:
+        """key, split or source of rows [start, end) as an object array of str, in either format."""
+        array = group[name]
+        raw = array[start:end]
+        if array.dtype.kind in "OUT":  # format 1: strings as stored
+            return np.asarray(raw, dtype=object)
+        if name == "key":
+            return np.asarray(bytes_to_keys(raw), dtype=object)
+        names = np.asarray([*array.attrs.get("names", []), ""], dtype=object)  # code -1 -> ""
+        return names[raw]
+
     def read_rows(self, start: int, end: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
         """dnf, label and keys of rows [start, end), as stored."""
         group = self.open_read()
-        return group["dnf"][start:end], group["label"][start:end], [str(k) for k in group["key"][start:end]]
+        return (group["dnf"][start:end], group["label"][start:end],
+                [str(k) for k in self._strings(group, "key", start, end)])
 
     def index_arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """label, split, source, key of every row (label -1 where nothing is cached, and in shards
@@ -176,13 +325,14 @@ class ZarrCache(FeatureCache):
         for s in self.done_shards():
             start, end = self.done_marker(s).rows
             label[start:end] = stored[start:end]
-        return (label, np.asarray(group["split"][:], dtype=object),
-                np.asarray(group["source"][:], dtype=object), np.asarray(group["key"][:], dtype=object))
+        return (label, self._strings(group, "split"), self._strings(group, "source"),
+                self._strings(group, "key"))
 
     def shard_metadata(self, start: int, end: int) -> tuple[list[str], list[str]]:
         """split and source of rows [start, end)."""
         group = self.open_read()
-        return [str(v) for v in group["split"][start:end]], [str(v) for v in group["source"][start:end]]
+        return ([str(v) for v in self._strings(group, "split", start, end)],
+                [str(v) for v in self._strings(group, "source", start, end)])
 
     def row_reader(self) -> RowReader:
         """Random access to single rows' DNF (opened in the process that reads)."""

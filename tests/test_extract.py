@@ -53,7 +53,7 @@ def test_end_to_end_values_match_reference(tmp_path, tiny_model):
     assert {r["path"].rsplit("/", 1)[-1] for r in run.rejects()} == {"corrupt.jpg", "readme.png"}
     group = zarr.open_group(summary["cache"] + "/features.zarr", mode="r")  # plain zarr reads it
     assert group["dnf"].shape == (18, 3, SIZE, SIZE) and group["dnf"].dtype == np.uint8
-    assert [str(k) for k in group["key"][:]] == [e.key for e in entries]
+    assert [k.tobytes().hex() for k in group["key"][:]] == [e.key for e in entries]  # sha256 bytes (format 2)
     assert list(group["label"][:]) == [e.label for e in entries]
     # one zarr shard object per manifest shard
     assert len(list(Path(summary["cache"], "features.zarr", "dnf", "c").iterdir())) == 4

@@ -137,7 +137,17 @@ def test_full_disk_is_a_clear_error_and_resumes(clean, tmp_path, tiny_model, mon
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), key)
         return await real_set(self, key, value)
 
+    import storage.zarr_cache
+
+    real_write = storage.zarr_cache.write_row_shard
+
+    def failing_write(layout, shard, rows):  # the DNF shard is written directly, not through zarr
+        if shard == 3:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(layout.shard_path(shard)))
+        return real_write(layout, shard, rows)
+
     monkeypatch.setattr(zarr.storage.LocalStore, "set", failing_set)
+    monkeypatch.setattr(storage.zarr_cache, "write_row_shard", failing_write)
     opts = ExtractOptions(model=tiny_model, size=SIZE, batch_size=2, workers=0, device="cpu")
     with pytest.raises(CacheError, match="shard 00003: writing to .* No space left on device.*not "
                                          "marked done"):
@@ -146,6 +156,7 @@ def test_full_disk_is_a_clear_error_and_resumes(clean, tmp_path, tiny_model, mon
     assert done == ["00000", "00001", "00002"]
     assert run_verify(run)["ok"]
     monkeypatch.setattr(zarr.storage.LocalStore, "set", real_set)  # space is back
+    monkeypatch.setattr(storage.zarr_cache, "write_row_shard", real_write)
     run_extract(run, opts)
     assert cache_files(only_cache(run)) == clean["files"]
 
