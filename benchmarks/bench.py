@@ -122,11 +122,11 @@ def reference_loop(model_dir: Path, files: list[Path], size: int, device, worker
 
 def host_cost_ms(files: list[Path], size: int, cache_dir: Path, encoding: str = "reference") -> dict:
     """CPU-core-ms per image of everything but the model: read + hash, decode + resize, encode, and
-    the cache write: `write` as extract does it now (the shard's bytes written directly, chunks
-    compressed on a thread pool), `write_zarr_python` through zarr-python's array assignment."""
+    the cache write: `write` as extract does it now (the shard's bytes written directly, zstd level 1
+    on a thread pool), `write_zarr_python` as format 1 did (zarr-python's assignment, level 3)."""
     import zarr
 
-    from storage.zarr_cache import RowShardLayout, write_row_shard
+    from storage.zarr_cache import ZSTD_LEVEL, RowShardLayout, write_row_shard
 
     torch.set_num_threads(1)
     t = {"read": 0.0, "decode": 0.0, "encode": 0.0, "write": 0.0, "write_zarr_python": 0.0}
@@ -147,8 +147,8 @@ def host_cost_ms(files: list[Path], size: int, cache_dir: Path, encoding: str = 
     paths = [cache_dir / f"w{k}-{name}.zarr" for k in range(2)]
     arrays = [zarr.create_array(paths[k], overwrite=True, shape=out.shape, dtype=out.dtype,
                                 chunks=(1, 3, size, size), shards=out.shape,
-                                compressors=zarr.codecs.ZstdCodec(level=3), fill_value=0)
-              for k in range(2)]
+                                compressors=zarr.codecs.ZstdCodec(level=level), fill_value=0)
+              for k, level in enumerate((3, ZSTD_LEVEL))]  # as format 1 wrote it; as extract writes now
     c0 = time.process_time()
     arrays[0][:] = out
     t["write_zarr_python"] = time.process_time() - c0
@@ -191,6 +191,20 @@ def host_ceiling(tmp: Path, size_in: int, size_out: int, n: int, encoding: str =
             "images": summary["images"], "host_ceiling_img_s": summary["images_per_s"]}
 
 
+def old_writer_ceiling(tmp: Path, n: int) -> dict:
+    """The same ceiling with the cache written as before this version: zarr-python's assignment at
+    zstd level 3 on the writer thread alone (side by side with the new writer, in one run)."""
+    import storage.zarr_cache as zc
+
+    layout, level = zc.ZarrCache._dnf_layout, zc.ZSTD_LEVEL
+    zc.ZarrCache._dnf_layout, zc.ZSTD_LEVEL = (lambda self: None), 3
+    try:
+        row = host_ceiling(tmp, 256, 256, n, "reference", "zarr", 0)
+    finally:
+        zc.ZarrCache._dnf_layout, zc.ZSTD_LEVEL = layout, level
+    return {**row, "backend": "zarr (zarr-python writer, level 3: before)"}
+
+
 def host_only(args, tmp: Path) -> None:
     """`--host-only`: the host ceiling of each configuration and the core-ms of each step."""
     cpus = os.cpu_count() or 1
@@ -205,6 +219,8 @@ def host_only(args, tmp: Path) -> None:
         make_jpegs(tmp / f"steps{size_in}", 32, size_in)
         steps[f"{size_in} {encoding}"] = host_cost_ms(sorted((tmp / f"steps{size_in}").rglob("*.jpg")), 256,
                                                       tmp, encoding)
+    rows.append(old_writer_ceiling(tmp, args.host_images))
+    print(json.dumps(rows[-1]), flush=True)
     best = max(r["host_ceiling_img_s"] for r in rows if r["jpeg"] == 256 and r["backend"] == "zarr"
                and r["encoding"] == "reference")
     print("\n## Host ceiling (no-op UNet; images/s, 256x256 DNF)")

@@ -28,7 +28,7 @@ from pipeline.progress import Progress
 from pipeline.queue import Claim, ShardQueue
 from pipeline.signals import StopFlag, graceful_stop
 from stages.domain.image_limits import DEFAULT_MAX_PIXELS
-from stages.domain.images import DecodeError, decode_rgb, preprocess
+from stages.domain.images import DecodeError, decode_rgb, normalize_, preprocess, resized
 from stages.domain.noise_model import NoiseModel, encode, load_noise_model, resolve_model
 from stages.domain.perturb import perturb
 from storage.cache_config import CacheConfig, DoneMarker, FeatureConfig, ManifestRef
@@ -82,22 +82,26 @@ class ShardImages(Dataset):
             img = decode_rgb(data, self.max_pixels)
             if self.perturbation:
                 img = perturb(img, self.perturbation)
-            return i, preprocess(img, self.size), None
+            return i, resized(img, self.size), None  # normalised batch-wise in _collate
         except DecodeError as e:
             return i, None, str(e)
 
 
 def _collate(items: list) -> tuple[list[int], torch.Tensor | list[torch.Tensor], list[tuple[int, str]]]:
     """Indices and tensors of the images that read, and (index, reason) of those that did not.
-    Preprocessed images are stacked here, in the loader worker, so that a batch crosses to the
-    main process as one shared-memory block (not one per image) and is copied once; a batch
-    holding JPEG bytes for the GPU decoder stays a list."""
+    Resized images are copied into one float batch and normalised there in place (one pass per
+    step over the batch, no tensor per image), in the loader worker when there are workers, so a
+    batch crosses to the main process as one shared-memory block; a batch holding JPEG bytes for
+    the GPU decoder stays a list."""
     ok = [(i, x) for i, x, _ in items if x is not None]
     failed = [(i, reason) for i, x, reason in items if x is None]
     tensors = [x for _, x in ok]
-    if tensors and all(t.ndim == 3 for t in tensors):
-        return [i for i, _ in ok], torch.stack(tensors), failed
-    return [i for i, _ in ok], tensors, failed
+    if not tensors or any(t.ndim != 3 for t in tensors):
+        return [i for i, _ in ok], tensors, failed
+    batch = torch.empty((len(tensors), *tensors[0].shape), dtype=torch.float32)
+    for k, t in enumerate(tensors):
+        batch[k].copy_(t)
+    return [i for i, _ in ok], normalize_(batch), failed
 
 
 def gpu_batch(tensors: torch.Tensor | list[torch.Tensor], size: int, device: torch.device) -> torch.Tensor:
@@ -216,11 +220,12 @@ class ShardWriter:
     def _write(self, shard_id: int, start: int, arrays: tuple, marker: DoneMarker, claim: Claim) -> None:
         try:
             index = self.cache.write_shard(start, *arrays)
+            marker = replace(marker, checksum=shard_checksum(arrays[0], arrays[1], arrays[4]), index=index)
             claim.refresh()
             if claim.lost:  # another worker took the shard over while this one was stalled
                 raise CacheError(f"shard {shard_id:05d}: the claim was taken over by another worker "
                                  f"after this one's heartbeat went stale; that worker finishes the shard")
-            self.cache.mark_done(replace(marker, index=index))
+            self.cache.mark_done(marker)
         except OSError as e:
             self.error = CacheError(
                 f"shard {shard_id:05d}: writing to {self.cache.root} failed: {e.strerror or e}. "
@@ -282,7 +287,8 @@ def compute_shard(job: ShardJob, model: NoiseModel, feature: FeatureConfig, prog
                              "stage": "extract"})
         if len(tensors):
             x = gpu_batch(tensors, size, model.device)
-            dnf[idx] = encode(model.features(x, feature), feature.encoding).cpu().numpy()
+            with torch.inference_mode():  # the features are inference tensors: encoded in place
+                dnf[idx] = encode(model.features(x, feature), feature.encoding, inplace=True).cpu().numpy()
             labels[idx] = [entries[i].label for i in idx]
         progress.update(len(idx) + len(failed))
         stop.check()
@@ -290,7 +296,7 @@ def compute_shard(job: ShardJob, model: NoiseModel, feature: FeatureConfig, prog
     arrays = (dnf, labels, [e.split for e in entries], [e.source for e in entries], keys)
     marker = DoneMarker(shard=job.shard_id, rows=(job.start, job.start + n), count=n,
                         cached=int((labels != NOT_CACHED).sum()), rejected=tuple(rejected),
-                        checksum=shard_checksum(dnf, labels, keys))
+                        checksum="")  # computed by the writer thread, off the model's path
     return arrays, marker
 
 

@@ -56,13 +56,26 @@ def decode_rgb(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tenso
         img = (img.to(torch.int32) // 257).to(torch.uint8)
     if img.shape[0] != 3:
         img = img[:3] if img.shape[0] > 3 else img[:1].expand(3, -1, -1)
-    return img.contiguous()
+    return img  # any memory layout (libjpeg's is HWC): preprocess converts it in one pass
+
+
+def resized(img: torch.Tensor, size: int) -> torch.Tensor:
+    """The first half of `preprocess`: uint8 (3, H, W) as it is when already size x size, else
+    float32 (3, size, size) from a bicubic antialiased resize of the float image (no clamping)."""
+    if img.shape[-2:] == (size, size):
+        return img
+    return F.interpolate(img.contiguous().float().unsqueeze(0), size=(size, size), mode="bicubic",
+                         align_corners=False, antialias=True)[0]
+
+
+def normalize_(x: torch.Tensor) -> torch.Tensor:
+    """The second half: float pixel values to [-1, 1] in place, (x / 255) * 2 - 1 (the same float
+    ops as the reference, so the same values, for one image or a whole batch)."""
+    return x.div_(255.0).mul_(2.0).sub_(1.0)
 
 
 def preprocess(img: torch.Tensor, size: int) -> torch.Tensor:
     """uint8 (3, H, W) to float32 (3, size, size) in [-1, 1], as the reference computes it:
     float -> bicubic antialiased resize (no clamping) -> x / 255 * 2 - 1."""
-    x = img.float().unsqueeze(0)
-    if x.shape[-2:] != (size, size):
-        x = F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False, antialias=True)
-    return (x[0] / 255.0) * 2.0 - 1.0
+    x = resized(img, size)
+    return normalize_(x.float() if x.dtype == torch.uint8 else x)

@@ -158,11 +158,12 @@ class NoiseModel:
         return out[:, :3].float().contiguous()
 
 
-def encode(eps: torch.Tensor, encoding: str) -> torch.Tensor:
+def encode(eps: torch.Tensor, encoding: str, inplace: bool = False) -> torch.Tensor:
     """eps to the stored form: `reference` is exactly torchvision's save_image quantisation
-    (`eps * 255 + 0.5`, clamped to [0, 255], truncated to uint8); `raw` is float16."""
+    (`eps * 255 + 0.5`, clamped to [0, 255], truncated to uint8); `raw` is float16. `inplace`
+    reuses eps's memory for the intermediate steps (eps is then lost): no new large tensor."""
     if encoding == "reference":
-        return eps.mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8)
+        return (eps.mul_(255) if inplace else eps.mul(255)).add_(0.5).clamp_(0, 255).to(torch.uint8)
     if encoding == "raw":
         return eps.to(torch.float16)
     raise ValueError(f"unknown encoding {encoding!r}")
