@@ -322,7 +322,8 @@ def main() -> None:
     ap.add_argument("--train-batch", type=int, default=16)
     ap.add_argument("--host-only", action="store_true", help="Only the host ceiling (no-op UNet) and "
                                                                "the core-ms of each host step.")
-    ap.add_argument("--host-images", type=int, default=512, help="256x256 JPEGs for the host ceiling")
+    ap.add_argument("--host-images", type=int, default=3072, help="256x256 JPEGs for the host ceiling "
+                    "(in shards of 128: enough for the steady state)")
     ap.add_argument("--results", default="", help="Where to write the results JSON.")
     args = ap.parse_args()
     if args.host_only:

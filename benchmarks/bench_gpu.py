@@ -128,7 +128,7 @@ def main() -> None:
         print("| " + " | ".join(str(r.get(c, r.get("error", "-"))) for c in cols) + " |")
     print("\nreference-style loop (fp32, batch 16, save_image per image): "
           + ", ".join(f"{k} {v:.1f} img/s" for k, v in refs.items()))
-    print(f"DDP training on 1 GPU (ResNet50, batch 64): {training}")
+    print(f"DDP training, torchrun with 1 process on {device} (ResNet50, batch 64): {training}")
     out = args.out or tmp / "bench_gpu.json"
     out.write_text(json.dumps({"env": env, "rows": rows, "reference_loop": refs, "training": training},
                               indent=2))
