@@ -19,7 +19,10 @@ ADVICE = {
     "quality": "re-encode both sides alike (`extract --perturb jpeg:Q`) and compare with the clean table",
     "subsampling": "re-encode both sides alike (`extract --perturb jpeg:Q`), which also equalises "
                    "chroma subsampling",
-    "bytes_per_pixel": "compression differs: re-encode both sides alike (`extract --perturb jpeg:Q`)",
+    "bytes_per_pixel": "file size per pixel differs: with JPEGs that is compression (re-encode both sides "
+                       "alike, `extract --perturb jpeg:Q`); with lossless PNGs it is how much detail the "
+                       "images hold (smooth generated images compress better), which the pixels carry too: "
+                       "check the per-format table and a `--perturb jpeg:Q` variant",
     "width": "sizes differ: resize or crop both sides alike before training (`--perturb resize:S` "
              "scales both), or report results per size",
     "height": "sizes differ: resize or crop both sides alike before training (`--perturb resize:S` "
