@@ -149,6 +149,11 @@ def extract(
     device: str = DEVICE_OPT,
     cache_dir: Optional[Path] = typer.Option(None, help="Cache folder (default RUN/cache/<feature-id>)."),
     redo: Optional[List[int]] = typer.Option(None, "--redo", help="Compute this shard again (repeatable)."),
+    feature: str = typer.Option("dnf", help="dnf (one UNet pass, the paper's feature) or dire (DIRE's "
+                                            "|x - DDIM reconstruction| over --ddim-steps, ~2x that many "
+                                            "passes)."),
+    crop: bool = typer.Option(False, help="Centre crop to a square before resizing (DIRE's own "
+                                          "preprocessing; default: resize the whole image)."),
     inversion_steps: int = typer.Option(1, help="DDIM inversion steps (1: the reference, eps at t)."),
     ddim_steps: int = typer.Option(20, help="Steps of the DDIM schedule linspace(0, T, steps + 1)."),
     keep: str = typer.Option("0", help="Inversion steps whose noise estimate is kept, e.g. 0,1,2."),
@@ -168,7 +173,7 @@ def extract(
                           ddim_steps=ddim_steps, keep=_int_list(keep, "--keep"), combine=combine,
                           precision=precision, compile=compile, gpu_decode=gpu_decode,
                           worker_index=worker_index, num_workers_total=num_workers, claims=claims,
-                          backend=backend, download=download)
+                          backend=backend, download=download, feature_kind=feature, crop=crop)
     with user_errors():
         try:
             variants = parse_perturbations(perturb)

@@ -10,9 +10,9 @@ import torch
 
 from pipeline.device import resolve_device, resolve_precision
 from stages.domain.detector import Detector
-from stages.domain.images import DecodeError, decode_rgb, preprocess
+from stages.domain.images import DecodeError, center_crop, decode_rgb, preprocess
 from stages.domain.noise_model import ModelError, encode, load_noise_model, resolve_model
-from storage.cache_config import FeatureConfig
+from storage.cache_config import PREPROCESS_CROP, FeatureConfig
 
 REFERENCE_FEATURE = {"size": 256, "timestep": 0, "encoding": "reference"}
 
@@ -50,7 +50,7 @@ def run_detect(inputs: list[Path], model_path: Path, checkpoint: Path, device: s
         if not batch:
             return
         x = torch.stack([t for _, t in batch]).to(dev)
-        dnf = encode(noise_model.features(x, config), config.encoding)
+        dnf = encode(noise_model.features(x, config), config.encoding, kind=config.kind)
         probs = detector.probabilities(dnf).tolist()
         for (res, _), p in zip(batch, probs, strict=True):
             res.update(probability=round(p, 6), verdict="generated" if p > threshold else "real")
@@ -64,6 +64,8 @@ def run_detect(inputs: list[Path], model_path: Path, checkpoint: Path, device: s
         except (DecodeError, OSError) as e:
             res.update(probability=None, verdict="error", error=str(e))
             continue
+        if config.preprocess == PREPROCESS_CROP:
+            img = center_crop(img)
         batch.append((res, preprocess(img, feature["size"])))
         if len(batch) >= batch_size:
             flush()

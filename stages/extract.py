@@ -28,10 +28,10 @@ from pipeline.progress import Progress
 from pipeline.queue import Claim, ShardQueue
 from pipeline.signals import StopFlag, graceful_stop
 from stages.domain.image_limits import DEFAULT_MAX_PIXELS
-from stages.domain.images import DecodeError, decode_rgb, normalize_, preprocess, resized
+from stages.domain.images import DecodeError, center_crop, decode_rgb, normalize_, preprocess, resized
 from stages.domain.noise_model import NoiseModel, encode, load_noise_model, resolve_model
 from stages.domain.perturb import perturb
-from storage.cache_config import CacheConfig, DoneMarker, FeatureConfig, ManifestRef
+from storage.cache_config import PREPROCESSING, CacheConfig, DoneMarker, FeatureConfig, ManifestRef
 from storage.cache_folder import NOT_CACHED, CacheError, FeatureCache, shard_checksum
 from storage.caches import folder_name, new_cache
 from storage.packed_images import PackReader, pack_path
@@ -58,12 +58,14 @@ class ShardImages(Dataset):
     """The images of one manifest shard, preprocessed; a failure gives its reason, not an error."""
 
     def __init__(self, entries: list[Entry], size: int, max_pixels: int, roots: list[str] | None,
-                 gpu_jpeg: bool = False, perturbation: str = "", pack: PackReader | None = None):
+                 gpu_jpeg: bool = False, perturbation: str = "", pack: PackReader | None = None,
+                 crop: bool = False):
         self.entries, self.size, self.max_pixels, self.roots = entries, size, max_pixels, roots
         self.pack = pack  # the shard's packed tar (`shard --pack`), read instead of the files
         self.perturbation = perturbation
-        # hand JPEG bytes to the GPU decoder instead of decoding here (clean features only)
-        self.gpu_jpeg = gpu_jpeg and not perturbation
+        self.crop = crop  # centre crop to a square before the resize (DIRE's preprocessing)
+        # hand JPEG bytes to the GPU decoder instead of decoding here (clean, uncropped features only)
+        self.gpu_jpeg = gpu_jpeg and not perturbation and not crop
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -82,6 +84,8 @@ class ShardImages(Dataset):
             img = decode_rgb(data, self.max_pixels)
             if self.perturbation:
                 img = perturb(img, self.perturbation)
+            if self.crop:
+                img = center_crop(img)
             return i, resized(img, self.size), None  # normalised batch-wise in _collate
         except DecodeError as e:
             return i, None, str(e)
@@ -146,6 +150,8 @@ class ExtractOptions:
     claims: str = "auto"  # flock, or heartbeat files for filesystems without flock (pipeline/queue.py)
     backend: str = "zarr"  # or "webdataset" (tar shards)
     download: bool = False  # a hub id not in the local Hugging Face cache is fetched (network)
+    feature_kind: str = "dnf"  # or "dire": |x - DDIM reconstruction| (DIRE's baseline)
+    crop: bool = False  # centre crop to a square before resizing, as DIRE's code does
 
     def cache_root(self, run: Run, feature_id: str) -> Path:
         return self.cache_dir or run.cache_root / folder_name(feature_id, self.backend)
@@ -154,7 +160,8 @@ class ExtractOptions:
         return FeatureConfig(fingerprint, self.timestep, self.size, self.encoding,
                              inversion_steps=self.inversion_steps, ddim_steps=self.ddim_steps,
                              keep=self.keep, combine=self.combine, precision=precision,
-                             perturb=self.perturb)
+                             perturb=self.perturb, kind=self.feature_kind,
+                             preprocess=PREPROCESSING["crop" if self.crop else "resize"])
 
     def num_workers(self, device: torch.device) -> int:
         """-1 means: on a GPU, one fewer than the CPU cores (at most 8) decode in parallel; on the
@@ -266,7 +273,7 @@ class ShardJob:
         loader = DataLoader(
             ShardImages(self.entries, opts.size, opts.max_pixels, list(info.roots) or None,
                         gpu_jpeg=opts.gpu_decode and device.type == "cuda", perturbation=opts.perturb,
-                        pack=PackReader(packed) if packed.exists() else None),
+                        pack=PackReader(packed) if packed.exists() else None, crop=opts.crop),
             batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=_collate,
             pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None)
         self.batches = iter(loader)  # workers start decoding now
@@ -288,7 +295,8 @@ def compute_shard(job: ShardJob, model: NoiseModel, feature: FeatureConfig, prog
         if len(tensors):
             x = gpu_batch(tensors, size, model.device)
             with torch.inference_mode():  # the features are inference tensors: encoded in place
-                dnf[idx] = encode(model.features(x, feature), feature.encoding, inplace=True).cpu().numpy()
+                dnf[idx] = encode(model.features(x, feature), feature.encoding, inplace=True,
+                                  kind=feature.kind).cpu().numpy()
             labels[idx] = [entries[i].label for i in idx]
         progress.update(len(idx) + len(failed))
         stop.check()

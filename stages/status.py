@@ -62,7 +62,8 @@ def format_status(s: dict) -> str:
     for c in s["caches"]:
         f = c["feature"]
         lines.append(
-            f"  cache {c['feature_id']} ({c['backend']}, t={f['timestep']}, size={f['size']}, "
+            f"  cache {c['feature_id']} ({f.get('kind', 'dnf')}, {c['backend']}, t={f['timestep']}, "
+            f"size={f['size']}, "
             f"{f['encoding']}): "
             f"{c['shards_done']}/{s['shards']} shards done, {c['shards_pending']} pending, "
             f"{c['images_cached']} images cached, {c['rejected_at_extract']} rejected at extract, "

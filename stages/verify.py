@@ -41,8 +41,9 @@ def redo_hint(run: Run, cache: FeatureCache, shard_id: int) -> str:
     """The extract command that recomputes one shard of this cache."""
     config = cache.config()
     f = config.feature
+    kind = f" --feature {f.kind} --ddim-steps {f.ddim_steps}" if f.kind != "dnf" else ""
     return (f"dnf-pipeline extract --run {run.root} --model {config.model_path or 'MODEL'} "
-            f"--size {f.size} --timestep {f.timestep} --encoding {f.encoding} --redo {shard_id}")
+            f"--size {f.size} --timestep {f.timestep} --encoding {f.encoding}{kind} --redo {shard_id}")
 
 
 def verify_cache(run: Run, cache: FeatureCache) -> dict:

@@ -13,12 +13,18 @@ from storage.errors import OptionError, RecordError
 
 # Bump when decoding or resizing changes in a way that changes DNF values.
 PREPROCESS_VERSION = "rgb-bicubic-aa-float-v1"
+# DIRE's own preprocessing (its compute_dire.py): centre crop to a square, then the same resize
+PREPROCESS_CROP = "rgb-centercrop-bicubic-aa-float-v1"
+PREPROCESSING = {"resize": PREPROCESS_VERSION, "crop": PREPROCESS_CROP}
 ENCODINGS = ("reference", "raw")
+KINDS = ("dnf", "dire")
 
 
 @dataclass(frozen=True)
 class FeatureConfig:
-    """Everything that determines the DNF values of an image (and nothing that does not)."""
+    """Everything that determines the feature values of an image (and nothing that does not).
+    `kind`: `dnf` (the noise prediction, the default) or `dire` (|x - DDIM reconstruction| over
+    `ddim_steps` respaced steps, DIRE's baseline); the id of a `dnf` config does not include it."""
 
     model_fingerprint: str  # sha256 over the UNet's config and weights
     timestep: int = 0
@@ -33,6 +39,7 @@ class FeatureConfig:
     combine: str = "stack"  # stack: 3 channels per kept step; mean: their average
     precision: str = "fp32"  # fp32 (the reference's numbers), bf16 or fp16 autocast
     perturb: str = ""  # robustness variant applied to the pixels first, e.g. "jpeg:75"
+    kind: str = "dnf"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "keep", tuple(int(k) for k in self.keep))
@@ -48,6 +55,13 @@ class FeatureConfig:
             raise OptionError(f"--combine {self.combine!r}: stack or mean")
         if self.inversion_steps > 1 and self.timestep != 0:
             raise OptionError("--timestep applies to single-step features; inversion starts at t = 0")
+        if self.kind not in KINDS:
+            raise OptionError(f"--feature {self.kind!r}: one of {', '.join(KINDS)}")
+        if self.preprocess not in PREPROCESSING.values():
+            raise OptionError(f"unknown preprocessing {self.preprocess!r}")
+        if self.kind == "dire" and (self.inversion_steps != 1 or self.timestep != 0):
+            raise OptionError("--feature dire runs the whole DDIM inversion and reconstruction over "
+                              "--ddim-steps; --inversion-steps, --keep and --timestep are for dnf")
 
     @property
     def channels(self) -> int:
@@ -68,6 +82,8 @@ class FeatureConfig:
     def to_json(self) -> dict:
         d = asdict(self)
         d["keep"] = list(self.keep)
+        if self.kind == "dnf":
+            del d["kind"]  # DNF configs (and their ids) as before feature kinds existed
         return d
 
     @property

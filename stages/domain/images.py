@@ -74,6 +74,14 @@ def normalize_(x: torch.Tensor) -> torch.Tensor:
     return x.div_(255.0).mul_(2.0).sub_(1.0)
 
 
+def center_crop(img: torch.Tensor) -> torch.Tensor:
+    """The largest centred square of a (3, H, W) image (DIRE's preprocessing before the resize)."""
+    h, w = img.shape[-2:]
+    s = min(h, w)
+    top, left = (h - s) // 2, (w - s) // 2
+    return img[..., top:top + s, left:left + s]
+
+
 def preprocess(img: torch.Tensor, size: int) -> torch.Tensor:
     """uint8 (3, H, W) to float32 (3, size, size) in [-1, 1], as the reference computes it:
     float -> bicubic antialiased resize (no clamping) -> x / 255 * 2 - 1."""

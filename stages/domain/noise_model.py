@@ -100,6 +100,7 @@ class NoiseModel:
         self.fingerprint = fingerprint
         self.path = path
         self._alphas: torch.Tensor | None = None
+        self._betas64: np.ndarray | None = None
         config = dict(unet.config)
         self.levels = len(config.get("block_out_channels") or config.get("channel_mult") or (0,))
 
@@ -125,12 +126,31 @@ class NoiseModel:
             else:
                 scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02)
             self._alphas = scheduler.alphas_cumprod.to(torch.float64)
+            self._betas64 = betas_float64(dict(scheduler.config))
         return self._alphas
+
+    def ddim_coefficients(self, count: int) -> tuple[list[int], dict[str, list[torch.Tensor]]]:
+        """The timesteps of guided-diffusion's `ddim{count}` respacing and, per step, the
+        coefficients it uses, built as it builds them: float64 betas, the respaced betas
+        1 - a_t / a_prev, their cumulative product, then each coefficient cast to float32."""
+        self.alphas_cumprod()
+        base = np.cumprod(1.0 - self._betas64)
+        steps = respaced_timesteps(len(base), count)
+        new_betas, last = [], 1.0
+        for t in steps:
+            new_betas.append(1 - base[t] / last)
+            last = base[t]
+        ac = np.cumprod(1.0 - np.asarray(new_betas))
+        arrays = {"recip": np.sqrt(1.0 / ac), "recipm1": np.sqrt(1.0 / ac - 1),
+                  "next": np.append(ac[1:], 0.0), "prev": np.append(1.0, ac[:-1])}
+        return steps, {k: [torch.tensor(v, dtype=torch.float32) for v in a] for k, a in arrays.items()}
 
     @torch.inference_mode()
     def features(self, x: torch.Tensor, feature) -> torch.Tensor:
-        """The DNF before encoding for a FeatureConfig: eps at the timestep (the reference), or the
-        kept noise estimates of a DDIM inversion, stacked on the channels or averaged."""
+        """The feature before encoding for a FeatureConfig: eps at the timestep (the reference DNF),
+        the kept noise estimates of a DDIM inversion (stacked on the channels or averaged), or DIRE."""
+        if feature.kind == "dire":
+            return self.dire(x, feature.ddim_steps)
         if feature.inversion_steps == 1:
             return self.predict(x, feature.timestep)
         ac = self.alphas_cumprod()
@@ -146,6 +166,32 @@ class NoiseModel:
                 xt = a_next ** 0.5 * x0 + (1 - a_next) ** 0.5 * eps
         return torch.cat(kept, dim=1) if feature.combine == "stack" else torch.stack(kept).mean(0)
 
+    def _eps_and_x0(self, xt: torch.Tensor, t: int, recip: torch.Tensor,
+                    recipm1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """guided-diffusion's p_mean_variance with clip_denoised, then _predict_eps_from_xstart:
+        x0 from the predicted eps, clipped to [-1, 1], and the eps that clipped x0 implies."""
+        eps = self.predict(xt, t)
+        recip, recipm1 = recip.to(xt.device), recipm1.to(xt.device)
+        x0 = (recip * xt - recipm1 * eps).clamp(-1, 1)
+        return (recip * xt - x0) / recipm1, x0
+
+    @torch.inference_mode()
+    def dire(self, x: torch.Tensor, ddim_steps: int = 20) -> torch.Tensor:
+        """DIRE (Wang et al. 2023): |x - reconstruction| after DDIM inversion from t = 0 to the end
+        of guided-diffusion's `ddim{ddim_steps}` respacing and DDIM sampling back (eta 0, x0 clipped
+        at every step), as guided-diffusion's ddim_reverse_sample and ddim_sample compute it."""
+        steps, c = self.ddim_coefficients(ddim_steps)
+        xt = x
+        for i, t in enumerate(steps):  # inversion (ddim_reverse_sample): x_t -> x_{t+1}
+            eps, x0 = self._eps_and_x0(xt, t, c["recip"][i], c["recipm1"][i])
+            a = c["next"][i].to(x.device)
+            xt = x0 * torch.sqrt(a) + torch.sqrt(1 - a) * eps
+        for i in reversed(range(len(steps))):  # sampling back (ddim_sample, eta 0): x_t -> x_{t-1}
+            eps, x0 = self._eps_and_x0(xt, steps[i], c["recip"][i], c["recipm1"][i])
+            a = c["prev"][i].to(x.device)
+            xt = x0 * torch.sqrt(a) + torch.sqrt(1 - a) * eps
+        return (x - xt).abs()
+
     @torch.inference_mode()
     def predict(self, x: torch.Tensor, timestep: int = 0) -> torch.Tensor:
         """eps = unet(x, t) in float32, first three channels (learned-sigma models give six)."""
@@ -158,10 +204,37 @@ class NoiseModel:
         return out[:, :3].float().contiguous()
 
 
-def encode(eps: torch.Tensor, encoding: str, inplace: bool = False) -> torch.Tensor:
-    """eps to the stored form: `reference` is exactly torchvision's save_image quantisation
-    (`eps * 255 + 0.5`, clamped to [0, 255], truncated to uint8); `raw` is float16. `inplace`
-    reuses eps's memory for the intermediate steps (eps is then lost): no new large tensor."""
+def betas_float64(config: dict) -> np.ndarray:
+    """The training betas in float64 as guided-diffusion computes them (linear, or the cosine
+    schedule diffusers calls squaredcos_cap_v2), from a diffusers scheduler config."""
+    n = int(config.get("num_train_timesteps", 1000))
+    if config.get("beta_schedule", "linear") == "squaredcos_cap_v2":
+        def f(t):
+            return np.cos((t + 0.008) / 1.008 * np.pi / 2) ** 2
+        return np.array([min(1 - f((i + 1) / n) / f(i / n), 0.999) for i in range(n)], dtype=np.float64)
+    if config.get("beta_schedule", "linear") != "linear":
+        raise ModelError(f"beta schedule {config.get('beta_schedule')!r}: DIRE needs linear or "
+                         f"squaredcos_cap_v2")
+    return np.linspace(float(config.get("beta_start", 1e-4)), float(config.get("beta_end", 0.02)), n,
+                       dtype=np.float64)
+
+
+def respaced_timesteps(num_timesteps: int, count: int) -> list[int]:
+    """guided-diffusion's `space_timesteps(T, "ddim{count}")`: the first stride whose range(0, T,
+    stride) has `count` steps (ddim20 of 1000: 0, 50, ..., 950)."""
+    for stride in range(1, num_timesteps):
+        if len(range(0, num_timesteps, stride)) == count:
+            return list(range(0, num_timesteps, stride))
+    raise ValueError(f"cannot make {count} equally spaced steps out of {num_timesteps}")
+
+
+def encode(eps: torch.Tensor, encoding: str, inplace: bool = False, kind: str = "dnf") -> torch.Tensor:
+    """A feature to the stored form. DNF: `reference` is exactly torchvision's save_image
+    quantisation (`eps * 255 + 0.5`, clamped to [0, 255], truncated to uint8). DIRE: `reference` is
+    what DIRE's compute_dire.py saves, `dire * 255 / 2` clamped and truncated to uint8. `raw` is
+    float16. `inplace` reuses the input's memory for the intermediate steps (it is then lost)."""
+    if kind == "dire" and encoding == "reference":
+        return (eps.mul_(255.0) if inplace else eps.mul(255.0)).div_(2.0).clamp_(0, 255).to(torch.uint8)
     if encoding == "reference":
         return (eps.mul_(255) if inplace else eps.mul(255)).add_(0.5).clamp_(0, 255).to(torch.uint8)
     if encoding == "raw":
