@@ -18,7 +18,7 @@ SHARD_ARGS   ?=
 EXTRACT_ARGS ?=
 
 .PHONY: install test test-long lint quickstart shard extract status train eval bench bench-host bench-gpu bench-scaling bench-shard clean \
-	demo demo-install demo-system-libs demo-data demo-data-extra demo-model
+	demo demo-dire demo-install demo-system-libs demo-data demo-data-extra demo-model
 
 install: $(STAMP)
 
@@ -42,6 +42,10 @@ lint: $(STAMP)
 # The demo: real photos vs two real generators, a DDPM trained here, shard -> extract -> train -> eval.
 demo: $(DEMO_STAMP) demo-system-libs
 	$(BIN)/python -m demo all $(DEMO_ARGS)
+
+# After the demo: DIRE (the paper's baseline, 40 UNet passes an image) on the same shards, beside DNF.
+demo-dire: demo
+	$(BIN)/python -m demo dire $(DEMO_ARGS)
 
 demo-install: $(DEMO_STAMP) demo-system-libs
 

@@ -304,6 +304,22 @@ def training_rates(cache, size: int, batch: int, samples: int, device, png_dir: 
             "read_png_imagefolder": median_rate(read_png, len(folder))}
 
 
+def dnf_vs_dire(tmp: Path, size: int, device, batch: int, images: int = 8, ddim_steps: int = 20) -> dict:
+    """Images/s of DNF and of DIRE (`--feature dire`, 2 x ddim_steps UNet passes) for the same
+    UNet (tiny) on the same images, side by side in one run, and their ratio."""
+    data = tmp / "dire-data"
+    make_jpegs(data, images, size)
+    run_shard([data], tmp / "dire-run", shard_size=images)
+    model = make_unet("tiny", tmp / "unet-dire", size)
+    rates = {}
+    for kind in ("dnf", "dire"):
+        s = run_extract(tmp / "dire-run", ExtractOptions(model, size=size, batch_size=batch or 8,
+                                                         device=str(device), feature_kind=kind,
+                                                         ddim_steps=ddim_steps))
+        rates[kind] = s["images_per_s"]
+    return {**rates, "dnf/dire": round(rates["dnf"] / rates["dire"], 1), "ddim_steps": ddim_steps}
+
+
 def folder_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
 
@@ -361,6 +377,7 @@ def main() -> None:
                          "pipeline/bound": round(pipe / bound, 3), "reference_loop_img_s": round(ref, 2),
                          "speedup_vs_reference": round(pipe / ref, 2)})
             print(json.dumps(rows[-1]), flush=True)
+    dire = dnf_vs_dire(tmp, args.size, device, batch)
     host = {}
     for s in map(int, args.host_sizes.split(",")):
         make_jpegs(tmp / f"host{s}", 8, s)
@@ -390,6 +407,9 @@ def main() -> None:
     print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
     for r in rows:
         print("| " + " | ".join(str(r[c]) for c in cols) + " |")
+    print(f"\n## DNF vs DIRE (tiny UNet, {args.size}x{args.size}, the same images)\n"
+          f"DNF {dire['dnf']} images/s, DIRE (ddim{dire['ddim_steps']}) {dire['dire']} images/s: "
+          f"DNF is {dire['dnf/dire']}x faster")
     print("\n## Host cost per image, CPU-core-ms (one thread; JPEG in, 256x256 out)")
     print("| JPEG size | read+hash | decode+resize | encode | write | total |\n|---|---|---|---|---|---|")
     for s, h in host.items():

@@ -114,6 +114,53 @@ def run_all(
           + f"; total {time.perf_counter() - t0:.0f} s")
 
 
+@app.command()
+def dire(
+    work: Path = WORK_OPT,
+    train_generator: str = typer.Option("realesrgan", help="Generator to train on (as `all`)."),
+    epochs: int = typer.Option(8, help="Classifier epochs."),
+    ddim_steps: int = typer.Option(20, help="DIRE's DDIM respacing (20: DIRE's ddim20, 40 UNet passes)."),
+) -> None:
+    """After `all`: the DIRE baseline on the same shards and model, trained and evaluated like the
+    DNF detector, and both tables side by side (`make demo-dire`)."""
+    run = work / "run"
+    if not (run / "eval" / "demo" / "report.json").exists():
+        _fail(DemoError(f"{run}: run `python -m demo all` (make demo) first"))
+    size = _configs(False)[0].size
+    t = time.perf_counter()
+    out = subprocess.run([sys.executable, str(ROOT / "cli.py"), "extract", "--run", str(run), "--model",
+                          str(work / "model"), "--size", str(size), "--batch-size", "32", "--feature", "dire",
+                          "--ddim-steps", str(ddim_steps), "--json"], capture_output=True, text=True)
+    if out.returncode:
+        _fail(DemoError(f"extract --feature dire failed:\n{out.stderr[-2000:]}"))
+    summary = json.loads(out.stdout)
+    extract_s = time.perf_counter() - t
+    ckpt = run / "train" / "demo-dire"
+    train = ["train", "--run", str(run), "--name", "demo-dire", "--feature-id", summary["feature_id"],
+             "--source", "demo/real", "--source", f"demo/{train_generator}", "--epochs", str(epochs),
+             "--batch-size", "32", "--patience", "3"] + (["--resume"] if (ckpt / "last.pt").exists() else [])
+    _dnf(*train)
+    _dnf("eval", "--run", str(run), "--checkpoint", str(ckpt / "best.pt"), "--name", "demo-dire", "--split",
+         "test")
+    reports = {name: json.loads((run / "eval" / name / "report.json").read_text())
+               for name in ("demo", "demo-dire")}
+    try:
+        data = make_data(work / "data", _configs(False)[0])  # cached by `all`: returns its summary
+    except DemoError as e:
+        _fail(e)
+    lines = []
+    titles = {"demo": "DNF (one UNet pass)", "demo-dire": f"DIRE ({2 * ddim_steps} UNet passes)"}
+    for name, title in titles.items():
+        lines += [f"## {title}", "", demo_table(reports[name], train_generator, data), ""]
+    lines.append(f"DIRE extract: {summary['images']} images in {extract_s:.0f} s "
+                 f"({summary['images_per_s']} images/s)")
+    text = "\n".join(lines)
+    (run / "eval" / "demo-dire" / "demo-dire.md").write_text(f"# DNF vs DIRE on the demo\n\n{text}\n")
+    print()
+    print(text)
+    print(f"\nBoth tables: {run / 'eval' / 'demo-dire' / 'demo-dire.md'}")
+
+
 def demo_table(rep: dict, train_generator: str, summary: dict) -> str:
     """Per-generator table of the test split: seen and unseen generator, real images scored with each."""
     head = "| generator | seen in training | real | fake | acc | AP | AUC | real acc | fake acc |"
