@@ -113,13 +113,13 @@ def test_dire_matches_an_independent_reimplementation(adm, tmp_path):
 
 def test_dire_and_dnf_caches_live_side_by_side_and_train(adm, tmp_path):
     _, model = adm
-    data = make_dataset(tmp_path / "data", per_class=2)
+    data = make_dataset(tmp_path / "data", per_class=1)
     run_dir = tmp_path / "run"
     cli("shard", data, "--run", run_dir, "--shard-size", 8)
     common = ["--model", model, "--size", SIZE, "--batch-size", 4, "--workers", 0, "--device", "cpu",
               "--json"]
     dnf = json.loads(cli("extract", "--run", run_dir, *common).stdout)
-    dire = json.loads(cli("extract", "--run", run_dir, "--feature", "dire", "--ddim-steps", 5,
+    dire = json.loads(cli("extract", "--run", run_dir, "--feature", "dire", "--ddim-steps", 2,
                           *common).stdout)
     assert dnf["feature_id"] != dire["feature_id"]
     # a DNF config's id is what it was before feature kinds existed (no "kind" in its config)
