@@ -21,7 +21,7 @@ def run_convert_cache(run_dir: Path, to: str, feature_id: str | None = None, out
     config = source.config()
     target = new_cache(out or run.cache_root / folder_name(config.feature_id, to), to)
     target.open_or_create(replace(config, backend=to, format=target.format_version),
-                          vocabulary=run.vocabulary())
+                          vocabulary=run.vocabulary)
     converted, skipped = 0, 0
     for s in sorted(source.done_shards()):
         if target.done_path(s).exists():

@@ -194,7 +194,7 @@ def open_cache(run: Run, model: NoiseModel, opts: ExtractOptions,
         return (old.num_shards < info.num_shards
                 and run.manifest_fingerprint(old.num_shards) == old.fingerprint)
 
-    cache.open_or_create(config, extends, run.vocabulary())
+    cache.open_or_create(config, extends, run.vocabulary)
     return cache, feature
 
 

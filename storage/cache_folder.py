@@ -109,20 +109,23 @@ class FeatureCache(ABC):
         return self._config
 
     def open_or_create(self, config: CacheConfig, extends: Callable[[ManifestRef], bool] | None = None,
-                       vocabulary: dict[str, list[str]] | None = None) -> None:
+                       vocabulary: Callable[[], dict[str, list[str]]] | None = None) -> None:
         """Create the cache for `config`, or check that the existing one was made with the same
         (`config.about` is informational and never compared). A cache of a manifest that `config`'s
         manifest extends (`extends(old manifest)`: a run grown by `shard --append`) grows to it:
-        new rows, its shards, markers and data untouched. `vocabulary` is the manifest's split and
-        source names in their fixed order (`Run.vocabulary`), for backends that store codes."""
-        vocabulary = vocabulary or {"split": [], "source": []}
+        new rows, its shards, markers and data untouched. `vocabulary` gives the manifest's split and
+        source names in their fixed order (`Run.vocabulary`, which reads the whole manifest: called
+        only when a cache is created or grown), for backends that store codes."""
+        def names() -> dict[str, list[str]]:
+            return vocabulary() if vocabulary is not None else {"split": [], "source": []}
+
         with file_lock(self.root.parent / f"{self.root.name}.lock"):
             if self.exists():
                 old = self.config()
                 diff = old.differences(config)
                 only_grown = not old.differences(replace(config, manifest=old.manifest))
                 if diff and only_grown and extends is not None and extends(old.manifest):
-                    self._grow(config, vocabulary)
+                    self._grow(config, names())
                     write_json_atomic(self.config_path, config.to_json())
                     self._config = config
                     return
@@ -139,7 +142,7 @@ class FeatureCache(ABC):
                         + "\nUse the settings it was made with, or another cache folder.")
                 return
             self.root.mkdir(parents=True, exist_ok=True)
-            self._create(config, vocabulary)
+            self._create(config, names())
             write_json_atomic(self.config_path, config.to_json())  # last: marks the cache as created
             self._config = config
 
