@@ -4,6 +4,7 @@ train and eval, each skipped when its result is already there, and prints the pe
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -76,7 +77,7 @@ def run_all(
         summary = make_data(work / "data", data_cfg)
         times["data"] = time.perf_counter() - t0
         t = time.perf_counter()
-        train_ddpm(train_photos(work / "data"), work / "model", ddpm_cfg)
+        model_info = train_ddpm(train_photos(work / "data"), work / "model", ddpm_cfg)
         times["model"] = time.perf_counter() - t
     except DemoError as e:
         _fail(e)
@@ -86,6 +87,8 @@ def run_all(
                         f"it (trainable: {', '.join(sorted(trainable)) or 'none'}; skipped: "
                         f"{', '.join(summary['skipped']) or 'none'})"))
     run = work / "run"
+    fresh_run(run, {"data": {k: summary[k] for k in ("config", "photos", "splits")},
+                    "model": {k: model_info[k] for k in ("config", "photos")}})
     steps = [
         ("shard", ["shard", str(work / "data"), "--run", str(run), "--shard-size", "128"]),
         ("extract", ["extract", "--run", str(run), "--model", str(work / "model"), "--size",
@@ -151,6 +154,18 @@ def dire(
     print()
     print(text)
     print(f"\nBoth tables: {run / 'eval' / 'demo-dire' / 'demo-dire.md'}")
+
+
+def fresh_run(run: Path, inputs: dict) -> None:
+    """Keep WORK/run only if it was made from these data and model: a run folder of older demo data
+    holds another manifest (`shard` refuses it) and caches and checkpoints of another model."""
+    stamp = run / "demo-inputs.json"
+    text = json.dumps(inputs, sort_keys=True)
+    if run.exists() and (not stamp.exists() or stamp.read_text() != text):
+        print(f"demo: {run} was made from other demo data or another model; making it again", flush=True)
+        shutil.rmtree(run)
+    run.mkdir(parents=True, exist_ok=True)
+    stamp.write_text(text)
 
 
 def detector_args(run: Path, name: str, train_generator: str, epochs: int) -> list[str]:

