@@ -5,8 +5,10 @@ from __future__ import annotations
 import io
 import math
 import os
+import shutil
 import subprocess
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -81,6 +83,27 @@ class RandomWeights(dict):
     def norm(self, name: str, c: int) -> None:
         self[f"{name}.weight"] = 1 + 0.1 * torch.randn(c, generator=self.g)
         self[f"{name}.bias"] = 0.1 * torch.randn(c, generator=self.g)
+
+
+@pytest.fixture(scope="module")
+def module_tmp(request, tmp_path_factory) -> Iterator[Callable[[str], Path]]:
+    """`mktemp` for a module's shared fixtures: its folders go when the module ends, unless a test failed.
+
+    One trained ResNet50 leaves about 370 MB (best.pt, and last.pt with Adam's state); kept until the
+    session ended, the suite's folders grew to 8.4 GB and filled CI's disk. Function-scoped `tmp_path`
+    folders go after each passing test (`tmp_path_retention_policy` in pyproject.toml).
+    """
+    made: list[Path] = []
+    failed = request.session.testsfailed
+
+    def mktemp(name: str) -> Path:
+        made.append(tmp_path_factory.mktemp(name))
+        return made[-1]
+
+    yield mktemp
+    if request.session.testsfailed == failed:
+        for path in made:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -156,8 +156,8 @@ def reference_dnf_png(path: str, sd: dict, size: int, out: Path) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def converted(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("convert")
+def converted(module_tmp):
+    tmp = module_tmp("convert")
     sd = make_ddim_state(CFG["ch"], CFG["ch_mult"], CFG["num_res_blocks"], CFG["attn_levels"])
     torch.save(sd, tmp / "model-2388000.ckpt")
     (tmp / "bedroom.yml").write_text(

@@ -49,10 +49,10 @@ def run_demo(work: Path) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def demo_runs(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess, subprocess.CompletedProcess]:
+def demo_runs(module_tmp) -> tuple[Path, subprocess.CompletedProcess, subprocess.CompletedProcess]:
     if MISSING:
         pytest.skip(f"needs Debian's {', '.join(MISSING)} (`make test` installs them as root)")
-    work = tmp_path_factory.mktemp("demo")
+    work = module_tmp("demo")
     return work, run_demo(work), run_demo(work)
 
 

@@ -69,8 +69,8 @@ def test_respacing_is_guided_diffusions():
 
 
 @pytest.fixture(scope="module")
-def adm(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("dire")
+def adm(module_tmp):
+    tmp = module_tmp("dire")
     sd = make_adm_state()
     torch.save(sd, tmp / "adm.pt")
     (tmp / "flags.yml").write_text(f"num_head_channels: {HEAD_CH}\nimage_size: {SIZE}\n")

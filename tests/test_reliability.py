@@ -50,9 +50,9 @@ def wait_for_files(folder: Path, pattern: str, count: int, proc: subprocess.Pope
 
 
 @pytest.fixture(scope="module")
-def clean(tmp_path_factory, tiny_model) -> dict:
+def clean(module_tmp, tiny_model) -> dict:
     """A dataset, its manifest, and the cache of one uninterrupted extract (with its wall time)."""
-    tmp = tmp_path_factory.mktemp("clean")
+    tmp = module_tmp("clean")
     data = make_dataset(tmp / "data", per_class=12, size=(64, 64))
     run_shard([data], tmp / "run", shard_size=6)
     t0 = time.time()

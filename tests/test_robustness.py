@@ -33,8 +33,8 @@ def test_parse_and_apply_perturbations():
 
 
 @pytest.fixture(scope="module")
-def robust_run(tmp_path_factory, tiny_model):
-    tmp = tmp_path_factory.mktemp("robust")
+def robust_run(module_tmp, tiny_model):
+    tmp = module_tmp("robust")
     data = make_dataset(tmp / "data", per_class=4, sources=("gan_a", "gan_b"))
     run_shard([data], tmp / "run", shard_size=16)
     args = ["--model", tiny_model, "--size", SIZE, "--batch-size", 4, "--device", "cpu"]

@@ -24,8 +24,8 @@ SIZE = 32
 
 
 @pytest.fixture(scope="module")
-def cached_run(tmp_path_factory, tiny_model) -> Path:
-    tmp = tmp_path_factory.mktemp("trainrun")
+def cached_run(module_tmp, tiny_model) -> Path:
+    tmp = module_tmp("trainrun")
     data = make_dataset(tmp / "data", per_class=4, sources=("gan_a", "gan_b"))
     run_shard([data], tmp / "run", shard_size=16)
     run_extract(tmp / "run", ExtractOptions(model=tiny_model, size=SIZE, workers=0, device="cpu"))

@@ -27,9 +27,9 @@ def wds_cache(run: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def wds_run(clean, tmp_path_factory, tiny_model) -> Path:  # noqa: F811
+def wds_run(clean, module_tmp, tiny_model) -> Path:  # noqa: F811
     """The clean run's images extracted straight into a WebDataset cache."""
-    run = fresh_run(clean, tmp_path_factory.mktemp("wds"))
+    run = fresh_run(clean, module_tmp("wds"))
     cli(*EXTRACT_ARGS, "--model", tiny_model, "--run", run, "--backend", "webdataset")
     return run
 

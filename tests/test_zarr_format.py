@@ -48,8 +48,8 @@ def tensorstore_array(path) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def cached(tmp_path_factory, tiny_model):
-    tmp = tmp_path_factory.mktemp("ts")
+def cached(module_tmp, tiny_model):
+    tmp = module_tmp("ts")
     data = make_dataset(tmp / "data", per_class=3, sources=("gan_a", "gan_b"))
     cli("shard", data, "--run", tmp / "run", "--shard-size", 8)
     cli(*EXTRACT, "--model", tiny_model, "--run", tmp / "run")
