@@ -13,9 +13,11 @@ ImageFolder; cache bytes per image per encoding vs the reference's PNG files.
 from __future__ import annotations
 
 import argparse
+import atexit
 import hashlib
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -54,6 +56,20 @@ def make_unet(name: str, out: Path, size: int) -> Path:
     torch.manual_seed(0)
     unet = UNet2DModel(sample_size=size, attention_head_dim=None, norm_num_groups=32, **UNETS[name])
     DDPMPipeline(unet=unet, scheduler=DDPMScheduler()).save_pretrained(out, safe_serialization=True)
+    return out
+
+
+def scratch_dir(prefix: str) -> Path:
+    """A temporary folder for one benchmark run, removed when the script exits (a run makes GBs)."""
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    atexit.register(shutil.rmtree, path, True)
+    return path
+
+
+def results_file(given: str | Path | None, name: str) -> Path:
+    """Where a benchmark writes its JSON: the given path, else runs/bench/NAME (git-ignored, kept)."""
+    out = Path(given) if given else ROOT / "runs" / "bench" / name
+    out.parent.mkdir(parents=True, exist_ok=True)
     return out
 
 
@@ -235,7 +251,7 @@ def host_only(args, tmp: Path) -> None:
         print(f"| {k} | " + " | ".join(f"{h[c]:.2f}" for c in cols) + " |")
     print(f"\nhost ceiling: {best:.0f} images/s (256x256 JPEG -> 256x256 reference DNF, Zarr, "
           f"{cpus} cores)")
-    out = Path(args.results or tmp / "bench_host.json")
+    out = results_file(args.results, "bench_host.json")
     out.write_text(json.dumps({"cpu_cores": cpus, "host_ceiling_img_s": best, "ceilings": rows,
                                "core_ms_per_image": steps}, indent=2))
     print(f"results in {out}")
@@ -340,16 +356,17 @@ def main() -> None:
                                                                "the core-ms of each host step.")
     ap.add_argument("--host-images", type=int, default=3072, help="256x256 JPEGs for the host ceiling "
                     "(in shards of 128: enough for the steady state)")
-    ap.add_argument("--results", default="", help="Where to write the results JSON.")
+    ap.add_argument("--results", default="", help="Where to write the results JSON "
+                    "(default: runs/bench/bench_host.json).")
     args = ap.parse_args()
     if args.host_only:
-        host_only(args, Path(tempfile.mkdtemp(prefix="dnf-bench-host-")))
+        host_only(args, scratch_dir("dnf-bench-host-"))
         return
     device = resolve_device(args.device)
     models = args.models.split(",") if args.models else (
         ["tiny", "mid", "bedroom"] if device.type == "cuda" else ["tiny", "mid"])
     batch = args.batch_size or (8 if device.type == "cpu" else 0)
-    tmp = Path(tempfile.mkdtemp(prefix="dnf-bench-"))
+    tmp = scratch_dir("dnf-bench-")
     make_jpegs(tmp / "data", args.images, args.size)
     files = sorted((tmp / "data").rglob("*.jpg"))
     run_shard([tmp / "data"], tmp / "run", shard_size=max(8, args.images // 3))

@@ -18,7 +18,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -27,7 +26,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.bench import make_jpegs, make_unet, model_bound, reference_loop  # noqa: E402
+from benchmarks.bench import make_jpegs, make_unet, model_bound, reference_loop, results_file, scratch_dir  # noqa: E402
 from pipeline.device import resolve_device, resolve_precision  # noqa: E402
 from stages.domain.noise_model import load_noise_model  # noqa: E402
 from stages.extract import ExtractOptions, run_extract  # noqa: E402
@@ -83,7 +82,8 @@ def main() -> None:
     ap.add_argument("--precisions", default="fp32,bf16,fp16")
     ap.add_argument("--batches", default="16,32,64,128,256")
     ap.add_argument("--quick", action="store_true", help="bf16 only, no compile, batches 64 and 256")
-    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--out", type=Path, default=None,
+                    help="results JSON (default: runs/bench/bench_gpu.json)")
     args = ap.parse_args()
     device = resolve_device(args.device)
     if device.type != "cuda" and not args.quick:
@@ -95,7 +95,7 @@ def main() -> None:
     batches = [64, 256] if args.quick else [int(b) for b in args.batches.split(",")]
     compiles = [False] if args.quick else [False, True]
     decodes = [False, True] if device.type == "cuda" else [False]
-    tmp = Path(tempfile.mkdtemp(prefix="dnf-bench-gpu-"))
+    tmp = scratch_dir("dnf-bench-gpu-")
     make_jpegs(tmp / "data", args.images, args.size)
     run_shard([tmp / "data"], tmp / "run", shard_size=max(64, args.images // 8))
     env = {"gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
@@ -129,7 +129,7 @@ def main() -> None:
     print("\nreference-style loop (fp32, batch 16, save_image per image): "
           + ", ".join(f"{k} {v:.1f} img/s" for k, v in refs.items()))
     print(f"DDP training, torchrun with 1 process on {device} (ResNet50, batch 64): {training}")
-    out = args.out or tmp / "bench_gpu.json"
+    out = results_file(args.out, "bench_gpu.json")
     out.write_text(json.dumps({"env": env, "rows": rows, "reference_loop": refs, "training": training},
                               indent=2))
     print(f"results in {out}")

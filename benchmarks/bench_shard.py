@@ -12,10 +12,12 @@
 from __future__ import annotations
 
 import argparse
+import atexit
 import io
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -78,7 +80,10 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--out", type=Path, default=None, help="Keep the trees here (default: a temp dir).")
     args = ap.parse_args()
-    tmp = args.out or Path(tempfile.mkdtemp(prefix="bench-shard-"))
+    tmp = args.out
+    if tmp is None:
+        tmp = Path(tempfile.mkdtemp(prefix="bench-shard-"))
+        atexit.register(shutil.rmtree, tmp, True)
     results: dict = {"cpu": os.cpu_count()}
 
     t0 = time.perf_counter()
@@ -112,9 +117,11 @@ def main() -> None:
     results["cached"] = {"rows": cached, "status_seconds": round(status_s, 2),
                          "verify_seconds": round(verify_s, 2)}
     print(f"status over {cached} cached rows: {status_s:.2f} s; verify: {verify_s:.1f} s", flush=True)
-    (tmp / "bench_shard.json").write_text(json.dumps(results, indent=2))
+    out = (args.out or ROOT / "runs" / "bench") / "bench_shard.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
     print(json.dumps(results, indent=2))
-    print(f"results in {tmp / 'bench_shard.json'}")
+    print(f"results in {out}")
 
 
 if __name__ == "__main__":

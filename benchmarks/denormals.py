@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -25,6 +24,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.bench import scratch_dir  # noqa: E402
 from demo.ddpm import DDPMConfig, build_unet  # noqa: E402
 from stages.domain.detector import build_resnet50  # noqa: E402
 from stages.domain.noise_model import encode, load_noise_model, make_test_model  # noqa: E402
@@ -43,7 +43,8 @@ def timed(fn, steps: int) -> float:
 
 def workloads(steps: int, warmup: int = 0) -> dict:
     torch.manual_seed(0)
-    tiny = load_noise_model(make_test_model(Path(tempfile.mkdtemp()) / "tiny", size=64), torch.device("cpu"))
+    tiny_dir = make_test_model(scratch_dir("dnf-denormals-") / "tiny", size=64)
+    tiny = load_noise_model(tiny_dir, torch.device("cpu"))
     x = torch.rand(8, 3, 256, 256) * 2 - 1
     ddpm = build_unet(DDPMConfig())
     opt = torch.optim.Adam(ddpm.parameters(), lr=5e-4)
