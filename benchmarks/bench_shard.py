@@ -81,7 +81,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None, help="Keep the trees here (default: a temp dir).")
     args = ap.parse_args()
     tmp = args.out
-    if tmp is None:
+    if tmp is None:  # bench.scratch_dir's way, without importing bench (torch) before the RSS figures
         tmp = Path(tempfile.mkdtemp(prefix="bench-shard-"))
         atexit.register(shutil.rmtree, tmp, True)
     results: dict = {"cpu": os.cpu_count()}
