@@ -36,13 +36,32 @@ def run_export_png(run_dir: Path, out: Path, feature_id: str | None = None) -> d
                          f"extract with --encoding reference to export")
     paths = {e.key: e.path for e in run.entries()}
     roots = list(info.roots)
-    dnf = cache.row_reader()
-    written = 0
+    rows = []
     for split in sorted({e.split for e in run.entries()}):
         index = cache_index(cache, split)
-        for row, key in zip(index.rows, index.keys, strict=True):
-            target = Path(out) / relative_name(paths[key], roots).with_suffix(".png")
-            target.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(np.ascontiguousarray(dnf[int(row)].transpose(1, 2, 0))).save(target)
-            written += 1
-    return {"out": str(out), "images": written, "feature_id": config.feature_id}
+        rows += [(int(row), key, relative_name(paths[key], roots)) for row, key in zip(index.rows, index.keys,
+                                                                                      strict=True)]
+    targets = png_names([rel for _, _, rel in rows])
+    dnf = cache.row_reader()
+    for (row, _, _), target in zip(rows, targets, strict=True):
+        target = Path(out) / target
+        target.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.ascontiguousarray(dnf[row].transpose(1, 2, 0))).save(target)
+    renamed = sum(t != rel.with_suffix(".png") for t, (_, _, rel) in zip(targets, rows, strict=True))
+    return {"out": str(out), "images": len(rows), "renamed": renamed, "feature_id": config.feature_id}
+
+
+def png_names(relatives: list[Path]) -> list[Path]:
+    """Each image's PNG path: its relative path with the suffix `.png`; images that would share one
+    (`x.jpg` and `x.png` in one folder) keep their suffix in the name instead (`x.jpg.png`), so no
+    DNF overwrites another."""
+    plain = [rel.with_suffix(".png") for rel in relatives]
+    count: dict[Path, int] = {}
+    for p in plain:
+        count[p] = count.get(p, 0) + 1
+    names = [p if count[p] == 1 else rel.with_name(rel.name + ".png") for p, rel in zip(plain, relatives,
+                                                                                       strict=True)]
+    if len(set(names)) != len(names):  # an input already named like another one's suffixed name
+        raise CacheError("export-png: two images would be written to the same PNG path even with their "
+                         "suffixes kept; export into separate folders")
+    return names

@@ -353,6 +353,13 @@ def progress_dir(run: Run, inputs: list[str], opts: ShardOptions, append: bool) 
     return run.root / ".shard-progress" / hashlib.sha256(token.encode()).hexdigest()[:16]
 
 
+def clear_progress(checkpoints: Path) -> None:
+    """Remove a finished shard command's probe checkpoints (and their folder once empty)."""
+    shutil.rmtree(checkpoints, ignore_errors=True)
+    if checkpoints.parent.exists() and not any(checkpoints.parent.iterdir()):
+        checkpoints.parent.rmdir()
+
+
 def shard_summary(info: RunInfo, entries: list[Entry], conflicts: int, extra: dict) -> dict:
     counts = Counter((e.split, "fake" if e.label else "real", e.source) for e in entries)
     return {**info.to_json(), "conflicts": conflicts, **extra, "counts": [
@@ -394,9 +401,10 @@ def write_append(run: Run, inputs: list[Path], opts: ShardOptions, candidates: l
     shards = [entries[i:i + opts.shard_size] for i in range(0, len(entries), opts.shard_size)]
     info = appended_info(old, sorted(os.path.abspath(p) for p in inputs), opts, len(shards), len(entries),
                          len(candidates), len(rejects), len(duplicates), input_roots(inputs))
-    if shards:
-        run.write_manifest(shards, run.rejects() + rejects, run.duplicates() + duplicates, info,
-                           first_shard=old.num_shards)
+    # the lists as run.json counts them (an append killed before run.json left its lines there);
+    # an append of rejects and duplicates only is recorded too, so its rejects are listed
+    run.write_manifest(shards, run.rejects()[:old.rejects] + rejects,
+                       run.duplicates()[:old.duplicates] + duplicates, info, first_shard=old.num_shards)
     return info
 
 
@@ -435,20 +443,24 @@ def run_shard(inputs: list[Path], run_dir: Path, shard_size: int = 1024, label: 
     run = Run(run_dir)
     append = append and run.run_json.exists()
     abs_inputs = sorted(os.path.abspath(p) for p in inputs)
-    if append and any(a.inputs == tuple(abs_inputs) and a.options == opts.recorded()
-                      for a in run.info().appends):
-        return shard_summary(run.info(), [], 0, {"appended_now": 0,
-                                                 "note": "these inputs were appended before"})
-    first = run.info().num_shards if append else 0
     checkpoints = progress_dir(run, abs_inputs, opts, append)
+    done_before = [a for a in (run.info().appends if append else ())
+                   if a.inputs == tuple(abs_inputs) and a.options == opts.recorded()]
+    if done_before:
+        clear_progress(checkpoints)  # a run killed after its run.json left them
+        extra: dict = {"appended_now": 0, "note": "these inputs were appended before"}
+        if pack:  # an earlier plain append: pack its shards now
+            a = done_before[0]
+            shards = range(a.first_shard, a.first_shard + a.num_shards)
+            extra.update(pack_shards(run, [run.shard_entries(i) for i in shards], a.first_shard))
+        return shard_summary(run.info(), [], 0, extra)
+    first = run.info().num_shards if append else 0
     probed = iter(probe_all([c.path for c in candidates if c.reason is None], workers, max_pixels,
                             max_bytes, checkpoints))
     results = [{"reason": c.reason} if c.reason else next(probed) for c in candidates]
     manifest = build_manifest(candidates, results, {e.key: e for e in run.entries()} if append else None)
     info = (write_append if append else write_first)(run, inputs, opts, candidates, manifest)
-    shutil.rmtree(checkpoints, ignore_errors=True)
-    if checkpoints.parent.exists() and not any(checkpoints.parent.iterdir()):
-        checkpoints.parent.rmdir()
+    clear_progress(checkpoints)
     entries, conflicts = manifest[0], manifest[3]
     extra: dict = {"appended_now": len(entries)} if append else {}
     if pack:

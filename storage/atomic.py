@@ -42,9 +42,21 @@ def dumps_json(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, indent=2, ensure_ascii=False) + "\n"
 
 
+def encode_text(text: str) -> bytes:
+    """UTF-8 bytes of text that may hold file names with non-UTF-8 bytes (lone surrogates, as
+    Python decodes them): each becomes the escape `\\udcXX`, which JSON reads back as the same
+    character, so a name is kept exactly; in other text it shows the byte readably."""
+    return text.encode("utf-8", "backslashreplace")
+
+
+def readable(name: str) -> str:
+    """A file or source name for people: a byte that is not UTF-8 shows as `\\xNN`."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def write_json_atomic(path: Path, obj: Any) -> None:
     """Write `obj` as canonical JSON, atomically."""
-    write_bytes_atomic(path, dumps_json(obj).encode())
+    write_bytes_atomic(path, encode_text(dumps_json(obj)))
 
 
 def write_jsonl_atomic(path: Path, rows: list[dict]) -> None:

@@ -161,6 +161,13 @@ class FeatureCache(ABC):
         """Written last, atomically: from now on the shard counts as complete."""
         write_json_atomic(self.done_path(marker.shard), marker.to_json())
 
+    def damaged_shard(self, shard_id: int, problem: str) -> CacheError:
+        """The error of a done shard whose data file is missing or short (a crash, a copy that lost
+        files): it would read back as zeros, so every reader refuses it."""
+        return CacheError(f"{self.root}: shard {shard_id:05d} is marked done but its data file "
+                          f"{self.shard_file(shard_id)} is {problem}; run `extract --redo {shard_id}` to "
+                          f"compute it again")
+
     def size_bytes(self) -> int:
         total = 0
         for dirpath, _, files in os.walk(self.root):

@@ -58,6 +58,9 @@ class PackReader:
         self.path = Path(path)
         with tarfile.open(self.path, "r") as tar:
             self.index = {m.name.split(".", 1)[0]: (m.offset_data, m.size) for m in tar.getmembers()}
+        size = self.path.stat().st_size
+        if any(offset + n > size for offset, n in self.index.values()):  # tarfile reads past the end
+            raise tarfile.ReadError(f"truncated: {size} bytes, its members need more")
         self._fd: int | None = None
         self._pid = -1
 

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from storage.atomic import fsync_dir
 from storage.cache_config import CacheConfig, DoneMarker
 from storage.cache_folder import NOT_CACHED, CacheError, FeatureCache, RowReader
 
@@ -96,6 +97,7 @@ class WdsCache(FeatureCache):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, final)
+        fsync_dir(final.parent)
         index = {"key": list(key), "label": [int(v) for v in label], "split": list(split),
                  "source": list(source), "offset": offset, "size": size}
         self._written[shard_id] = index
@@ -118,11 +120,25 @@ class WdsCache(FeatureCache):
         return index
 
     # -- reading -----------------------------------------------------------------------------
+    def check_shard_data(self, shard_id: int, index: dict | None = None) -> None:
+        """A done shard's tar must hold every member its index points at (else CacheError, --redo)."""
+        index = index or self._shard_index(shard_id)
+        need = max((o + n for o, n in zip(index["offset"], index["size"], strict=True) if o >= 0), default=0)
+        if not need:
+            return
+        try:
+            size = self.shard_file(shard_id).stat().st_size
+        except FileNotFoundError:
+            raise self.damaged_shard(shard_id, "missing") from None
+        if size < need:
+            raise self.damaged_shard(shard_id, f"{size} bytes, shorter than the {need} its rows need")
+
     def read_rows(self, start: int, end: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
         """dnf, label and keys of rows [start, end) of one done shard, rejected rows as zeros."""
         config = self.config()
         shard_id = start // config.shard_size
         index = self._shard_index(shard_id)
+        self.check_shard_data(shard_id, index)
         dnf = np.zeros((end - start, *config.row_shape()), dtype=config.dtype)
         with open(self.shard_file(shard_id), "rb") as f:
             for j, (offset, size) in enumerate(zip(index["offset"], index["size"], strict=True)):
@@ -157,6 +173,7 @@ class WdsCache(FeatureCache):
         a WebDataset reader of an object store does)."""
         import webdataset as wds
 
+        self.check_shard_data(shard_id)
         for sample in wds.tarfile_samples([{"url": str(self.shard_file(shard_id))}]):
             row = json.loads(sample["json"])["row"]
             if row in rows:
@@ -176,6 +193,7 @@ class WdsRowReader(RowReader):
         shard, j = divmod(int(row), self.shard_size)
         if shard not in self.index:
             self.index[shard] = self.cache.done_marker(shard).index
+            self.cache.check_shard_data(shard, self.index[shard])
             self.fds[shard] = os.open(self.cache.shard_file(shard), os.O_RDONLY)
         index = self.index[shard]
         offset = index["offset"][j]

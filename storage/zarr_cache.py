@@ -27,6 +27,7 @@ import numpy as np
 import zarr
 from zarr.codecs import ZstdCodec
 
+from storage.atomic import fsync_dir
 from storage.cache_config import CacheConfig
 from storage.cache_folder import NOT_CACHED, CacheError, FeatureCache, RowReader, file_lock
 
@@ -93,6 +94,15 @@ def _compress_pool() -> ThreadPoolExecutor:
 _POOL: ThreadPoolExecutor | None = None
 
 
+def _forget_pool() -> None:
+    """In a forked child the pool's threads do not exist: a new pool is made on first use."""
+    global _POOL
+    _POOL = None
+
+
+os.register_at_fork(after_in_child=_forget_pool)
+
+
 def encode_row_shard(layout: RowShardLayout, rows: np.ndarray) -> bytes | None:
     """The bytes of one shard file holding `rows` (its first rows; the rest empty), as zarr-python
     writes them: chunks equal to the fill value left out, the others compressed (in parallel) and
@@ -117,11 +127,30 @@ def encode_row_shard(layout: RowShardLayout, rows: np.ndarray) -> bytes | None:
     return b"".join(parts) + index_bytes + crc
 
 
+def shard_index(layout: RowShardLayout, fd: int) -> np.ndarray | str:
+    """The (offset, size) pairs of an open shard file, or why the file cannot hold them (too short,
+    an index that fails its crc32c, chunks that lie past the index): a half-written file."""
+    size = os.fstat(fd).st_size
+    n = layout.rows_per_shard * 16
+    if size < n + 4:
+        return f"{size} bytes, shorter than its index"
+    raw = os.pread(fd, n + 4, size - n - 4)
+    if np.uint32(google_crc32c.value(raw[:n])).astype("<u4").tobytes() != raw[n:]:
+        return "damaged: its shard index fails its crc32c"
+    index = np.frombuffer(raw[:n], dtype="<u8").reshape(-1, 2)
+    present = index[:, 0] != EMPTY
+    if present.any() and int((index[present, 0] + index[present, 1]).max()) > size - n - 4:
+        return f"{size} bytes, shorter than its chunks"
+    return index
+
+
 class ShardChunkReader(RowReader):
     """Rows of an array in the `RowShardLayout`, read straight from the shard files: one pread and
-    one zstd decode per row, each shard's index read once."""
+    one zstd decode per row, each shard's index read once. `required(shard)` tells whether a shard
+    must have a file (a done shard with cached rows); a missing or short one then raises the
+    `CacheError` that `damaged(shard, problem)` makes, instead of reading as zeros."""
 
-    def __init__(self, array_path: Path):
+    def __init__(self, array_path: Path, required=None, damaged=None):
         layout = RowShardLayout.read(array_path)
         self.path, self.shape, self.dtype, self.fill = layout.path, layout.shape, layout.dtype, layout.fill
         self.layout = layout
@@ -130,18 +159,23 @@ class ShardChunkReader(RowReader):
         self.row_shape = tuple(self.shape[1:])
         self.fds: dict[int, int] = {}
         self.indexes: dict[int, np.ndarray] = {}
+        self.required = required or (lambda shard: False)
+        self.damaged = damaged or (lambda shard, why: CacheError(f"{self.path}: shard {shard}: {why}"))
 
     def _index(self, shard: int) -> tuple[int, np.ndarray] | None:
         if shard not in self.indexes:
             try:
                 fd = os.open(self.layout.shard_path(shard), os.O_RDONLY)
             except FileNotFoundError:
+                if self.required(shard):
+                    raise self.damaged(shard, "missing") from None
                 return None
-            size = os.fstat(fd).st_size
-            n = self.rows_per_shard * 16
-            raw = os.pread(fd, n + 4, size - n - 4)
+            index = shard_index(self.layout, fd)
+            if isinstance(index, str):
+                os.close(fd)
+                raise self.damaged(shard, index)
             self.fds[shard] = fd
-            self.indexes[shard] = np.frombuffer(raw[:n], dtype="<u8").reshape(-1, 2)
+            self.indexes[shard] = index
         return self.fds[shard], self.indexes[shard]
 
     def __getitem__(self, row: int) -> np.ndarray:
@@ -185,14 +219,32 @@ def write_row_shard(layout: RowShardLayout, shard: int, rows: np.ndarray) -> Non
     for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a killed writer (we hold the claim)
         stale.unlink(missing_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
+    with open(tmp, "wb") as f:  # on disk before the done marker: a crash never leaves a marker without data
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+    fsync_dir(path.parent)
 
 
-def open_rows(array_path: Path) -> RowReader:
+def fsync_tree(path: Path) -> None:
+    """fsync a file, or every file and folder under `path` (zarr-python's chunk files of a shard)."""
+    if path.is_file():
+        with open(path, "rb") as f:
+            os.fsync(f.fileno())
+    elif path.is_dir():
+        for dirpath, _, files in os.walk(path):
+            for name in files:
+                fsync_tree(Path(dirpath) / name)
+            fsync_dir(Path(dirpath))
+    if path.parent.exists():
+        fsync_dir(path.parent)
+
+
+def open_rows(array_path: Path, required=None, damaged=None) -> RowReader:
     """A row reader of a dnf array: the direct shard reader when the layout allows, else zarr."""
     try:
-        return ShardChunkReader(array_path)
+        return ShardChunkReader(array_path, required, damaged)
     except (ValueError, KeyError):
         return ZarrArrayRows(array_path)
 
@@ -281,6 +333,7 @@ class ZarrCache(FeatureCache):
             raise CacheError(f"{self.root}: a format-{self.config().format} cache (made by an older "
                              f"version) cannot take new shards; extract into a new cache folder")
         end = start + len(dnf)
+        self._clear_partial(start // self.config().shard_size)
         group = zarr.open_group(self.zarr_path, mode="r+")
         layout = self._dnf_layout()
         if layout is not None and start % layout.rows_per_shard == 0 and len(dnf) <= layout.rows_per_shard:
@@ -291,6 +344,17 @@ class ZarrCache(FeatureCache):
         group["key"][start:end] = keys_to_bytes(key)
         for name, values in (("split", split), ("source", source)):
             group[name][start:end] = self._codes(group, name, values)
+        shard = start // self.config().shard_size
+        for name in ("dnf", "label", "key", "split", "source"):  # on disk before the done marker
+            fsync_tree(self.zarr_path / name / "c" / str(shard))
+
+    def _clear_partial(self, shard: int) -> None:
+        """Remove the `*.partial` files a killed zarr-python write left for this shard's chunks
+        (never read, but they would stay forever; this worker holds the shard's claim)."""
+        for name in ("dnf", "label", "key", "split", "source"):
+            chunks = self.zarr_path / name / "c"
+            for stale in [*chunks.glob(f"{shard}.*.partial"), *chunks.glob(f"{shard}/**/*.partial")]:
+                stale.unlink(missing_ok=True)
 
     def _dnf_layout(self) -> RowShardLayout | None:
         """The dnf array's layout when the direct writer handles it (every cache this project
@@ -314,8 +378,29 @@ class ZarrCache(FeatureCache):
         names = np.asarray([*array.attrs.get("names", []), ""], dtype=object)  # code -1 -> ""
         return names[raw]
 
+    def check_shard_data(self, shard_id: int) -> None:
+        """A done shard with cached rows must have its whole data file (else CacheError, --redo)."""
+        layout = self._dnf_layout()
+        if layout is None or not self._required(shard_id):
+            return
+        try:
+            fd = os.open(self.shard_file(shard_id), os.O_RDONLY)
+        except FileNotFoundError:
+            raise self.damaged_shard(shard_id, "missing") from None
+        try:
+            problem = shard_index(layout, fd)
+        finally:
+            os.close(fd)
+        if isinstance(problem, str):
+            raise self.damaged_shard(shard_id, problem)
+
+    def _required(self, shard_id: int) -> bool:
+        marker = self.done_marker(shard_id)
+        return marker is not None and marker.cached > 0
+
     def read_rows(self, start: int, end: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
         """dnf, label and keys of rows [start, end), as stored."""
+        self.check_shard_data(start // self.config().shard_size)
         group = self.open_read()
         return (group["dnf"][start:end], group["label"][start:end],
                 [str(k) for k in self._strings(group, "key", start, end)])
@@ -340,4 +425,4 @@ class ZarrCache(FeatureCache):
 
     def row_reader(self) -> RowReader:
         """Random access to single rows' DNF (opened in the process that reads)."""
-        return open_rows(self.zarr_path / "dnf")
+        return open_rows(self.zarr_path / "dnf", self._required, self.damaged_shard)

@@ -154,7 +154,8 @@ def test_append_grows_a_run_and_computes_only_new_shards(tmp_path, tiny_model, b
     for f in sorted((run / "shards").iterdir()):
         assert f.read_bytes() == (tmp_path / "run2" / "shards" / f.name).read_bytes()
     # train and eval see every row
-    cli("train", "--run", run, "--epochs", 1, "--batch-size", 4, "--workers", 0, "--device", "cpu")
+    cli("train", "--run", run, "--epochs", 1, "--batch-size", 4, "--workers", 0, "--device", "cpu",
+        "--val-from", "train:0.3")
     rep = json.loads(cli("eval", "--run", run, "--checkpoint", run / "train/default/best.pt", "--workers", 0,
                          "--device", "cpu") and (run / "eval/default-test/report.json").read_text())
     assert rep["overall"]["n"] == 6 and "newgan" in rep["sources"]

@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from storage.atomic import readable
+
 PANEL = 128  # pixels of each image in a tile
 PAD = 4
 LINE = 12
@@ -41,7 +43,7 @@ def tile(path: str, dnf: np.ndarray, caption: list[str]) -> Image.Image:
     out.paste(dnf_view(dnf).resize((PANEL, PANEL), Image.NEAREST), (2 * PAD + PANEL, PAD))
     draw, font = ImageDraw.Draw(out), ImageFont.load_default()
     for i, text in enumerate(caption[:LINES]):
-        draw.text((PAD, PANEL + 2 * PAD + i * LINE), text[:42], fill=(0, 0, 0), font=font)
+        draw.text((PAD, PANEL + 2 * PAD + i * LINE), readable(text)[:42], fill=(0, 0, 0), font=font)
     return out
 
 
@@ -51,6 +53,27 @@ def sheet(tiles: list[Image.Image], out: Path) -> Path:
     page = Image.new("RGB", (COLUMNS * TILE_W, rows * TILE_H), (255, 255, 255))
     for i, t in enumerate(tiles):
         page.paste(t, ((i % COLUMNS) * TILE_W, (i // COLUMNS) * TILE_H))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    page.save(out)
+    return out
+
+
+TITLE_H = 2 * LINE
+
+
+def section_sheet(sections: dict[str, list[Image.Image]], out: Path) -> Path:
+    """Tiles grouped in titled sections (each starts a new row under its title), as one PNG."""
+    rows = [max(1, -(-len(tiles) // COLUMNS)) for tiles in sections.values()]
+    height = max(TILE_H, sum(TITLE_H + r * TILE_H for r in rows))
+    page = Image.new("RGB", (COLUMNS * TILE_W, height), (255, 255, 255))
+    draw, font = ImageDraw.Draw(page), ImageFont.load_default()
+    y = 0
+    for (title, tiles), n_rows in zip(sections.items(), rows, strict=True):
+        draw.text((PAD, y + PAD), readable(title)[:120], fill=(0, 0, 160), font=font)
+        y += TITLE_H
+        for i, t in enumerate(tiles):
+            page.paste(t, ((i % COLUMNS) * TILE_W, y + (i // COLUMNS) * TILE_H))
+        y += n_rows * TILE_H
     out.parent.mkdir(parents=True, exist_ok=True)
     page.save(out)
     return out

@@ -31,18 +31,32 @@ def _pillow_rgb(data: bytes) -> torch.Tensor:
     return torch.from_numpy(rgb.copy()).permute(2, 0, 1)
 
 
-def decode_rgb(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
-    """Bytes to a uint8 (3, H, W) tensor; DecodeError with the reason when that is not possible."""
+def check_header(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> bool:
+    """Read the header only and refuse decompression bombs before decoding (DecodeError with the
+    reason); True when the file holds several frames (animated GIF / WebP / PNG, multi-page TIFF)."""
     Image.MAX_IMAGE_PIXELS = None
     try:
-        with Image.open(io.BytesIO(data)) as im:  # header only: refuse bombs before decoding
+        with Image.open(io.BytesIO(data)) as im:
             w, h = im.size
+            frames = bool(getattr(im, "is_animated", False))
     except UnidentifiedImageError as e:
         raise DecodeError("not an image: no image format recognised") from e
-    except (OSError, SyntaxError, ValueError) as e:
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise DecodeError(f"unreadable image header: {e}") from e
     if w * h > max_pixels:
         raise DecodeError(f"too large: {w}x{h} pixels > {max_pixels}")
+    return frames
+
+
+def decode_rgb(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
+    """Bytes to a uint8 (3, H, W) tensor; DecodeError with the reason when that is not possible.
+    A file of several frames gives its first, decoded alone: torchvision decodes every frame of a
+    GIF (a 240 KB file took 2.8 GB), so those go to Pillow, which stops after the first."""
+    if check_header(data, max_pixels):
+        try:
+            return _pillow_rgb(data)
+        except (OSError, SyntaxError, ValueError, EOFError) as e:
+            raise DecodeError(f"truncated or corrupt image: {e}") from e
     try:
         img = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
     except (RuntimeError, ValueError):
@@ -50,7 +64,7 @@ def decode_rgb(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tenso
             img = _pillow_rgb(data)
         except (OSError, SyntaxError, ValueError, EOFError) as e:
             raise DecodeError(f"truncated or corrupt image: {e}") from e
-    if img.ndim == 4:  # animated GIF / WebP: the first frame
+    if img.ndim == 4:  # a format whose frames the header did not count: the first one
         img = img[0]
     if img.dtype == torch.uint16:  # 16-bit PNG: scale to the 8-bit range the model expects
         img = (img.to(torch.int32) // 257).to(torch.uint8)
@@ -80,6 +94,33 @@ def center_crop(img: torch.Tensor) -> torch.Tensor:
     s = min(h, w)
     top, left = (h - s) // 2, (w - s) // 2
     return img[..., top:top + s, left:left + s]
+
+
+def native_crop(img: torch.Tensor, size: int) -> torch.Tensor:
+    """The central size x size window at native resolution (`--geometry crop`): pixels as decoded,
+    uint8, rows from (H - size) // 2 and columns from (W - size) // 2. An image with a side under
+    `size` is first upscaled (bicubic, aspect kept) so that its shorter side is `size`; it then comes
+    back as float."""
+    h, w = img.shape[-2:]
+    if min(h, w) < size:
+        scale = size / min(h, w)
+        shape = (max(size, round(h * scale)), max(size, round(w * scale)))
+        img = F.interpolate(img.contiguous().float().unsqueeze(0), size=shape, mode="bicubic",
+                            align_corners=False)[0]
+        h, w = shape
+    top, left = (h - size) // 2, (w - size) // 2
+    return img[..., top:top + size, left:left + size]
+
+
+GEOMETRIES = ("resize", "crop-resize", "crop")
+
+
+def apply_geometry(img: torch.Tensor, geometry: str, size: int) -> torch.Tensor:
+    """resize (the reference: the whole image to size x size), crop-resize (the largest centred
+    square, then resized: DIRE's) or crop (the central window at native resolution)."""
+    if geometry == "crop":
+        return native_crop(img, size)
+    return resized(center_crop(img) if geometry == "crop-resize" else img, size)
 
 
 def preprocess(img: torch.Tensor, size: int) -> torch.Tensor:

@@ -31,7 +31,8 @@ def parse_label(value: object) -> int | None:
 def infer_auto(rel_dirs: list[str], root_name: str) -> Inferred:
     """CNNDetection `{train,val,test}/<set>/.../{0_real,1_fake}/` gives source `<set>`;
     DiffusionForensics `{train,val,test}/<set>/{real,<generator>}/` gives `<set>/real` and
-    `<set>/<generator>`; GenImage `<generator>/<inner>/{train,val}/{nature,ai}/` and Chameleon
+    `<set>/<generator>` (and `<set>/fake` for a folder named `fake`); GenImage
+    `<generator>/<inner>/{train,val}/{nature,ai}/` and Chameleon
     `<name>/test/{0_real,1_fake}` give the folder above the split (or the root's name when the
     root is that folder); AIGCDetectBenchmark `<gen>/[<class>/]{0_real,1_fake}` gives `<gen>`;
     a `real`/`fake` folder right under the root takes the root's name."""
@@ -47,8 +48,10 @@ def infer_auto(rel_dirs: list[str], root_name: str) -> Inferred:
             genimage_inner = split_idx == 1 and low_after[0] in {"ai", "nature"}  # root: a generator
             above = split_idx is not None and split_idx >= 1 and not genimage_inner
             source = rel_dirs[0] if above else root_name
-        elif marker == 1 and split is not None and low_after[1] == "real":
-            source = f"{after[0]}/real"  # DiffusionForensics real folder
+        elif marker == 1 and split is not None and low_after[1] in {"real", "fake"}:
+            # DiffusionForensics real folder, or a `<set>/{real,fake}` pair: each set's fakes are
+            # then scored against that set's reals only (`<set>/fake` beside `<set>/real`)
+            source = f"{after[0]}/{low_after[1]}"
         else:
             source = after[0]
         return label, source, split
