@@ -17,8 +17,8 @@ NAME       ?= default
 SHARD_ARGS   ?=
 EXTRACT_ARGS ?=
 
-.PHONY: install test test-long lint quickstart shard extract status train eval bench bench-host bench-gpu bench-scaling bench-shard bench-demo-models clean \
-	demo demo-dire demo-install demo-system-libs demo-data demo-model
+.PHONY: install test test-long lint quickstart shard extract status train eval bench bench-host bench-gpu bench-scaling bench-shard bench-bootstrap bench-demo-models clean \
+	demo demo-seeds demo-dire demo-install demo-system-libs demo-data demo-model
 
 install: $(STAMP)
 
@@ -42,6 +42,10 @@ lint: $(STAMP)
 # The demo: real photos vs two real generators, a DDPM trained here, shard -> extract -> train -> eval.
 demo: $(DEMO_STAMP) demo-system-libs
 	$(BIN)/python -m demo all $(DEMO_ARGS)
+
+# After the demo: two more detector seeds on the cached features; AUC per seed and mean +- std.
+demo-seeds: demo
+	$(BIN)/python -m demo seeds $(DEMO_ARGS)
 
 # After the demo: DIRE (the paper's baseline, 40 UNet passes an image) on the same shards, beside DNF.
 demo-dire: demo
@@ -110,6 +114,10 @@ bench-gpu: $(STAMP)
 	$(BIN)/python benchmarks/bench_gpu.py $(BENCH_ARGS)
 
 # shard files/s and peak RSS at 200,000 small files and 2,000 photos; status/verify over 100,000 rows
+# Seconds the 95 % bootstrap intervals add to an eval report at 10,000 and 100,000 rows.
+bench-bootstrap: $(STAMP)
+	$(BIN)/python benchmarks/bench_bootstrap.py
+
 bench-shard: $(STAMP)
 	$(BIN)/python benchmarks/bench_shard.py $(BENCH_ARGS)
 

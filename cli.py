@@ -152,8 +152,11 @@ def extract(
     feature: str = typer.Option("dnf", help="dnf (one UNet pass, the paper's feature) or dire (DIRE's "
                                             "|x - DDIM reconstruction| over --ddim-steps, ~2x that many "
                                             "passes)."),
-    crop: bool = typer.Option(False, help="Centre crop to a square before resizing (DIRE's own "
-                                          "preprocessing; default: resize the whole image)."),
+    geometry: str = typer.Option("resize", help="resize (the whole image to size x size: the reference), "
+                                                "crop-resize (the largest centred square, resized: DIRE's) "
+                                                "or crop (the central size x size window at native "
+                                                "resolution; smaller images upscaled)."),
+    crop: bool = typer.Option(False, help="The same as --geometry crop-resize."),
     inversion_steps: int = typer.Option(1, help="DDIM inversion steps (1: the reference, eps at t)."),
     ddim_steps: int = typer.Option(20, help="Steps of the DDIM schedule linspace(0, T, steps + 1)."),
     keep: str = typer.Option("0", help="Inversion steps whose noise estimate is kept, e.g. 0,1,2."),
@@ -167,14 +170,15 @@ def extract(
     from stages.domain.perturb import parse_perturbations
     from stages.extract import ExtractOptions, run_extract
 
-    opts = ExtractOptions(model=model, size=size, timestep=timestep, encoding=encoding,
-                          batch_size=batch_size, workers=workers, device=device, cache_dir=cache_dir,
-                          redo=tuple(redo or ()), inversion_steps=inversion_steps,
-                          ddim_steps=ddim_steps, keep=_int_list(keep, "--keep"), combine=combine,
-                          precision=precision, compile=compile, gpu_decode=gpu_decode,
-                          worker_index=worker_index, num_workers_total=num_workers, claims=claims,
-                          backend=backend, download=download, feature_kind=feature, crop=crop)
     with user_errors():
+        opts = ExtractOptions(model=model, size=size, timestep=timestep, encoding=encoding,
+                              batch_size=batch_size, workers=workers, device=device, cache_dir=cache_dir,
+                              redo=tuple(redo or ()), inversion_steps=inversion_steps,
+                              ddim_steps=ddim_steps, keep=_int_list(keep, "--keep"), combine=combine,
+                              precision=precision, compile=compile, gpu_decode=gpu_decode,
+                              worker_index=worker_index, num_workers_total=num_workers, claims=claims,
+                              backend=backend, download=download, feature_kind=feature, crop=crop,
+                              geometry=geometry)
         try:
             variants = parse_perturbations(perturb)
             summaries = [run_extract(run, dataclasses.replace(opts, perturb=p)) for p in ["", *variants]]
@@ -212,21 +216,27 @@ def train(
     freeze_bn: bool = typer.Option(False, help="BatchNorm keeps its running statistics while training "
                                                "(with --init-weights or small per-GPU batches)."),
     shuffle_buffer: int = typer.Option(1000, help="WebDataset caches: shuffle buffer per loader worker."),
+    val_from: Optional[str] = typer.Option(None, help="SPLIT:FRACTION, e.g. train:0.1: validate on this "
+                                                      "share of SPLIT, held out by key hash (needed "
+                                                      "when the run has no val split)."),
+    seeds: Optional[str] = typer.Option(None, help="e.g. 0,1,2: one detector per seed in "
+                                                   "RUN/train/NAME/seed-K/ (--seed is then ignored)."),
     resume: bool = typer.Option(False, help="Continue RUN/train/NAME from last.pt."),
 ) -> None:
     """Train a ResNet50 detector on the cached DNF of the train split (reference recipe)."""
-    from stages.train import TrainOptions, run_train
+    from stages.train import TrainOptions, run_train, run_train_seeds
 
     opts = TrainOptions(name=name, epochs=epochs, batch_size=batch_size, lr=lr, patience=patience,
                         workers=workers, seed=seed, device=device, amp=amp, balance=balance,
                         init_weights=str(init_weights) if init_weights else None,
                         feature_id=feature_id, sources=list(sources or []), partial=partial,
                         max_batches=max_batches, variants=variants, freeze_bn=freeze_bn,
-                        shuffle_buffer=shuffle_buffer)
+                        shuffle_buffer=shuffle_buffer, val_from=val_from)
     _stop_on_sigterm()
     with user_errors():
         try:
-            summary = run_train(run, opts, resume=resume)
+            summary = run_train_seeds(run, opts, list(_int_list(seeds, "--seeds")), resume) if seeds else \
+                run_train(run, opts, resume=resume)
         except KeyboardInterrupt:
             typer.echo("interrupted: finished epochs are in last.pt; rerun with --resume", err=True)
             raise typer.Exit(130) from None
@@ -236,7 +246,8 @@ def train(
 @app.command("eval")
 def evaluate(
     run: Path = RUN_OPT,
-    checkpoint: Path = typer.Option(..., help="best.pt / last.pt, or a reference .pth checkpoint."),
+    checkpoint: Path = typer.Option(..., help="best.pt / last.pt, a reference .pth checkpoint, or a "
+                                             "folder made by `train --seeds` (every seed; mean ± std)."),
     split: str = typer.Option("test", help="Which split to evaluate."),
     name: Optional[str] = typer.Option(None, help="Results go to RUN/eval/NAME/."),
     feature_id: Optional[str] = typer.Option(None, help="Which cache, when the run has several."),
@@ -245,24 +256,45 @@ def evaluate(
     device: str = DEVICE_OPT,
     gallery: int = typer.Option(4, help="gallery.png: this many most confident false positives and "
                                         "false negatives per source (0: none)."),
+    bootstrap: int = typer.Option(1000, help="Resamples of the 95 % bootstrap intervals (stratified by "
+                                             "class; 0: no intervals)."),
+    bootstrap_seed: int = typer.Option(0, help="Seed of the bootstrap resamples."),
+    calibrate_on: Optional[str] = typer.Option(None, help="Choose the decision threshold (maximal balanced "
+                                                          "accuracy) on this split, e.g. val; default: the "
+                                                          "one recorded at training time."),
+    temperature: bool = typer.Option(False, help="Also fit temperature scaling on --calibrate-on and "
+                                                 "report the calibration it gives."),
+    pick: str = typer.Option("best", help="With a folder of seeds: each seed's best.pt (best val "
+                                          "accuracy) or last.pt."),
 ) -> None:
     """Predict a split from the cache; write predictions.csv, report.json and report.md."""
-    from stages.evaluate import run_eval
+    from stages.evaluate import EvalOptions, run_eval, run_eval_seeds
 
+    opts = EvalOptions(bootstrap=bootstrap, seed=bootstrap_seed, calibrate_on=calibrate_on,
+                       temperature=temperature, gallery=gallery, pick=pick)
     with user_errors():
-        summary = run_eval(run, checkpoint, split, name, feature_id, batch_size, workers, device, gallery)
+        if checkpoint.is_dir():
+            summary = run_eval_seeds(run, checkpoint, split, name, feature_id, batch_size, workers, device,
+                                     opts)
+        else:
+            summary = run_eval(run, checkpoint, split, name, feature_id, batch_size, workers, device,
+                               gallery, opts)
     typer.echo((Path(summary["out"]) / "report.md").read_text())
     _print(summary, False)
 
 
 @app.command()
 def compare(a: Path = typer.Argument(..., help="An eval folder (RUN/eval/NAME)."),
-            b: Path = typer.Argument(..., help="Another eval folder.")) -> None:
-    """Two eval reports side by side: acc, AP, AUC per source, and the change (B - A)."""
+            b: Path = typer.Argument(..., help="Another eval folder."),
+            bootstrap: int = typer.Option(1000, help="Paired bootstrap resamples of the differences "
+                                                     "(0: the side-by-side table only)."),
+            bootstrap_seed: int = typer.Option(0, help="Seed of the resamples.")) -> None:
+    """Two eval reports side by side (B - A), and the paired differences of AUC and AP with 95 %
+    intervals over the same images (and seeds): which changes are within noise."""
     from stages.compare import compare_markdown
 
     with user_errors():
-        typer.echo(compare_markdown(a, b))
+        typer.echo(compare_markdown(a, b, bootstrap, bootstrap_seed))
 
 
 @app.command()

@@ -4,6 +4,7 @@ train and eval, each skipped when its result is already there, and prints the pe
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import typer
 
 from demo.data import UPSCALERS, DataConfig, DemoError, make_data, train_photos
 from demo.ddpm import DDPMConfig, train_ddpm
+from stages.evaluate import cell
 
 ROOT = Path(__file__).resolve().parent.parent
 app = typer.Typer(add_completion=False, no_args_is_help=False,
@@ -198,11 +200,52 @@ def demo_table(rep: dict, train_generator: str, summary: dict) -> str:
         seen = ("yes" if gen == train_generator else "no, related (another upscaler)"
                 if {gen, train_generator} <= set(UPSCALERS) else "no, unrelated")
         cells = [gen, seen, str(r["n_real"]), str(r["n_fake"])]
-        cells += ["-" if r[k] is None else f"{100 * r[k]:.1f}" for k in ("acc", "ap", "auc", "real_acc",
-                                                                         "fake_acc")]
+        cells += [cell(r, k) for k in ("acc", "ap", "auc", "real_acc", "fake_acc")]
         lines.append("| " + " | ".join(cells) + " |")
     for gen, why in summary.get("skipped", {}).items():
         lines.append(f"| {gen} | skipped: {why} | | | | | | | |")
+    return "\n".join(lines + ["", "[brackets]: 95 % bootstrap interval over the test images (1,000 "
+                               "resamples stratified by class)."])
+
+
+@app.command()
+def seeds(
+    work: Path = WORK_OPT,
+    train_generator: str = typer.Option("realesrgan", help="The generator `demo all` trained on."),
+    epochs: int = typer.Option(8, help="Classifier epochs (as `demo all`)."),
+    seed_list: str = typer.Option("0,1,2", "--seeds", help="Detector seeds; seed 0 is the demo's own."),
+) -> None:
+    """After `demo all`: more detector seeds on the same cached features (seed 0 is the demo's
+    detector, linked, not retrained), each evaluated, and the AUC per seed with mean +- std per
+    generator (`make demo-seeds`)."""
+    run = work / "run"
+    if not (run / "train" / "demo" / "best.pt").exists():
+        _fail(DemoError(f"{run}: no demo detector yet; run `make demo` (python -m demo all) first"))
+    folder = run / "train" / "demo-seeds"
+    if not (folder / "seed-0").exists():  # the demo's detector is seed 0 of the same recipe
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(run / "train" / "demo", folder / "seed-0", copy_function=os.link)
+    args = detector_args(run, "demo-seeds", train_generator, epochs)
+    args = [a for a in args if a != "--resume"] + ["--seeds", seed_list, "--resume"]
+    _dnf(*args)
+    _dnf("eval", "--run", str(run), "--checkpoint", str(folder), "--name", "demo-seeds", "--split", "test",
+         "--gallery", "0")
+    rep = json.loads((run / "eval" / "demo-seeds" / "report.json").read_text())
+    print(seed_table(rep, train_generator))
+
+
+def seed_table(rep: dict, train_generator: str) -> str:
+    """AUC per seed and mean +- std per generator (percent)."""
+    names = rep["seeds"]
+    lines = [f"Detector trained on real photos vs {train_generator}, {len(names)} seeds; test split, AUC:",
+             "",
+             "| generator | " + " | ".join(names) + " | mean ± std |", "|" + "---|" * (len(names) + 2)]
+    for src, cells in rep["spread"].items():
+        auc = cells.get("auc")
+        if auc is None or src.startswith("**") and src != "**mean over sources**":
+            continue
+        lines.append("| " + " | ".join([src.split("/")[-1], *[f"{100 * v:.1f}" for v in auc["values"]],
+                                          f"{100 * auc['mean']:.1f} ± {100 * auc['std']:.1f}"]) + " |")
     return "\n".join(lines)
 
 

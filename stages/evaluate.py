@@ -9,17 +9,27 @@ as the field reports per-generator AP.
 from __future__ import annotations
 
 import csv
+import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from pipeline.device import resolve_device
+from stages.domain.calibration import (
+    apply_temperature,
+    balanced_threshold,
+    brier_score,
+    expected_calibration_error,
+    fit_temperature,
+)
 from stages.domain.detector import Detector, predict
-from stages.domain.gallery import sheet, tile
-from stages.domain.metrics import binary_metrics
+from stages.domain.gallery import section_sheet, tile
 from stages.domain.pairing import source_groups
-from stages.domain.plots import curves_png, robustness_png
-from storage.atomic import write_bytes_atomic, write_json_atomic
+from stages.domain.plots import curves_png, reliability_png, robustness_png
+from stages.domain.scoring import Scoring, mean_over_sources, score
+from stages.domain.seed_spread import seed_markdown, seed_spread
+from storage.atomic import readable, write_bytes_atomic, write_json_atomic
 from storage.cache_config import CacheConfig, describe_differences
 from storage.cache_folder import CacheError, FeatureCache
 from storage.caches import find_cache, perturbed_siblings
@@ -45,14 +55,15 @@ def check_feature_match(checkpoint: Path, meta: dict, cache_config: CacheConfig,
     return "feature config matches the checkpoint"
 
 
-def report(labels: np.ndarray, probs: np.ndarray, sources: list[str]) -> dict:
-    """Per-source and overall metrics."""
+def report(labels: np.ndarray, probs: np.ndarray, sources: list[str], how: Scoring = Scoring()) -> dict:
+    """Per-source and overall rows (metrics, intervals, deployment metrics), and the mean over the
+    sources that hold generated images."""
     groups = source_groups(sources, labels)
-    rows = {src: binary_metrics(labels[m], probs[m]) for src, m in groups.items()}
-    per_generator = {src: r for src, r in rows.items() if r["n_fake"]}
-    mean = {k: float(np.mean([r[k] for r in per_generator.values() if r[k] is not None]))
-            for k in ("acc", "ap") if any(r[k] is not None for r in per_generator.values())}
-    return {"sources": rows, "overall": binary_metrics(labels, probs), "mean_over_sources": mean}
+    scored = {src: score(labels[m], probs[m], how) for src, m in groups.items()}
+    rows = {src: r for src, (r, _) in scored.items()}
+    generators = {src: r for src, r in rows.items() if r["n_fake"]}
+    mean = mean_over_sources(generators, {src: scored[src][1] for src in generators})
+    return {"sources": rows, "overall": score(labels, probs, how)[0], "mean_over_sources": mean}
 
 
 def _fmt(v) -> str:
@@ -61,18 +72,55 @@ def _fmt(v) -> str:
     return f"{100 * v:.1f}" if isinstance(v, float) else str(v)
 
 
+def cell(row: dict, key: str) -> str:
+    """`99.3 [98.1, 99.9]`: the value in percent with its bootstrap interval when there is one."""
+    v = row.get(key)
+    ci = (row.get("ci") or {}).get(key)
+    if v is None or ci is None:
+        return _fmt(v)
+    return f"{100 * v:.1f} [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]"
+
+
 def report_markdown(rep: dict, title: str) -> str:
-    """The report as a table: a row per source, then the mean over sources and overall."""
+    """The report as tables: a row per source, then the mean over sources and overall; then the
+    deployment metrics (TPR at fixed FPR, EER, calibration, the validation threshold)."""
     head = ["source", "real", "fake", "acc", "AP", "AUC", "real acc", "fake acc"]
     lines = [f"# {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for src, r in rep["sources"].items():
-        lines.append("| " + " | ".join([src] + [_fmt(r[k]) for k in METRIC_COLUMNS]) + " |")
+        lines.append("| " + " | ".join([src] + [cell(r, k) for k in METRIC_COLUMNS]) + " |")
     o, m = rep["overall"], rep["mean_over_sources"]
-    lines.append("| **mean over sources** | | | " + _fmt(m.get("acc")) + " | " + _fmt(m.get("ap"))
-                 + " | | | |")
-    lines.append("| **overall** | " + " | ".join(_fmt(o[k]) for k in METRIC_COLUMNS) + " |")
-    lines += ["", "Metrics in percent: accuracy at threshold 0.5; AP = average precision; "
-              "sources with only generated images are scored with the real images of their set."]
+    lines.append("| **mean over sources** | | | " + " | ".join(cell(m, k) for k in METRIC_COLUMNS[2:]) + " |")
+    lines.append("| **overall** | " + " | ".join(cell(o, k) for k in METRIC_COLUMNS) + " |")
+    boot = rep.get("bootstrap") or {}
+    ci_note = (f"[brackets]: 95 % bootstrap interval ({boot['resamples']} resamples stratified by class, "
+               f"seed {boot['seed']}); " if boot.get("resamples") else "")
+    lines += ["", "Metrics in percent: accuracy at threshold 0.5; AP = average precision; " + ci_note
+              + "sources with only generated images are scored with the real images of their set."]
+    return "\n".join(lines) + "\n" + deployment_markdown(rep)
+
+
+def deployment_markdown(rep: dict) -> str:
+    """TPR at 1 % / 5 % FPR (threshold set on the reals), EER, ECE, Brier, and the accuracies at the
+    threshold chosen on validation data."""
+    t = rep.get("threshold")
+    head = ["source", "TPR @ 1 % FPR", "TPR @ 5 % FPR", "EER", "ECE", "Brier"]
+    if t:
+        head += [f"acc @ {t['value']:.3f}", f"real acc @ {t['value']:.3f}", f"fake acc @ {t['value']:.3f}"]
+    lines = ["", "## Deployment", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, r in [*rep["sources"].items(), ("**overall**", rep["overall"])]:
+        cells = [_fmt(r.get(k)) for k in ("tpr_at_fpr_1", "tpr_at_fpr_5", "eer", "ece")]
+        cells.append("-" if r.get("brier") is None else f"{r['brier']:.4f}")
+        if t:
+            cells += [_fmt(r["at_threshold"][k]) for k in ("acc", "real_acc", "fake_acc")]
+        lines.append("| " + " | ".join([name, *cells]) + " |")
+    lines += ["", "TPR @ x % FPR: share of fakes flagged at the threshold that flags x % of the reals; EER: "
+              "equal error rate; ECE: expected calibration error over 15 equal-width bins; Brier: mean "
+              "squared error of the probability."]
+    if t:
+        lines.append(f"Threshold {t['value']:.4f}: {t['from']} (the one that maximises balanced accuracy)."
+                     + (f" Temperature {rep['temperature']['value']:.3f} fitted on {t['split']}: ECE "
+                        f"{_fmt(rep['temperature']['ece'])}, Brier {rep['temperature']['brier']:.4f} overall "
+                        f"after scaling." if rep.get("temperature") else ""))
     return "\n".join(lines) + "\n"
 
 
@@ -98,18 +146,19 @@ def predict_to_csv(detector: Detector, cache: FeatureCache, split: str, paths: d
 QUALITY_BANDS = ((0, 70, "<= 70"), (71, 85, "71-85"), (86, 95, "86-95"), (96, 100, "96-100"))
 
 
-def format_breakdown(index: CacheIndex, probs: np.ndarray, entries: dict[str, Entry]) -> dict:
+def format_breakdown(index: CacheIndex, probs: np.ndarray, entries: dict[str, Entry],
+                     how: Scoring = Scoring()) -> dict:
     """Metrics by the original file's format, and for JPEGs by quality band: a detector that learned
     the format instead of the generator shows here (real JPEGs right, real PNGs wrong, ...)."""
     found = [entries.get(k) for k in index.keys]
     fmt = np.array([(e.format if e and e.format else "unknown") for e in found])
     quality = np.array([e.quality if e and e.quality is not None else -1 for e in found])
-    by_format = {f: binary_metrics(index.labels[fmt == f], probs[fmt == f]) for f in sorted(set(fmt))}
+    by_format = {f: score(index.labels[fmt == f], probs[fmt == f], how)[0] for f in sorted(set(fmt))}
     by_quality = {}
     for low, high, name in QUALITY_BANDS:
         m = (fmt == "JPEG") & (quality >= low) & (quality <= high)
         if m.any():
-            by_quality[name] = binary_metrics(index.labels[m], probs[m])
+            by_quality[name] = score(index.labels[m], probs[m], how)[0]
     return {"by_format": by_format, "by_jpeg_quality": by_quality}
 
 
@@ -122,17 +171,20 @@ def breakdown_markdown(rep: dict) -> str:
             continue
         md += f"\n## {title}\n\n| " + " | ".join([title.split()[-1], *head[1:]]) + " |\n"
         md += "|" + "---|" * len(head) + "\n"
-        md += "".join("| " + " | ".join([name] + [_fmt(r[k]) for k in METRIC_COLUMNS]) + " |\n"
+        md += "".join("| " + " | ".join([name] + [cell(r, k) for k in METRIC_COLUMNS]) + " |\n"
                       for name, r in rep[key].items())
     return md
 
 
 def worst_errors(index: CacheIndex, probs: np.ndarray, n: int) -> list[dict]:
-    """Per source, the `n` most confident false positives (real, highest probability) and false
-    negatives (generated, lowest probability), scored as in the report."""
+    """The `n` most confident mistakes of each source, each image once: false positives (real,
+    highest probability) under the real image's own source, false negatives (generated, lowest
+    probability) under their generator. (A real image is paired with several generators in the
+    report; here it is shown once.)"""
+    sources = np.asarray(index.sources, dtype=object)
     out = []
-    for src, mask in source_groups(index.sources, index.labels).items():
-        rows = np.flatnonzero(mask)
+    for src in sorted(set(index.sources)):
+        rows = np.flatnonzero(sources == src)
         fp = sorted((i for i in rows if index.labels[i] == 0 and probs[i] > 0.5), key=lambda i: -probs[i])
         fn = sorted((i for i in rows if index.labels[i] == 1 and probs[i] <= 0.5), key=lambda i: probs[i])
         out += [{"source": src, "kind": kind, "key": index.keys[i], "row": int(index.rows[i]),
@@ -142,13 +194,18 @@ def worst_errors(index: CacheIndex, probs: np.ndarray, n: int) -> list[dict]:
 
 
 def gallery_png(errors: list[dict], cache: FeatureCache, paths: dict[str, str], out: Path) -> Path:
-    """gallery.png: a tile per error: the image, its DNF, source, probability and path."""
+    """gallery.png: a section per source and kind of mistake, a tile per image: the image, its DNF,
+    probability and file name."""
     reader = cache.row_reader()
-    tiles = [tile(paths.get(e["key"], ""), reader[e["row"]],
-                  [f"{e['kind']} p={e['probability']:.3f}", e["source"], Path(paths.get(e["key"], "?")).name])
-             for e in errors]
+    sections: dict[str, list] = {}
+    for e in errors:
+        what = "reals flagged as generated" if e["kind"] == "false positive" else "generated images missed"
+        title = f"{e['source']}: {what}"
+        sections.setdefault(title, []).append(
+            tile(paths.get(e["key"], ""), reader[e["row"]],
+                 [f"{e['kind']} p={e['probability']:.3f}", Path(paths.get(e["key"], "?")).name]))
     reader.close()
-    return sheet(tiles, out)
+    return section_sheet(sections, out)
 
 
 def cross_generator(rep: dict, trained_on: list[str]) -> dict:
@@ -172,21 +229,40 @@ def cross_generator_markdown(cg: dict) -> str:
                       f"{_fmt(cg[g + '_mean']['ap'])} |\n" for g in ("seen", "unseen")))
 
 
+def protocols_markdown(rep: dict) -> str:
+    """Per source, the AUC (with its interval) on the original images and on every perturbed sibling
+    cache: the bias-aligned protocols (`jpeg:96@fake`, `jpeg:96`, ...) side by side."""
+    specs = list(rep["perturbations"])
+    head = ["source", "original", *specs]
+    lines = ["", "## Protocols (AUC, %)", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for src in [*rep["sources"], "overall"]:
+        clean = rep["overall"] if src == "overall" else rep["sources"][src]
+        row = [f"**{src}**" if src == "overall" else src, cell(clean, "auc")]
+        for spec in specs:
+            p = rep["perturbations"][spec]
+            r = p["overall"] if src == "overall" else p["sources"].get(src)
+            row.append(cell(r, "auc") if r else "-")
+        lines.append("| " + " | ".join(row) + " |")
+    lines += ["", "`jpeg:Q@fake`: only the generated images recompressed, so both classes are JPEGs (a "
+              "detector of the file format loses its cue there); `jpeg:Q`: every image recompressed."]
+    return "\n".join(lines) + "\n"
+
+
 def robustness_markdown(rep: dict) -> str:
     """Sources x (clean, each perturbation): accuracy / AP in percent."""
     specs = list(rep["perturbations"])
     head = ["source", "clean", *specs]
     lines = ["", "## Robustness (acc / AP, %)", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
 
-    def cell(r):
-        return f"{_fmt(r['acc'])} / {_fmt(r['ap'])}"
+    def pair(r):
+        return f"{cell(r, 'acc')} / {cell(r, 'ap')}"
     for src in [*rep["sources"], "overall"]:
         clean = rep["overall"] if src == "overall" else rep["sources"][src]
-        row = [f"**{src}**" if src == "overall" else src, cell(clean)]
+        row = [f"**{src}**" if src == "overall" else src, pair(clean)]
         for spec in specs:
             p = rep["perturbations"][spec]
             r = p["overall"] if src == "overall" else p["sources"].get(src)
-            row.append(cell(r) if r else "-")
+            row.append(pair(r) if r else "-")
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
 
@@ -199,17 +275,63 @@ def write_report(out: Path, rep: dict, title: str) -> None:
         md += cross_generator_markdown(rep["cross_generator"])
     md += breakdown_markdown(rep)
     if rep["perturbations"]:
-        md += robustness_markdown(rep)
+        md += protocols_markdown(rep) + robustness_markdown(rep)
     md += "".join(f"\n![{k}]({v})\n" for k, v in rep["plots"].items())
-    write_bytes_atomic(out / "report.md", md.encode())
+    write_bytes_atomic(out / "report.md", readable(md).encode())  # names with non-UTF-8 bytes as \xNN
+
+
+@dataclass(frozen=True)
+class EvalOptions:
+    """How `eval` scores: bootstrap resamples and seed, the split a threshold (and optionally a
+    temperature) is chosen on, and the gallery size."""
+
+    bootstrap: int = 1000
+    seed: int = 0
+    calibrate_on: str | None = None
+    temperature: bool = False
+    gallery: int = 4
+    pick: str = "best"  # with a folder of seeds: each seed's best.pt (best val accuracy) or last.pt
+
+
+def choose_threshold(detector: Detector, cache: FeatureCache, opts: EvalOptions, batch_size: int,
+                     workers: int) -> tuple[dict | None, tuple[np.ndarray, np.ndarray] | None]:
+    """The decision threshold (maximal balanced accuracy) from `--calibrate-on SPLIT`, else the one
+    the checkpoint recorded on val at training time, else None; and the calibration split's
+    (labels, probabilities) when it was predicted."""
+    if opts.calibrate_on:
+        index = cache_index(cache, opts.calibrate_on)
+        if len(index) == 0 or len(np.unique(index.labels)) < 2:
+            raise CacheError(f"--calibrate-on {opts.calibrate_on}: {cache.root} has no cached real and "
+                             f"fake images in that split")
+        probs = predict(detector, cache, index, batch_size, workers)
+        return ({"value": balanced_threshold(index.labels, probs), "split": opts.calibrate_on,
+                 "from": f"chosen on the {opts.calibrate_on} split by eval --calibrate-on"},
+                (index.labels, probs))
+    if opts.temperature:
+        raise CacheError("--temperature is fitted on the --calibrate-on split: name one (e.g. val)")
+    recorded = detector.meta.get("val_threshold")
+    if recorded is None:
+        return None, None
+    return {"value": float(recorded), "split": "val",
+            "from": "chosen on val at training time (recorded in the checkpoint)"}, None
+
+
+def temperature_report(calib: tuple[np.ndarray, np.ndarray], labels: np.ndarray, probs: np.ndarray,
+                       split: str) -> dict:
+    """Temperature scaling fitted on the calibration split, and the calibration it gives here."""
+    t = fit_temperature(*calib)
+    scaled = apply_temperature(probs, t)
+    return {"value": t, "split": split, "ece": expected_calibration_error(labels, scaled),
+            "brier": brier_score(labels, scaled)}
 
 
 def run_eval(run_dir: Path, checkpoint: Path, split: str = "test", name: str | None = None,
              feature_id: str | None = None, batch_size: int = 64, workers: int = 2,
-             device: str = "auto", gallery: int = 4) -> dict:
+             device: str = "auto", gallery: int = 4, opts: EvalOptions | None = None) -> dict:
     """Predict every cached sample of `split` (and of its perturbed variants, when extracted),
-    write predictions*.csv, report.json and report.md (with per-format tables, plots and, for
-    `gallery` > 0, the most confident mistakes of each source)."""
+    write predictions*.csv, report.json and report.md (with intervals, deployment metrics,
+    per-format tables, plots and, for `gallery` > 0, the most confident mistakes)."""
+    opts = opts or EvalOptions(gallery=gallery)
     run = Run(run_dir)
     run.info()
     detector = Detector.from_checkpoint(checkpoint, resolve_device(device))
@@ -222,29 +344,83 @@ def run_eval(run_dir: Path, checkpoint: Path, split: str = "test", name: str | N
     name = name or f"{Path(checkpoint).parent.name}-{split}"
     out = run.root / "eval" / name
     out.mkdir(parents=True, exist_ok=True)
+    threshold, calib = choose_threshold(detector, cache, opts, batch_size, workers)
+    how = Scoring(opts.bootstrap, opts.seed, threshold["value"] if threshold else None)
     index, probs = predict_to_csv(detector, cache, split, paths, batch_size, workers, out / "predictions.csv")
     labels, sources = index.labels, index.sources
-    rep = report(labels, probs, sources)
-    rep.update(format_breakdown(index, probs, entries))
+    rep = report(labels, probs, sources, how)
+    rep.update(format_breakdown(index, probs, entries, how))
     rep["perturbations"] = {}
     for sibling in perturbed_siblings(run.cache_root, config.feature, cache.backend):
         spec = sibling.config().feature.perturb
-        csv_path = out / f"predictions_{spec.replace(':', '_')}.csv"
+        csv_path = out / f"predictions_{spec.replace(':', '_').replace('@', '_')}.csv"
         sib_index, sib_probs = predict_to_csv(detector, sibling, split, paths, batch_size, workers, csv_path)
-        rep["perturbations"][spec] = report(sib_index.labels, sib_probs, sib_index.sources)
-    rep.update({"checkpoint": str(checkpoint), "split": split, "feature_id": config.feature_id, "note": note})
+        rep["perturbations"][spec] = report(sib_index.labels, sib_probs, sib_index.sources, how)
+    rep.update({"checkpoint": str(checkpoint), "split": split, "feature_id": config.feature_id, "note": note,
+                "bootstrap": {"resamples": opts.bootstrap, "seed": opts.seed, "level": 0.95},
+                "threshold": threshold})
+    if opts.temperature and calib is not None:
+        rep["temperature"] = temperature_report(calib, labels, probs, threshold["split"])
     trained_on = (meta.get("train") or {}).get("options", {}).get("sources") or []
     if trained_on:
         rep["cross_generator"] = cross_generator(rep, trained_on)
-    groups = source_groups(sources, labels)
-    rep["plots"] = {"curves": curves_png({s: (labels[m], probs[m]) for s, m in groups.items()},
-                                         out / "curves.png").name}
-    if rep["perturbations"]:
-        rep["plots"]["robustness"] = robustness_png(rep["overall"]["acc"], rep["perturbations"],
-                                                    out / "robustness.png").name
-    if gallery:
-        rep["gallery"] = worst_errors(index, probs, gallery)
+    rep["plots"] = write_plots(rep, index, probs, out)
+    if opts.gallery:
+        rep["gallery"] = worst_errors(index, probs, opts.gallery)
         rep["plots"]["gallery"] = gallery_png(rep["gallery"], cache, paths, out / "gallery.png").name
     write_report(out, rep, f"{name}: {Path(checkpoint).name} on {split} ({config.feature_id})")
     return {"out": str(out), **{k: rep["overall"][k] for k in ("n", "acc", "ap", "auc")}, "note": note,
             "perturbations": list(rep["perturbations"])}
+
+
+def write_plots(rep: dict, index: CacheIndex, probs: np.ndarray, out: Path) -> dict:
+    """curves.png (ROC, PR per source), reliability.png, and robustness.png with perturbations."""
+    groups = source_groups(index.sources, index.labels)
+    per_source = {s: (index.labels[m], probs[m]) for s, m in groups.items()}
+    plots = {"curves": curves_png(per_source, out / "curves.png").name,
+             "reliability": reliability_png({"overall": (index.labels, probs), **per_source},
+                                            out / "reliability.png").name}
+    if rep["perturbations"]:
+        plots["robustness"] = robustness_png(rep["overall"]["acc"], rep["perturbations"],
+                                             out / "robustness.png").name
+    return plots
+
+
+CHECKPOINT_RULES = {"best": "best.pt (the epoch of best validation accuracy)",
+                    "last": "last.pt (the last epoch)"}
+
+
+def seed_checkpoints(folder: Path, pick: str) -> dict[str, Path]:
+    """seed-K -> its checkpoint, for a folder made by `train --seeds`."""
+    if pick not in CHECKPOINT_RULES:
+        raise CacheError(f"--pick {pick!r}: best or last")
+    found = sorted((p for p in Path(folder).glob("seed-*") if (p / f"{pick}.pt").exists()),
+                   key=lambda p: int(p.name.split("-", 1)[1]) if p.name.split("-", 1)[1].isdigit() else 0)
+    if not found:
+        raise CacheError(f"{folder}: no seed-K/{pick}.pt inside; pass a checkpoint file, or a folder "
+                         f"made by `train --seeds`")
+    return {p.name: p / f"{pick}.pt" for p in found}
+
+
+def run_eval_seeds(run_dir: Path, folder: Path, split: str = "test", name: str | None = None,
+                   feature_id: str | None = None, batch_size: int = 64, workers: int = 2,
+                   device: str = "auto", opts: EvalOptions | None = None) -> dict:
+    """Evaluate each seed's checkpoint of a `train --seeds` folder into `eval/NAME/seed-K/`, then
+    write `eval/NAME/report.json` and `report.md`: each cell's mean and std over the seeds."""
+    opts = opts or EvalOptions()
+    name = name or f"{Path(folder).name}-{split}"
+    reports = {}
+    for seed, ckpt in seed_checkpoints(folder, opts.pick).items():
+        summary = run_eval(run_dir, ckpt, split, f"{name}/{seed}", feature_id, batch_size, workers, device,
+                           opts.gallery, opts)
+        reports[seed] = json.loads((Path(summary["out"]) / "report.json").read_text())
+    out = Path(run_dir) / "eval" / name
+    per_source = seed_spread(reports)
+    rule = CHECKPOINT_RULES[opts.pick]
+    write_json_atomic(out / "report.json", {"seeds": list(reports), "checkpoint_rule": rule, "split": split,
+                                            "folder": str(folder), "spread": per_source})
+    md = seed_markdown(per_source, list(reports), f"{name}: {Path(folder).name} over seeds on {split}", rule)
+    write_bytes_atomic(out / "report.md", readable(md).encode())
+    overall = per_source["**overall**"]
+    return {"out": str(out), "seeds": len(reports), "auc_mean": overall["auc"]["mean"],
+            "auc_std": overall["auc"]["std"]}

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import tarfile
 import threading
 import time
 from dataclasses import dataclass, replace
@@ -28,12 +29,21 @@ from pipeline.progress import Progress
 from pipeline.queue import Claim, ShardQueue
 from pipeline.signals import StopFlag, graceful_stop
 from stages.domain.image_limits import DEFAULT_MAX_PIXELS
-from stages.domain.images import DecodeError, center_crop, decode_rgb, normalize_, preprocess, resized
+from stages.domain.images import (
+    GEOMETRIES,
+    DecodeError,
+    apply_geometry,
+    check_header,
+    decode_rgb,
+    normalize_,
+    preprocess,
+)
 from stages.domain.noise_model import NoiseModel, encode, load_noise_model, resolve_model
-from stages.domain.perturb import perturb
+from stages.domain.perturb import applies_to, perturb
 from storage.cache_config import PREPROCESSING, CacheConfig, DoneMarker, FeatureConfig, ManifestRef
 from storage.cache_folder import NOT_CACHED, CacheError, FeatureCache, shard_checksum
 from storage.caches import folder_name, new_cache
+from storage.errors import OptionError
 from storage.packed_images import PackReader, pack_path
 from storage.run import Entry, Run, RunError, within_roots
 
@@ -59,13 +69,13 @@ class ShardImages(Dataset):
 
     def __init__(self, entries: list[Entry], size: int, max_pixels: int, roots: list[str] | None,
                  gpu_jpeg: bool = False, perturbation: str = "", pack: PackReader | None = None,
-                 crop: bool = False):
+                 geometry: str = "resize"):
         self.entries, self.size, self.max_pixels, self.roots = entries, size, max_pixels, roots
         self.pack = pack  # the shard's packed tar (`shard --pack`), read instead of the files
         self.perturbation = perturbation
-        self.crop = crop  # centre crop to a square before the resize (DIRE's preprocessing)
-        # hand JPEG bytes to the GPU decoder instead of decoding here (clean, uncropped features only)
-        self.gpu_jpeg = gpu_jpeg and not perturbation and not crop
+        self.geometry = geometry  # resize, crop-resize (DIRE's preprocessing) or crop (native window)
+        # hand JPEG bytes to the GPU decoder instead of decoding here (clean, resized features only)
+        self.gpu_jpeg = gpu_jpeg and not perturbation and geometry == "resize"
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -80,13 +90,15 @@ class ShardImages(Dataset):
             else:
                 data = read_checked(entry, self.roots)
             if self.gpu_jpeg and data[:3] == b"\xff\xd8\xff":
+                check_header(data, self.max_pixels)  # the same limit and reasons as decode_rgb
                 return i, torch.frombuffer(bytearray(data), dtype=torch.uint8), "jpeg"
             img = decode_rgb(data, self.max_pixels)
-            if self.perturbation:
-                img = perturb(img, self.perturbation)
-            if self.crop:
-                img = center_crop(img)
-            return i, resized(img, self.size), None  # normalised batch-wise in _collate
+            if self.perturbation and applies_to(self.perturbation, entry.label):
+                try:
+                    img = perturb(img, self.perturbation)
+                except (OSError, ValueError) as e:  # e.g. JPEG's 65,535-pixel side limit
+                    raise DecodeError(f"--perturb {self.perturbation} cannot be applied: {e}") from e
+            return i, apply_geometry(img, self.geometry, self.size), None  # normalised in _collate
         except DecodeError as e:
             return i, None, str(e)
 
@@ -108,19 +120,45 @@ def _collate(items: list) -> tuple[list[int], torch.Tensor | list[torch.Tensor],
     return [i for i, _ in ok], normalize_(batch), failed
 
 
-def gpu_batch(tensors: torch.Tensor | list[torch.Tensor], size: int, device: torch.device) -> torch.Tensor:
-    """A batch on the device; JPEG bytes (1-D uint8) are decoded there by nvJPEG."""
+def decode_one_jpeg(data: torch.Tensor, device: torch.device, max_pixels: int) -> torch.Tensor | str:
+    """One JPEG on the device, or the reject reason: a file nvJPEG refuses is decoded on the CPU,
+    which either reads it or says why it cannot."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    try:
+        return decode_jpeg(data, device=device, mode=ImageReadMode.RGB)
+    except RuntimeError:
+        try:
+            return decode_rgb(data.numpy().tobytes(), max_pixels).to(device)
+        except DecodeError as e:
+            return str(e)
+
+
+def gpu_batch(tensors: torch.Tensor | list[torch.Tensor], size: int, device: torch.device,
+              max_pixels: int = DEFAULT_MAX_PIXELS
+              ) -> tuple[torch.Tensor | None, list[int], list[tuple[int, str]]]:
+    """(a batch on the device, the positions it holds, (position, reason) of the images that did
+    not decode); JPEG bytes (1-D uint8) are decoded there by nvJPEG, one corrupt file rejecting
+    only itself."""
     from torchvision.io import ImageReadMode, decode_jpeg
 
     if isinstance(tensors, torch.Tensor):  # already stacked by the loader
-        return tensors.to(device, non_blocking=True)
+        return tensors.to(device, non_blocking=True), list(range(len(tensors))), []
     jpeg_at = [k for k, t in enumerate(tensors) if t.ndim == 1]
     out = [t.to(device, non_blocking=True) if t.ndim == 3 else None for t in tensors]
+    failed = []
     if jpeg_at:
-        decoded = decode_jpeg([tensors[k] for k in jpeg_at], device=device, mode=ImageReadMode.RGB)
+        try:
+            decoded = decode_jpeg([tensors[k] for k in jpeg_at], device=device, mode=ImageReadMode.RGB)
+        except RuntimeError:  # one bad file fails the whole batch call: decode one by one
+            decoded = [decode_one_jpeg(tensors[k], device, max_pixels) for k in jpeg_at]
         for k, img in zip(jpeg_at, decoded, strict=True):
-            out[k] = preprocess(img, size)
-    return torch.stack(out)
+            if isinstance(img, str):
+                failed.append((k, img))
+            else:
+                out[k] = preprocess(img, size)
+    kept = [k for k, x in enumerate(out) if x is not None]
+    return (torch.stack([out[k] for k in kept]) if kept else None), kept, failed
 
 
 @dataclass
@@ -151,17 +189,32 @@ class ExtractOptions:
     backend: str = "zarr"  # or "webdataset" (tar shards)
     download: bool = False  # a hub id not in the local Hugging Face cache is fetched (network)
     feature_kind: str = "dnf"  # or "dire": |x - DDIM reconstruction| (DIRE's baseline)
-    crop: bool = False  # centre crop to a square before resizing, as DIRE's code does
+    crop: bool = False  # the old name of geometry "crop-resize" (DIRE's own preprocessing)
+    geometry: str = "resize"  # resize (the reference), crop-resize, or crop (native-resolution window)
+
+    def __post_init__(self) -> None:
+        if self.crop:
+            self.geometry = "crop-resize"
+        if self.geometry not in GEOMETRIES:
+            raise OptionError(f"--geometry {self.geometry!r}: one of {', '.join(GEOMETRIES)}")
 
     def cache_root(self, run: Run, feature_id: str) -> Path:
         return self.cache_dir or run.cache_root / folder_name(feature_id, self.backend)
 
-    def feature(self, fingerprint: str, precision: str = "fp32") -> FeatureConfig:
-        return FeatureConfig(fingerprint, self.timestep, self.size, self.encoding,
+    def gpu_jpeg(self, device: torch.device) -> bool:
+        """Whether JPEGs are decoded by nvJPEG: --gpu-decode on CUDA, for clean uncropped features."""
+        return self.gpu_decode and device.type == "cuda" and not self.perturb and self.geometry == "resize"
+
+    def feature(self, fingerprint: str, precision: str = "fp32",
+                device: torch.device | None = None) -> FeatureConfig:
+        """The feature config; nvJPEG's decoded pixels differ from libjpeg's in the last bits, so
+        the decoder is part of it (a cache never mixes the two)."""
+        decoder = "nvjpeg" if device is not None and self.gpu_jpeg(device) else "cpu"
+        return FeatureConfig(fingerprint, self.timestep, self.size, self.encoding, decoder=decoder,
                              inversion_steps=self.inversion_steps, ddim_steps=self.ddim_steps,
                              keep=self.keep, combine=self.combine, precision=precision,
                              perturb=self.perturb, kind=self.feature_kind,
-                             preprocess=PREPROCESSING["crop" if self.crop else "resize"])
+                             preprocess=PREPROCESSING[self.geometry])
 
     def num_workers(self, device: torch.device) -> int:
         """-1 means: on a GPU, one fewer than the CPU cores (at most 8) decode in parallel; on the
@@ -180,7 +233,7 @@ def open_cache(run: Run, model: NoiseModel, opts: ExtractOptions,
     if info.images == 0:
         raise RunError(f"{run.root}: the manifest has no images ({info.rejects} rejected; see "
                        f"{run.rejects_path})")
-    feature = opts.feature(model.fingerprint, model.precision)
+    feature = opts.feature(model.fingerprint, model.precision, model.device)
     cache = new_cache(opts.cache_root(run, feature.feature_id), opts.backend)
     config = CacheConfig(
         feature=feature, backend=cache.backend, channels=feature.channels, format=cache.format_version,
@@ -219,19 +272,23 @@ class ShardWriter:
     """Writes finished shards on a background thread, one at a time, so the model never waits
     on the disk; the shard's claim is released only after its done marker is written."""
 
-    def __init__(self, cache: FeatureCache):
+    def __init__(self, cache: FeatureCache, log=print):
         self.cache = cache
         self.thread: threading.Thread | None = None
         self.error: BaseException | None = None
+        self.lost: list[int] = []  # shards whose claim another worker took over: theirs to finish
+        self.log = log
 
     def _write(self, shard_id: int, start: int, arrays: tuple, marker: DoneMarker, claim: Claim) -> None:
         try:
             index = self.cache.write_shard(start, *arrays)
             marker = replace(marker, checksum=shard_checksum(arrays[0], arrays[1], arrays[4]), index=index)
             claim.refresh()
-            if claim.lost:  # another worker took the shard over while this one was stalled
-                raise CacheError(f"shard {shard_id:05d}: the claim was taken over by another worker "
-                                 f"after this one's heartbeat went stale; that worker finishes the shard")
+            if claim.lost:  # another worker took the shard over while this one was stalled: it
+                self.lost.append(shard_id)  # finishes the shard (same bytes); this one goes on
+                self.log(f"shard {shard_id:05d}: the claim was taken over by another worker after this "
+                         f"one's heartbeat went stale; that worker marks it done, this one moves on")
+                return
             self.cache.mark_done(marker)
         except OSError as e:
             self.error = CacheError(
@@ -259,21 +316,39 @@ class ShardWriter:
             raise error
 
 
+def open_pack(run: Run, shard_id: int, entries: list[Entry], log=print) -> PackReader | None:
+    """The shard's packed tar (`shard --pack`) when there is one. A damaged one (a truncated copy,
+    a full disk) is said, and the images it lacks are read from the original files instead."""
+    packed = pack_path(run.root, shard_id)
+    if not packed.exists():
+        return None
+    try:
+        pack = PackReader(packed)
+    except (tarfile.TarError, OSError) as e:
+        log(f"shard {shard_id:05d}: {packed} is damaged ({e}); reading the original files instead "
+            f"(delete it and run `shard --pack` again to rewrite it)")
+        return None
+    missing = sum(e.key not in pack for e in entries)
+    if missing:
+        log(f"shard {shard_id:05d}: {packed} is damaged (truncated?): it lacks {missing} of the shard's "
+            f"{len(entries)} images, which are read from the original files instead")
+    return pack
+
+
 class ShardJob:
     """A claimed shard whose images are being decoded ahead by its DataLoader's workers."""
 
     def __init__(self, run: Run, shard_id: int, claim: Claim, opts: ExtractOptions, batch_size: int,
-                 device: torch.device):
-        self.shard_id, self.claim = shard_id, claim
+                 device: torch.device, log=print):
+        self.shard_id, self.claim, self.max_pixels = shard_id, claim, opts.max_pixels
         self.entries = run.shard_entries(shard_id)
         info = run.info()
         self.start = info.shard_start(shard_id)
         workers = min(opts.num_workers(device), -(-len(self.entries) // batch_size))
-        packed = pack_path(run.root, shard_id)
         loader = DataLoader(
             ShardImages(self.entries, opts.size, opts.max_pixels, list(info.roots) or None,
-                        gpu_jpeg=opts.gpu_decode and device.type == "cuda", perturbation=opts.perturb,
-                        pack=PackReader(packed) if packed.exists() else None, crop=opts.crop),
+                        gpu_jpeg=opts.gpu_jpeg(device), perturbation=opts.perturb,
+                        pack=open_pack(run, shard_id, self.entries, log), geometry=opts.geometry),
             batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=_collate,
             pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None)
         self.batches = iter(loader)  # workers start decoding now
@@ -289,16 +364,19 @@ def compute_shard(job: ShardJob, model: NoiseModel, feature: FeatureConfig, prog
     for b, (idx, tensors, failed) in enumerate(job.batches):
         if b == 0:
             on_first_batch()
-        for i, reason in failed:
-            rejected.append({"key": entries[i].key, "path": entries[i].path, "reason": reason,
-                             "stage": "extract"})
+        progress_n = len(idx) + len(failed)
         if len(tensors):
-            x = gpu_batch(tensors, size, model.device)
+            x, kept, bad = gpu_batch(tensors, size, model.device, job.max_pixels)
+            failed = [*failed, *((idx[k], reason) for k, reason in bad)]
+            idx = [idx[k] for k in kept]
+        rejected += [{"key": entries[i].key, "path": entries[i].path, "reason": reason, "stage": "extract"}
+                     for i, reason in failed]
+        if len(idx):
             with torch.inference_mode():  # the features are inference tensors: encoded in place
                 dnf[idx] = encode(model.features(x, feature), feature.encoding, inplace=True,
                                   kind=feature.kind).cpu().numpy()
             labels[idx] = [entries[i].label for i in idx]
-        progress.update(len(idx) + len(failed))
+        progress.update(progress_n)
         stop.check()
     keys = [e.key for e in entries]
     arrays = (dnf, labels, [e.split for e in entries], [e.source for e in entries], keys)
@@ -311,7 +389,8 @@ def compute_shard(job: ShardJob, model: NoiseModel, feature: FeatureConfig, prog
 def resolve_batch_size(run: Run, model: NoiseModel, opts: ExtractOptions) -> int:
     """--batch-size; else the one the cache recorded (a resumed run repeats the first run's batches,
     so its bytes equal an uninterrupted run's); else from free GPU memory."""
-    existing = new_cache(opts.cache_root(run, opts.feature(model.fingerprint, model.precision).feature_id),
+    feature_id = opts.feature(model.fingerprint, model.precision, model.device).feature_id
+    existing = new_cache(opts.cache_root(run, feature_id),
                          opts.backend)
     recorded = existing.config().batch_size if existing.exists() else 0
     return opts.batch_size or recorded or auto_batch_size(model, opts.size)
@@ -358,11 +437,11 @@ def run_extract(run_dir: Path, opts: ExtractOptions) -> dict:
                     claim.release()
                 skipped.append(shard_id)
                 continue
-            return ShardJob(run, shard_id, claim, opts, batch_size, device)
+            return ShardJob(run, shard_id, claim, opts, batch_size, device, progress.write)
         return None
 
     t0 = time.perf_counter()
-    writer = ShardWriter(cache)
+    writer = ShardWriter(cache, progress.write)
     job, ahead = None, None
     with graceful_stop() as stop:
         try:
@@ -388,6 +467,7 @@ def run_extract(run_dir: Path, opts: ExtractOptions) -> dict:
                 for j in (job, ahead):
                     if j is not None and j.shard_id not in done_now:
                         j.claim.release()
+    done_now = [s for s in done_now if s not in writer.lost]
     markers = [cache.done_marker(s) for s in done_now]
     images = sum(m.cached for m in markers)
     rejected = sum(len(m.rejected) for m in markers)
@@ -396,7 +476,7 @@ def run_extract(run_dir: Path, opts: ExtractOptions) -> dict:
         "cache": str(cache.root), "feature_id": feature.feature_id, "device": str(device),
         "worker": f"{worker + 1}/{workers_total}", "precision": precision, "batch_size": batch_size,
         "shards_total": info.num_shards, "shards_done_before": info.num_shards - len(pending),
-        "shards_done_now": len(done_now), "shards_left_to_others": len(skipped),
+        "shards_done_now": len(done_now), "shards_left_to_others": len(skipped) + len(writer.lost),
         "images": images, "rejected": rejected, "seconds": round(elapsed, 2),
         "images_per_s": round(images / elapsed, 2) if elapsed > 0 and images else 0.0,
     }

@@ -16,7 +16,7 @@ from __future__ import annotations
 import io
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader
 from pipeline.device import resolve_device
 from pipeline.distributed import init_training_group, local_device, rank_positions
 from pipeline.progress import Progress
+from stages.domain.calibration import balanced_threshold
 from stages.domain.detector import Detector, build_resnet50, predict
 from stages.domain.metrics import binary_metrics
 from storage.atomic import write_bytes_atomic
@@ -63,13 +64,14 @@ class TrainOptions:
     variants: bool = False  # draw each sample from the clean or a perturbed cache, uniformly
     freeze_bn: bool = False  # BatchNorm uses (and keeps) its running statistics while training
     shuffle_buffer: int = 1000  # streamed caches: samples in each loader worker's shuffle buffer
+    val_from: str | None = None  # "SPLIT:FRACTION": validate on a share of SPLIT held out by key hash
 
     def recipe(self) -> dict:
         return {k: getattr(self, k) for k in RECIPE}
 
 
 RECIPE = ("batch_size", "lr", "patience", "seed", "balance", "init_weights", "feature_id", "sources",
-          "variants", "freeze_bn", "shuffle_buffer")
+          "variants", "freeze_bn", "shuffle_buffer", "val_from")
 
 
 class TrainError(UserError, RuntimeError):
@@ -90,6 +92,48 @@ def epoch_order(labels: np.ndarray, seed: int, epoch: int, balance: bool) -> lis
 def flip_mask(seed: int, epoch: int, rows: torch.Tensor) -> torch.Tensor:
     """Per-sample flips of a streamed batch, drawn from (seed, epoch, row): order does not matter."""
     return torch.tensor([np.random.default_rng([seed, epoch, int(r), 11]).random() < 0.5 for r in rows])
+
+
+def parse_val_from(spec: str) -> tuple[str, float]:
+    """`SPLIT:FRACTION` (e.g. `train:0.1`) to (split, fraction in (0, 1))."""
+    split, _, frac = spec.partition(":")
+    try:
+        fraction = float(frac)
+    except ValueError:
+        fraction = -1.0
+    if not split or not 0 < fraction < 1:
+        raise TrainError(f"--val-from {spec!r}: expected SPLIT:FRACTION with 0 < FRACTION < 1, "
+                         f"e.g. train:0.1")
+    return split, fraction
+
+
+def held_out(keys: list[str], fraction: float) -> np.ndarray:
+    """Mask of the keys in a deterministic share `fraction`: the first 8 bytes of the key (a sha256,
+    so uniform) read as a number in [0, 1). The same image is held out in every run and rerun."""
+    return np.array([int(k[:16], 16) / 2.0 ** 64 < fraction for k in keys], dtype=bool)
+
+
+def split_rows(cache: FeatureCache, opts: TrainOptions) -> tuple[CacheIndex, CacheIndex]:
+    """The train and validation rows. Without a `val` split validation needs `--val-from`: a best
+    checkpoint is never picked on a missing metric."""
+    sources = opts.sources or None
+    train_idx = cache_index(cache, "train", sources)
+    if opts.val_from is None:
+        val_idx = cache_index(cache, "val", sources)
+        if len(val_idx) == 0:
+            raise TrainError(f"{cache.root}: no cached images in the val split, so no epoch could be "
+                             f"judged best; pass --val-from train:0.1 to validate on a share of train held "
+                             f"out by key hash, or shard with a val split")
+        return train_idx, val_idx
+    split, fraction = parse_val_from(opts.val_from)
+    pool = train_idx if split == "train" else cache_index(cache, split, sources)
+    mask = held_out(pool.keys, fraction)
+    if not mask.any():
+        raise TrainError(f"--val-from {opts.val_from}: no image of the {split!r} split fell into the "
+                         f"held-out share ({len(pool)} cached); use a larger fraction")
+    if split == "train":
+        train_idx = train_idx.select(~mask)
+    return train_idx, pool.select(mask)
 
 
 # -- the run -----------------------------------------------------------------------------------
@@ -120,8 +164,7 @@ def prepare_run(run_dir: Path, opts: TrainOptions, resume: bool) -> TrainSetup:
     if pending and not opts.partial:
         raise TrainError(f"{cache.root}: extraction is not finished ({pending} shards pending); "
                          f"run `extract` again, or pass --partial to train on what is there")
-    train_idx = cache_index(cache, "train", opts.sources or None)
-    val_idx = cache_index(cache, "val", opts.sources or None)
+    train_idx, val_idx = split_rows(cache, opts)
     if len(train_idx) == 0 or len(np.unique(train_idx.labels)) < 2:
         raise TrainError(f"{cache.root}: the train split needs real and fake images "
                          f"(has {np.bincount(train_idx.labels, minlength=2).tolist()} real/fake)")
@@ -266,8 +309,9 @@ def validate(detector: Detector, setup: TrainSetup, opts: TrainOptions, rank: in
     averaged over the ranks."""
     val = {}
     if rank == 0 and len(setup.val_idx):
-        val = binary_metrics(setup.val_idx.labels,
-                             predict(detector, setup.cache, setup.val_idx, opts.batch_size, opts.workers))
+        probs = predict(detector, setup.cache, setup.val_idx, opts.batch_size, opts.workers)
+        val = binary_metrics(setup.val_idx.labels, probs)
+        val["threshold"] = balanced_threshold(setup.val_idx.labels, probs)  # kept with best.pt
     if world > 1:  # every rank follows rank 0's schedule decisions
         import torch.distributed as dist
 
@@ -334,13 +378,22 @@ def load_resume(last: Path, opts: TrainOptions, model: nn.Module,
 
 def save_epoch(setup: TrainSetup, model: nn.Module, optimizer: torch.optim.Optimizer, extra: dict,
                record: dict, improved: bool) -> None:
-    """Rank 0's end of an epoch: best.pt when validation improved, last.pt (with the optimizer and
-    RNG state for --resume), and a line of metrics.jsonl."""
+    """Rank 0's end of an epoch: best.pt when validation improved, the epoch's line of metrics.jsonl,
+    then last.pt (with the optimizer and RNG state for --resume), each written atomically. Killed
+    between them, a resumed run redoes the epoch: `metrics_until` drops the line it had written."""
     if improved:
         save_checkpoint(setup.out / "best.pt", model, extra)
+    lines = metrics_until(setup.out / "metrics.jsonl", record["epoch"] - 1)
+    write_bytes_atomic(setup.out / "metrics.jsonl", "".join(lines + [json.dumps(record) + "\n"]).encode())
     save_checkpoint(setup.last, model, {**extra, "optimizer": optimizer.state_dict(), "rng": _rng_state()})
-    with open(setup.out / "metrics.jsonl", "a") as f:
-        f.write(json.dumps(record) + "\n")
+
+
+def metrics_until(path: Path, epochs: int) -> list[str]:
+    """The lines of metrics.jsonl of epochs 1..`epochs` (those that last.pt holds)."""
+    if not path.exists():
+        return []
+    return [line + "\n" for line in path.read_text().splitlines()
+            if line.strip() and json.loads(line)["epoch"] <= epochs]
 
 
 def epoch_record(epoch: int, lr: float, stats: dict, loss: float, world: int, val: dict, init: str) -> dict:
@@ -368,7 +421,7 @@ def run_train(run_dir: Path, opts: TrainOptions, resume: bool = False) -> dict:
     if rank == 0:
         setup.out.mkdir(parents=True, exist_ok=True)
         if not resume:
-            (setup.out / "metrics.jsonl").write_text("")
+            write_bytes_atomic(setup.out / "metrics.jsonl", b"")
     net = detector.model
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
@@ -391,12 +444,13 @@ def run_train(run_dir: Path, opts: TrainOptions, resume: bool = False) -> dict:
         progress.close()
         val, loss = validate(detector, setup, opts, rank, world, stats["loss"])
         record = epoch_record(epoch, lr, stats, loss, world, val, init)
-        improved = schedule.end_epoch(val.get("acc") or 0.0, opts.patience)
+        improved = schedule.end_epoch(val["acc"], opts.patience)
         if rank == 0:  # checkpoints and metrics come from rank 0 only
-            extra = {**meta, "train": {"recipe": opts.recipe(), "state": asdict(schedule), "init": init,
-                                       "options": asdict(opts)}}
+            extra = {**meta, "val_threshold": val.get("threshold"),
+                     "train": {"recipe": opts.recipe(), "state": asdict(schedule), "init": init,
+                               "options": asdict(opts)}}
             save_epoch(setup, detector.model, optimizer, extra, record, improved)
-            progress.write(f"epoch {epoch + 1}: loss {loss:.4f}, val acc {val.get('acc') or 0.0:.4f}, "
+            progress.write(f"epoch {epoch + 1}: loss {loss:.4f}, val acc {val['acc']:.4f}, "
                            f"{record['train_samples_per_s']} samples/s, lr {schedule.lr:g}")
     if world > 1:
         import torch.distributed as dist
@@ -407,3 +461,17 @@ def run_train(run_dir: Path, opts: TrainOptions, resume: bool = False) -> dict:
         raise RunError(f"{setup.out}: no epoch was trained (epochs={opts.epochs})")
     return {"out": str(setup.out), "epochs_done": schedule.epoch, "best_epoch": schedule.best_epoch,
             "best_val_acc": schedule.best_acc, **{k: v for k, v in record.items() if k != "init"}}
+
+
+def run_train_seeds(run_dir: Path, opts: TrainOptions, seeds: list[int], resume: bool = False) -> dict:
+    """One detector per seed, `RUN/train/NAME/seed-K/`, one after the other, each a full training
+    run with `seed` K; with `resume`, each seed continues from its last.pt (a seed not started yet
+    starts). Returns each seed's summary."""
+    if len(set(seeds)) != len(seeds) or not seeds:
+        raise TrainError(f"--seeds {','.join(map(str, seeds))}: give distinct seeds, e.g. 0,1,2")
+    out = {}
+    for seed in seeds:
+        one = replace(opts, name=f"{opts.name}/seed-{seed}", seed=seed)
+        started = (Path(run_dir) / "train" / one.name / "last.pt").exists()
+        out[f"seed-{seed}"] = run_train(run_dir, one, resume=resume and started)
+    return {"out": str(Path(run_dir) / "train" / opts.name), "seeds": out}

@@ -15,9 +15,12 @@ from storage.errors import OptionError, RecordError
 PREPROCESS_VERSION = "rgb-bicubic-aa-float-v1"
 # DIRE's own preprocessing (its compute_dire.py): centre crop to a square, then the same resize
 PREPROCESS_CROP = "rgb-centercrop-bicubic-aa-float-v1"
-PREPROCESSING = {"resize": PREPROCESS_VERSION, "crop": PREPROCESS_CROP}
+# `--geometry crop`: the central window at native resolution (images under the size upscaled first)
+PREPROCESS_NATIVE_CROP = "rgb-native-centercrop-v1"
+PREPROCESSING = {"resize": PREPROCESS_VERSION, "crop-resize": PREPROCESS_CROP, "crop": PREPROCESS_NATIVE_CROP}
 ENCODINGS = ("reference", "raw")
 KINDS = ("dnf", "dire")
+DECODERS = ("cpu", "nvjpeg")
 
 
 @dataclass(frozen=True)
@@ -40,6 +43,7 @@ class FeatureConfig:
     precision: str = "fp32"  # fp32 (the reference's numbers), bf16 or fp16 autocast
     perturb: str = ""  # robustness variant applied to the pixels first, e.g. "jpeg:75"
     kind: str = "dnf"
+    decoder: str = "cpu"  # cpu (libjpeg / Pillow, the reference's) or nvjpeg (--gpu-decode): other values
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "keep", tuple(int(k) for k in self.keep))
@@ -57,6 +61,8 @@ class FeatureConfig:
             raise OptionError("--timestep applies to single-step features; inversion starts at t = 0")
         if self.kind not in KINDS:
             raise OptionError(f"--feature {self.kind!r}: one of {', '.join(KINDS)}")
+        if self.decoder not in DECODERS:
+            raise OptionError(f"unknown decoder {self.decoder!r}: one of {', '.join(DECODERS)}")
         if self.preprocess not in PREPROCESSING.values():
             raise OptionError(f"unknown preprocessing {self.preprocess!r}")
         if self.kind == "dire" and (self.inversion_steps != 1 or self.timestep != 0):
@@ -84,6 +90,8 @@ class FeatureConfig:
         d["keep"] = list(self.keep)
         if self.kind == "dnf":
             del d["kind"]  # DNF configs (and their ids) as before feature kinds existed
+        if self.decoder == "cpu":
+            del d["decoder"]  # likewise: ids as before --gpu-decode was recorded
         return d
 
     @property

@@ -116,8 +116,10 @@ def test_demo_report_has_seen_related_and_unrelated_generators(demo_runs):
     # clean terminal: no library noise, and the table and the report's path are the last lines
     for noise in ("iCCP", "llvmpipe", "Warning", "warn("):
         assert noise not in first.stderr and noise not in first.stdout, noise
-    tail = [line for line in first.stdout.splitlines() if line.strip()][-len(rows) - 1:]
-    assert tail[:-1] == rows and tail[-1].startswith("The table with ROC and PR curves: ")
+    tail = [line for line in first.stdout.splitlines() if line.strip()][-len(rows) - 2:]
+    assert tail[:-2] == rows and tail[-1].startswith("The table with ROC and PR curves: ")
+    assert tail[-2].startswith("[brackets]: 95 % bootstrap interval")
+    assert all(row.count("[") == 5 for row in rows[2:])  # every metric cell has its interval
     with Image.open(out / "curves.png") as im:
         assert im.format == "PNG"
     assert "curves.png" in (out / "report.md").read_text()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -171,7 +172,7 @@ def test_per_format_metrics_and_gallery(cached_run, tmp_path):
     gallery.png holds one tile per listed mistake; `show` writes the tiles of chosen images."""
     from PIL import Image
 
-    from stages.domain.gallery import COLUMNS, TILE_H, TILE_W
+    from stages.domain.gallery import COLUMNS, TILE_H, TILE_W, TITLE_H
     from storage.run import Run
 
     if not (cached_run / "train/full/best.pt").exists():
@@ -205,8 +206,10 @@ def test_per_format_metrics_and_gallery(cached_run, tmp_path):
     assert len(rep["gallery"]) == expected
     fps = [g["probability"] for g in rep["gallery"] if g["kind"] == "false positive"]
     assert all(v > 0.5 for v in fps)
+    sections = Counter((g["source"], g["kind"]) for g in rep["gallery"])  # a titled section each
     with Image.open(out / "gallery.png") as im:
-        assert im.size == (COLUMNS * TILE_W, max(1, -(-expected // COLUMNS)) * TILE_H)
+        assert im.size == (COLUMNS * TILE_W, max(TILE_H, sum(TITLE_H + -(-n // COLUMNS) * TILE_H
+                                                               for n in sections.values())))
     # show: chosen images by path and by key prefix
     proc = cli("show", rows[0]["path"], rows[1]["key"][:10], "--run", cached_run, "--out", tmp_path / "s.png")
     assert "images: 2" in proc.stdout

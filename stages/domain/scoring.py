@@ -1,0 +1,53 @@
+"""One row of a report: the metrics papers print (at 0.5), their bootstrap intervals, the
+deployment metrics, and the accuracies at a chosen threshold; and the mean over sources."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from stages.domain.bootstrap import bootstrap_samples, interval
+from stages.domain.calibration import accuracy_at, deployment_metrics
+from stages.domain.metrics import binary_metrics
+
+MEAN_METRICS = ("acc", "ap", "auc", "real_acc", "fake_acc")
+
+
+@dataclass(frozen=True)
+class Scoring:
+    """How rows are scored: bootstrap resamples (0: no intervals) and their seed, and the
+    threshold chosen on validation data (None: only the 0.5 columns)."""
+
+    bootstrap: int = 1000
+    seed: int = 0
+    threshold: float | None = None
+
+
+def score(labels: np.ndarray, probs: np.ndarray, how: Scoring) -> tuple[dict, dict[str, np.ndarray]]:
+    """(the row, its bootstrap samples per metric for the mean over sources)."""
+    row = binary_metrics(labels, probs)
+    row.update(deployment_metrics(labels, probs))
+    samples: dict[str, np.ndarray] = {}
+    if how.bootstrap and len(labels):
+        samples = bootstrap_samples(labels, probs, how.bootstrap, how.seed)
+        row["ci"] = {k: interval(v) for k, v in samples.items()}
+    if how.threshold is not None:
+        row["at_threshold"] = accuracy_at(labels, probs, how.threshold)
+    return row, samples
+
+
+def mean_over_sources(rows: dict[str, dict], samples: dict[str, dict[str, np.ndarray]]) -> dict:
+    """The mean of each metric over the sources that have it, and (with bootstrap samples) the
+    interval of that mean: per resample the mean over sources, each source resampled on its own."""
+    mean: dict = {}
+    for k in MEAN_METRICS:
+        values = [r[k] for r in rows.values() if r.get(k) is not None]
+        if values:
+            mean[k] = float(np.mean(values))
+    have = {k: [samples[s][k] for s in rows if k in samples.get(s, {})] for k in MEAN_METRICS}
+    ci = {k: interval(np.mean(v, axis=0)) for k, v in have.items() if v and len(v) == sum(
+        rows[s].get(k) is not None for s in rows)}
+    if ci:
+        mean["ci"] = ci
+    return mean
