@@ -240,9 +240,10 @@ def seed_table(rep: dict, train_generator: str) -> str:
     lines = [f"Detector trained on real photos vs {train_generator}, {len(names)} seeds; test split, AUC:",
              "",
              "| generator | " + " | ".join(names) + " | mean ± std |", "|" + "---|" * (len(names) + 2)]
-    for src, cells in rep["spread"].items():
-        auc = cells.get("auc")
-        if auc is None or src.startswith("**") and src != "**mean over sources**":
+    rows = [s for s in rep["spread"] if not s.startswith("**")] + ["**mean over sources**"]
+    for src in rows:
+        auc = rep["spread"].get(src, {}).get("auc")
+        if auc is None:
             continue
         lines.append("| " + " | ".join([src.split("/")[-1], *[f"{100 * v:.1f}" for v in auc["values"]],
                                           f"{100 * auc['mean']:.1f} ± {100 * auc['std']:.1f}"]) + " |")
