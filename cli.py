@@ -278,7 +278,7 @@ def evaluate(
                                      opts)
         else:
             summary = run_eval(run, checkpoint, split, name, feature_id, batch_size, workers, device,
-                               gallery, opts)
+                               opts=opts)
     typer.echo((Path(summary["out"]) / "report.md").read_text())
     _print(summary, False)
 

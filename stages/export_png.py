@@ -4,6 +4,7 @@ relative paths under `--out`, suffix `.png`), so the reference's own train / eva
 from __future__ import annotations
 
 import os
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -56,12 +57,11 @@ def png_names(relatives: list[Path]) -> list[Path]:
     (`x.jpg` and `x.png` in one folder) keep their suffix in the name instead (`x.jpg.png`), so no
     DNF overwrites another."""
     plain = [rel.with_suffix(".png") for rel in relatives]
-    count: dict[Path, int] = {}
-    for p in plain:
-        count[p] = count.get(p, 0) + 1
+    count = Counter(plain)
     names = [p if count[p] == 1 else rel.with_name(rel.name + ".png") for p, rel in zip(plain, relatives,
                                                                                        strict=True)]
-    if len(set(names)) != len(names):  # an input already named like another one's suffixed name
-        raise CacheError("export-png: two images would be written to the same PNG path even with their "
-                         "suffixes kept; export into separate folders")
+    clash = next((n for n, c in Counter(names).items() if c > 1), None)
+    if clash is not None:  # an input already named like another one's suffixed name
+        raise CacheError(f"export-png: two images would be written to {clash} even with their suffixes "
+                         f"kept; export their input folders into separate --out folders")
     return names

@@ -96,7 +96,7 @@ class ShardImages(Dataset):
             if self.perturbation and applies_to(self.perturbation, entry.label):
                 try:
                     img = perturb(img, self.perturbation)
-                except (OSError, ValueError) as e:  # e.g. JPEG's 65,535-pixel side limit
+                except OSError as e:  # Pillow's encoder refusing the image, e.g. JPEG's 65,500-pixel side
                     raise DecodeError(f"--perturb {self.perturbation} cannot be applied: {e}") from e
             return i, apply_geometry(img, self.geometry, self.size), None  # normalised in _collate
         except DecodeError as e:

@@ -333,19 +333,21 @@ class ZarrCache(FeatureCache):
             raise CacheError(f"{self.root}: a format-{self.config().format} cache (made by an older "
                              f"version) cannot take new shards; extract into a new cache folder")
         end = start + len(dnf)
-        self._clear_partial(start // self.config().shard_size)
+        shard = start // self.config().shard_size
+        self._clear_partial(shard)
         group = zarr.open_group(self.zarr_path, mode="r+")
         layout = self._dnf_layout()
+        synced = ["label", "key", "split", "source"]  # write_row_shard syncs its own file
         if layout is not None and start % layout.rows_per_shard == 0 and len(dnf) <= layout.rows_per_shard:
             write_row_shard(layout, start // layout.rows_per_shard, dnf)
         else:
             group["dnf"][start:end] = dnf
+            synced.append("dnf")
         group["label"][start:end] = label.astype(np.int8)
         group["key"][start:end] = keys_to_bytes(key)
         for name, values in (("split", split), ("source", source)):
             group[name][start:end] = self._codes(group, name, values)
-        shard = start // self.config().shard_size
-        for name in ("dnf", "label", "key", "split", "source"):  # on disk before the done marker
+        for name in synced:  # on disk before the done marker
             fsync_tree(self.zarr_path / name / "c" / str(shard))
 
     def _clear_partial(self, shard: int) -> None:

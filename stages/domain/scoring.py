@@ -45,9 +45,11 @@ def mean_over_sources(rows: dict[str, dict], samples: dict[str, dict[str, np.nda
         values = [r[k] for r in rows.values() if r.get(k) is not None]
         if values:
             mean[k] = float(np.mean(values))
-    have = {k: [samples[s][k] for s in rows if k in samples.get(s, {})] for k in MEAN_METRICS}
-    ci = {k: interval(np.mean(v, axis=0)) for k, v in have.items() if v and len(v) == sum(
-        rows[s].get(k) is not None for s in rows)}
+    ci = {}
+    for k in mean:  # the interval when every source that has the metric has its resamples
+        have = [samples.get(s, {}).get(k) for s in rows if rows[s].get(k) is not None]
+        if all(v is not None for v in have):
+            ci[k] = interval(np.mean(have, axis=0))
     if ci:
         mean["ci"] = ci
     return mean
