@@ -59,7 +59,8 @@ def _print(summary: dict, as_json: bool) -> None:
 
 @app.command()
 def shard(
-    inputs: List[Path] = typer.Argument(..., help="Image folders, .csv/.jsonl lists, or image files."),
+    inputs: List[Path] = typer.Argument(..., help="Image folders, .csv/.jsonl lists, image files, or "
+                                        "parquet files / Hugging Face parquet dataset folders."),
     run: Path = RUN_OPT,
     shard_size: int = typer.Option(1024, help="Images per shard (the unit of work and resume)."),
     label: Optional[str] = typer.Option(None, help="Force the label of all inputs: real or fake."),
@@ -78,19 +79,43 @@ def shard(
     max_pixels: int = typer.Option(8192 * 8192, help="Reject images with more pixels."),
     max_bytes: int = typer.Option(256 * 2**20, help="Reject files larger than this."),
     pack: bool = typer.Option(False, help="Also copy each shard's original bytes into RUN/packed/NNNNN.tar."),
+    image_column: Optional[str] = typer.Option(None, help="Parquet: the image bytes column (default: "
+                                               "the Image struct or binary column)."),
+    label_column: Optional[str] = typer.Option(None, help="Parquet: the label column (default: label)."),
+    source_column: Optional[str] = typer.Option(None, help="Parquet: the generator column (default: "
+                                                "model, model_name, generator or source)."),
+    split_column: Optional[str] = typer.Option(None, help="Parquet: a split column (default: split)."),
+    real_values: Optional[List[str]] = typer.Option(None, "--real-values", help="Parquet: label values "
+                                                    "that mean real (besides 0, real, nature); repeatable."),
+    fake_values: Optional[List[str]] = typer.Option(None, "--fake-values", help="Parquet: label values "
+                                                    "that mean fake (besides 1, fake, ai); repeatable."),
+    download: bool = typer.Option(False, help="Fetch a Hugging Face dataset id missing from the local "
+                                  "cache (network needed); without it ids are read offline."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
     """Index images into deterministic manifest shards (key = sha256 of the bytes); rerun to resume."""
+    from stages.domain.parquet_layouts import ColumnOptions
     from stages.shard import run_shard
 
+    columns = ColumnOptions(image_column, label_column, source_column, split_column,
+                            tuple(real_values or ()), tuple(fake_values or ()))
     with user_errors():
         summary = run_shard(inputs, run, shard_size, label, source, split, workers, max_pixels,
                             max_bytes, pack=pack, layout=layout, split_map=split_map, append=append,
-                            dry_run=dry_run)
+                            dry_run=dry_run, columns=columns, download=download)
     if as_json:
         _print(summary, True)
     elif dry_run:
         typer.echo(f"{summary['files']} files (dry run: nothing written)")
+        groups: dict = {}
+        for f in summary["parquet"]:  # one line per split and columns, not per file
+            g = groups.setdefault((f["split"] or "-", f["splits_from"], f["columns"]), [0, 0, f["file"]])
+            g[0], g[1] = g[0] + 1, g[1] + f["rows"]
+        for (split_name, how, cols), (files, rows, example) in groups.items():
+            typer.echo(f"  parquet split {split_name} (from {how}): {files} files, {rows} rows; "
+                       f"columns {cols} (e.g. {example})")
+        for r in summary["refused"]:
+            typer.echo(f"  refused {r['path']}: {r['reason']}")
         for row in summary["table"]:
             typer.echo(f"  {row['split']:>5} {row['label']:>4} {row['source']}: {row['files']} "
                        f"(e.g. {row['example']})")

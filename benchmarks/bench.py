@@ -179,18 +179,20 @@ def host_cost_ms(files: list[Path], size: int, cache_dir: Path, encoding: str = 
 
 
 def host_ceiling(tmp: Path, size_in: int, size_out: int, n: int, encoding: str = "reference",
-                 backend: str = "zarr", workers: int = 2, batch: int = 64) -> dict:
+                 backend: str = "zarr", workers: int = 2, batch: int = 64, run: Path | None = None) -> dict:
     """Images/s of the real extract pipeline (shard files, decode, resize, encode, cache write,
     done markers, claims) with the UNet's forward replaced by a no-op of the right shape: what the
-    host can feed a GPU at most. The no-op exists in this benchmark only."""
+    host can feed a GPU at most. The no-op exists in this benchmark only. `run`: an already
+    sharded run (packed, parquet) instead of the JPEG folder's."""
     from stages.domain.noise_model import NoiseModel
 
     data = tmp / f"ceiling-{size_in}-{n}"
     if not data.exists():
         make_jpegs(data, n, size_in)
-    run = tmp / f"ceiling-run-{size_in}-{n}"
-    if not run.exists():
-        run_shard([data], run, shard_size=128)
+    if run is None:
+        run = tmp / f"ceiling-run-{size_in}-{n}"
+        if not run.exists():
+            run_shard([data], run, shard_size=128)
     model = tmp / "unet-ceiling"
     if not model.exists():
         make_test_model(model, size=64)
@@ -205,6 +207,63 @@ def host_ceiling(tmp: Path, size_in: int, size_out: int, n: int, encoding: str =
         NoiseModel.predict = predict
     return {"jpeg": size_in, "out": size_out, "encoding": encoding, "backend": backend, "workers": workers,
             "images": summary["images"], "host_ceiling_img_s": summary["images_per_s"]}
+
+
+def parquet_runs(tmp: Path, n: int, size_in: int, row_group: int = 100, files: int = 4) -> dict[str, Path]:
+    """The host ceiling's JPEGs as three runs: the files, packed tars (`shard --pack`) and parquet
+    files in the Hugging Face layout (`image` struct, `label`), `row_group` rows per row group."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    data = tmp / f"ceiling-{size_in}-{n}"
+    if not data.exists():
+        make_jpegs(data, n, size_in)
+    jpegs = sorted(data.rglob("*.jpg"))
+    out = tmp / f"parquet-{size_in}-{n}"
+    per = -(-len(jpegs) // files)
+    for f in range(files):
+        chunk = jpegs[f * per:(f + 1) * per]
+        table = pa.table({"image": [{"bytes": p.read_bytes(), "path": p.name} for p in chunk],
+                          "label": ["fake" if "1_fake" in str(p) else "real" for p in chunk]})
+        (out / "data").mkdir(parents=True, exist_ok=True)
+        pq.write_table(table, out / f"data/train-{f:05d}-of-{files:05d}.parquet", row_group_size=row_group)
+    runs = {"files": tmp / f"pq-cmp-files-{size_in}", "packed tars": tmp / f"pq-cmp-packed-{size_in}",
+            "parquet": tmp / f"pq-cmp-parquet-{size_in}"}
+    run_shard([data], runs["files"], shard_size=128)
+    run_shard([data], runs["packed tars"], shard_size=128, pack=True)
+    run_shard([out], runs["parquet"], shard_size=128)
+    return runs
+
+
+def parquet_vs_packed(tmp: Path, n: int, size_in: int, cpus: int) -> list[dict]:
+    """Host ceiling reading the same JPEGs from files, packed tars and parquet (side by side), and
+    the bytes extract read from parquet / the bytes of the image column (workers 0: in process)."""
+    import storage.parquet_images as pi
+
+    runs = parquet_runs(tmp, n, size_in)
+    read = [0]
+    original = pi.read_column
+
+    def counted(file, row_group, column):
+        cells = original(file, row_group, column)
+        read[0] += sum(len(c) for c in cells if c)
+        return cells
+    rows = []
+    for workers in sorted({0, cpus}):
+        for name, run in runs.items():
+            pi.read_column = counted
+            read[0] = 0
+            try:
+                row = host_ceiling(tmp, size_in, 256, n, workers=workers, run=run)
+            finally:
+                pi.read_column = original
+            row["backend"] = f"zarr, from {name}"
+            if name == "parquet" and workers == 0:
+                column = sum(p.stat().st_size for p in (tmp / f"ceiling-{size_in}-{n}").rglob("*.jpg"))
+                row["parquet_bytes_read_per_column_byte"] = round(read[0] / column, 3)
+            rows.append(row)
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
 
 
 def old_writer_ceiling(tmp: Path, n: int) -> dict:
@@ -237,6 +296,7 @@ def host_only(args, tmp: Path) -> None:
                                                       tmp, encoding)
     rows.append(old_writer_ceiling(tmp, args.host_images))
     print(json.dumps(rows[-1]), flush=True)
+    rows += parquet_vs_packed(tmp, args.host_images, 256, cpus)
     best = max(r["host_ceiling_img_s"] for r in rows if r["jpeg"] == 256 and r["backend"] == "zarr"
                and r["encoding"] == "reference")
     print("\n## Host ceiling (no-op UNet; images/s, 256x256 DNF)")
@@ -249,6 +309,9 @@ def host_only(args, tmp: Path) -> None:
     print("| input | " + " | ".join(cols) + " |\n|" + "---|" * (len(cols) + 1))
     for k, h in steps.items():
         print(f"| {k} | " + " | ".join(f"{h[c]:.2f}" for c in cols) + " |")
+    ratio = next((r["parquet_bytes_read_per_column_byte"] for r in rows
+                  if "parquet_bytes_read_per_column_byte" in r), None)
+    print(f"\nextract from parquet read {ratio} bytes per byte of the image column")
     print(f"\nhost ceiling: {best:.0f} images/s (256x256 JPEG -> 256x256 reference DNF, Zarr, "
           f"{cpus} cores)")
     out = results_file(args.results, "bench_host.json")

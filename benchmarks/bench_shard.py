@@ -1,7 +1,8 @@
 """`make bench-shard`: `shard` and the run-level commands at the field's scale, on this machine.
 
-1. shard a tree of N small files (JPEG and PNG, 32x32, unique bytes) with 2 worker processes:
-   files/s and the peak RSS of the largest process (the CLI or a worker);
+1. shard a tree of N small files (JPEG and PNG, 32x32, unique bytes) with 2 worker processes, and
+   the same images as 20 parquet files (Hugging Face layout, row groups of 1,000): files/s and the
+   peak RSS of the largest process of each command (the CLI or a worker);
 2. shard M photo-sized JPEGs (1 to 4 megapixels, full decode as always): files/s;
 3. a cache of K rows (extracted at 8x8 with the tiny random UNet, so the model costs nothing):
    `status` and `verify` wall time, each as the CLI a user runs.
@@ -44,9 +45,17 @@ def cli(*args: object) -> tuple[float, float, str]:
     return seconds, peak, proc.stdout
 
 
-def small_tree(root: Path, n: int, per_folder: int = 1000) -> Path:
-    """n unique 32x32 images, half JPEG (real) half PNG (fake), in folders of `per_folder`."""
+def small_tree(root: Path, n: int, per_folder: int = 1000, parquet: Path | None = None,
+               parquet_files: int = 20, row_group: int = 1000) -> Path:
+    """n unique 32x32 images, half JPEG (real) half PNG (fake), in folders of `per_folder`; the same
+    bytes also as `parquet_files` parquet files in the Hugging Face layout (an `image` struct,
+    `label`, `model`), `row_group` rows per row group, when `parquet` is given."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     rng = np.random.default_rng(0)
+    per_file = -(-n // parquet_files)
+    rows: dict[str, list] = {"image": [], "label": [], "model": []}
     for i in range(n):
         label = "0_real" if i % 2 == 0 else "1_fake"
         folder = root / "train" / f"gen{i // (2 * per_folder):04d}" / label
@@ -55,7 +64,32 @@ def small_tree(root: Path, n: int, per_folder: int = 1000) -> Path:
         buf = io.BytesIO()
         Image.fromarray(arr).save(buf, "JPEG" if label == "0_real" else "PNG", quality=90)
         (folder / f"{i:07d}.{'jpg' if label == '0_real' else 'png'}").write_bytes(buf.getvalue())
+        if parquet is not None:
+            rows["image"].append({"bytes": buf.getvalue(), "path": None})
+            rows["label"].append(label[2:])
+            rows["model"].append(f"gen{i // (2 * per_folder):04d}")
+            if len(rows["image"]) == per_file or i == n - 1:
+                f = i // per_file
+                (parquet / "data").mkdir(parents=True, exist_ok=True)
+                pq.write_table(pa.table(rows), parquet / f"data/train-{f:05d}-of-{parquet_files:05d}.parquet",
+                               row_group_size=row_group)
+                rows = {k: [] for k in rows}
     return root
+
+
+def peak_cli(*args: object) -> tuple[float, float]:
+    """(seconds, peak RSS in MiB of this command's processes alone): run through a small Python
+    parent whose children are that command only."""
+    code = ("import resource, subprocess, sys, time; t = time.perf_counter(); "
+            "r = subprocess.run(sys.argv[1:], capture_output=True); "
+            "print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024); "
+            "sys.exit(r.returncode)")
+    proc = subprocess.run([sys.executable, "-c", code, sys.executable, str(ROOT / "cli.py"), *map(str, args)],
+                          capture_output=True, text=True)
+    if proc.returncode:
+        raise SystemExit(f"{args[0]} failed:\n{proc.stderr[-2000:]}")
+    seconds, peak = map(float, proc.stdout.split())
+    return seconds, peak
 
 
 def photo_tree(root: Path, n: int) -> Path:
@@ -87,13 +121,15 @@ def main() -> None:
     results: dict = {"cpu": os.cpu_count()}
 
     t0 = time.perf_counter()
-    small = small_tree(tmp / "small", args.small)
-    print(f"made {args.small} small files in {time.perf_counter() - t0:.0f} s", flush=True)
-    sec, peak, _ = cli("shard", small, "--run", tmp / "run-small", "--workers", args.workers)
-    results["small"] = {"files": args.small, "seconds": round(sec, 1),
-                        "files_per_s": round(args.small / sec), "peak_rss_mib": round(peak)}
-    print(f"shard {args.small} small files, {args.workers} workers: {args.small / sec:.0f} files/s, "
-          f"peak RSS {peak:.0f} MiB", flush=True)
+    small = small_tree(tmp / "small", args.small, parquet=tmp / "parquet")
+    print(f"made {args.small} small files (and as 20 parquet files) in {time.perf_counter() - t0:.0f} s",
+          flush=True)
+    for name, inp in (("small", small), ("parquet", tmp / "parquet")):  # the same images, side by side
+        sec, peak = peak_cli("shard", inp, "--run", tmp / f"run-{name}", "--workers", args.workers)
+        results[name] = {"files": args.small, "seconds": round(sec, 1),
+                         "files_per_s": round(args.small / sec), "peak_rss_mib": round(peak)}
+        print(f"shard {args.small} small images from {'files' if name == 'small' else 'parquet'}, "
+              f"{args.workers} workers: {args.small / sec:.0f} files/s, peak RSS {peak:.0f} MiB", flush=True)
 
     photos = photo_tree(tmp / "photos", args.photos)
     sec, _, _ = cli("shard", photos, "--run", tmp / "run-photos", "--workers", args.workers)

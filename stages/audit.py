@@ -16,6 +16,8 @@ import numpy as np
 from stages.domain.confounds import ADVICE, CATEGORICAL, score_all
 from stages.domain.image_facts import FACTS, read_facts
 from stages.domain.pairing import source_groups
+from stages.domain.parquet_layouts import image_bytes_at
+from storage.parquet_images import split_address
 from storage.run import Entry, Run
 
 DEFAULT_THRESHOLD = 0.8
@@ -29,9 +31,13 @@ def file_facts(entry: Entry, reread: bool = False) -> dict:
     facts = {k: getattr(entry, k) for k in FACTS}
     if reread or entry.format is None:
         try:
-            with open(entry.path, "rb") as f:
-                facts = read_facts(f.read(HEADER_BYTES)) or facts
-        except OSError:
+            if split_address(entry.path):  # a parquet row: its row group is read for it
+                head = image_bytes_at(entry.path)[:HEADER_BYTES]
+            else:
+                with open(entry.path, "rb") as f:
+                    head = f.read(HEADER_BYTES)
+            facts = read_facts(head) or facts
+        except (OSError, ValueError):
             pass  # gone since `shard`: its facts stay unknown
     return {**facts, "size": entry.size}
 

@@ -15,12 +15,13 @@ import os
 import tarfile
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
 import pipeline
 from pipeline.device import resolve_device, resolve_precision
@@ -45,6 +46,7 @@ from storage.cache_folder import NOT_CACHED, CacheError, FeatureCache, shard_che
 from storage.caches import folder_name, new_cache
 from storage.errors import OptionError
 from storage.packed_images import PackReader, pack_path
+from storage.parquet_images import ParquetError, RowGroupReader, read_index, read_units, split_address
 from storage.run import Entry, Run, RunError, within_roots
 
 
@@ -64,14 +66,46 @@ def read_checked(entry: Entry, roots: list[str] | None = None) -> bytes:
     return data
 
 
+def read_parquet_row(reader: RowGroupReader, entry: Entry) -> bytes:
+    """A parquet row's image bytes, refusing a cell that changed since `shard`."""
+    try:
+        data = reader.read(entry.path)
+    except ParquetError as e:
+        raise DecodeError(str(e)) from e
+    if not data or hashlib.sha256(data).hexdigest() != entry.key:
+        raise DecodeError("changed since `shard`: the row's sha256 no longer matches the manifest key")
+    return data
+
+
+class RowGroupBatches(IterableDataset):
+    """A shard with parquet rows, as batches: each loader worker reads whole units
+    (`read_units`: row groups), so every row group is read once per shard, and yields their
+    `batch_size` chunks collated (the indices tell the rows)."""
+
+    def __init__(self, images: ShardImages, units: list[list[int]], batch_size: int):
+        self.images, self.units, self.batch_size = images, units, batch_size
+
+    def __iter__(self) -> Iterator[tuple]:
+        info = get_worker_info()
+        mine = self.units if info is None else self.units[info.id::info.num_workers]
+        for unit in mine:
+            for k in range(0, len(unit), self.batch_size):
+                yield _collate([self.images[i] for i in unit[k:k + self.batch_size]])
+
+
+def _as_is(batch: tuple) -> tuple:
+    return batch
+
+
 class ShardImages(Dataset):
     """The images of one manifest shard, preprocessed; a failure gives its reason, not an error."""
 
     def __init__(self, entries: list[Entry], size: int, max_pixels: int, roots: list[str] | None,
                  gpu_jpeg: bool = False, perturbation: str = "", pack: PackReader | None = None,
-                 geometry: str = "resize"):
+                 geometry: str = "resize", parquet: RowGroupReader | None = None):
         self.entries, self.size, self.max_pixels, self.roots = entries, size, max_pixels, roots
         self.pack = pack  # the shard's packed tar (`shard --pack`), read instead of the files
+        self.parquet = parquet  # rows of parquet files (`file.parquet#row`), a row group at a time
         self.perturbation = perturbation
         self.geometry = geometry  # resize, crop-resize (DIRE's preprocessing) or crop (native window)
         # hand JPEG bytes to the GPU decoder instead of decoding here (clean, resized features only)
@@ -87,6 +121,8 @@ class ShardImages(Dataset):
                 data = self.pack.read(entry.key)
                 if hashlib.sha256(data).hexdigest() != entry.key:
                     raise DecodeError(f"damaged in {self.pack.path}: its sha256 no longer matches the key")
+            elif self.parquet is not None and split_address(entry.path):
+                data = read_parquet_row(self.parquet, entry)
             else:
                 data = read_checked(entry, self.roots)
             if self.gpu_jpeg and data[:3] == b"\xff\xd8\xff":
@@ -344,13 +380,21 @@ class ShardJob:
         self.entries = run.shard_entries(shard_id)
         info = run.info()
         self.start = info.shard_start(shard_id)
-        workers = min(opts.num_workers(device), -(-len(self.entries) // batch_size))
-        loader = DataLoader(
-            ShardImages(self.entries, opts.size, opts.max_pixels, list(info.roots) or None,
-                        gpu_jpeg=opts.gpu_jpeg(device), perturbation=opts.perturb,
-                        pack=open_pack(run, shard_id, self.entries, log), geometry=opts.geometry),
-            batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=_collate,
-            pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None)
+        sources = read_index(run.root) if any(split_address(e.path) for e in self.entries) else {}
+        images = ShardImages(self.entries, opts.size, opts.max_pixels, list(info.roots) or None,
+                             gpu_jpeg=opts.gpu_jpeg(device), perturbation=opts.perturb,
+                             pack=open_pack(run, shard_id, self.entries, log), geometry=opts.geometry,
+                             parquet=RowGroupReader(sources) if sources else None)
+        if sources:  # parquet rows: each worker reads whole row groups
+            units = read_units([e.path for e in self.entries], sources, batch_size)
+            workers = min(opts.num_workers(device), len(units))
+            dataset, kwargs = RowGroupBatches(images, units, batch_size), {"batch_size": None,
+                                                                          "collate_fn": _as_is}
+        else:
+            workers = min(opts.num_workers(device), -(-len(self.entries) // batch_size))
+            dataset, kwargs = images, {"batch_size": batch_size, "shuffle": False, "collate_fn": _collate}
+        loader = DataLoader(dataset, num_workers=workers, pin_memory=device.type == "cuda",
+                            prefetch_factor=4 if workers else None, **kwargs)
         self.batches = iter(loader)  # workers start decoding now
 
 
@@ -411,6 +455,8 @@ def run_extract(run_dir: Path, opts: ExtractOptions) -> dict:
     """Extract every pending shard of the run that no other process holds; return a summary."""
     run = Run(run_dir)
     info = run.info()
+    for source in read_index(run.root).values():  # a parquet file rewritten since `shard` is refused
+        source.check_unchanged()
     device = resolve_device(local_device(opts.device))
     worker, workers_total = worker_identity(opts.worker_index, opts.num_workers_total)
     precision = resolve_precision(opts.precision, device)

@@ -21,7 +21,7 @@ import os
 import shutil
 import warnings
 from collections import Counter
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -32,13 +32,37 @@ from pipeline.progress import Progress
 from stages.domain.image_facts import header_facts
 from stages.domain.image_limits import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from stages.domain.layouts import LAYOUTS, SPLIT_NAMES, infer_from_layout, parse_label
+from stages.domain.parquet_layouts import (
+    ColumnOptions,
+    dataset_files,
+    infer_columns,
+    is_parquet_dataset,
+    read_rows,
+    resolve_dataset,
+)
 from storage.atomic import read_jsonl, write_jsonl_atomic
 from storage.errors import UserError
 from storage.packed_images import pack_path, write_pack
+from storage.parquet_images import (
+    ParquetError,
+    ParquetSource,
+    address,
+    footer_signature,
+    path_order,
+    read_column,
+    split_address,
+    write_index,
+)
 from storage.run import Append, Entry, Run, RunError, RunInfo, within_roots
 
 LIST_SUFFIXES = {".csv", ".jsonl"}
 PROBE_BATCH = 1024  # files per probe task and per checkpoint file (DNF_SHARD_BATCH overrides)
+
+
+NO_LABEL_FOLDER = ("no label: the folders name no real/fake class (0_real, 1_fake, real, nature, ai, "
+                   "<generator> under a split) and no --label or --layout was given")
+NO_LABEL_PARQUET = ("no label: the parquet file has no label column (label, labels, is_fake, fake, class, "
+                    "target); name it with --label-column, or give --label")
 
 
 class ShardError(UserError, RuntimeError):
@@ -112,10 +136,58 @@ def parse_split_map(pairs: list[str] | None) -> dict[str, str]:
     return out
 
 
+def _parquet_input(inp: Path, columns: ColumnOptions, found: Collected) -> list[Candidate]:
+    """A candidate per row of a parquet file or dataset folder; its files are added to `found`."""
+    import pyarrow.parquet as pq
+
+    files, how = dataset_files(inp)
+    if not files:
+        raise ShardError(f"{inp}: no .parquet files")
+    out = []
+    for file, file_split in files:
+        try:
+            size, footer = footer_signature(str(file))
+            meta = pq.ParquetFile(file).metadata
+            cols = infer_columns(meta.schema.to_arrow_schema(), columns, file)
+            rows = list(read_rows(file, cols, columns))
+        except ParquetError as e:  # one bad file is a reject, the others are read
+            found.rejects.append({"path": str(file), "reason": str(e), "stage": "shard"})
+            continue
+        except (OSError, ValueError) as e:
+            found.rejects.append({"path": str(file), "stage": "shard",
+                                  "reason": f"not a readable parquet file: {e}"})
+            continue
+        found.parquet[str(file)] = ParquetSource(str(file), size, footer, tuple(
+            meta.row_group(i).num_rows for i in range(meta.num_row_groups)), cols.image)
+        found.inferred.append({"file": str(file), "rows": meta.num_rows, "split": file_split,
+                               "splits_from": how, "columns": cols.describe()})
+        for r in rows:
+            reason = None
+            if r.label is None and r.raw_label is not None:
+                reason = (f"label {r.raw_label!r} is neither real nor fake (name its values with "
+                          f"--real-values / --fake-values)")
+            split = r.split or file_split
+            out.append(Candidate(address(str(file), r.row), r.label, r.source or file.parent.name,
+                                 SPLIT_NAMES.get(split.lower(), split) if split else None, reason))
+    return out
+
+
+@dataclass
+class Collected:
+    """What `collect` found besides the candidates: parquet files read, and files refused whole."""
+
+    parquet: dict[str, ParquetSource] = field(default_factory=dict)
+    inferred: list[dict] = field(default_factory=list)  # per parquet file: columns, split, rows
+    rejects: list[dict] = field(default_factory=list)
+
+
 def collect(inputs: list[Path], label: str | None = None, source: str | None = None,
             split: str | None = None, layout: str = "auto",
-            split_map: dict[str, str] | None = None) -> list[Candidate]:
-    """Candidates from folders, list files and single files, with the options' overrides applied."""
+            split_map: dict[str, str] | None = None, columns: ColumnOptions | None = None,
+            found: Collected | None = None) -> list[Candidate]:
+    """Candidates from folders, list files, parquet datasets and single files, with the options'
+    overrides applied; parquet files read go into `found`."""
+    found = found if found is not None else Collected()
     forced_label = None
     if label is not None:
         forced_label = parse_label(label)
@@ -123,18 +195,20 @@ def collect(inputs: list[Path], label: str | None = None, source: str | None = N
             raise ShardError(f"--label {label!r}: expected real or fake")
     if layout not in LAYOUTS:
         raise ShardError(f"--layout {layout!r}: one of {', '.join(LAYOUTS)}")
-    found: list[Candidate] = []
+    found_c: list[Candidate] = []
     for inp in inputs:
         inp = Path(inp)
         if not os.path.lexists(inp):
             raise ShardError(f"{inp}: no such file or folder")
-        if inp.is_dir():
-            found += _walk_folder(inp, layout)
+        if inp.suffix.lower() == ".parquet" or (inp.is_dir() and is_parquet_dataset(inp)):
+            found_c += _parquet_input(inp, columns or ColumnOptions(), found)
+        elif inp.is_dir():
+            found_c += _walk_folder(inp, layout)
         elif inp.suffix.lower() in LIST_SUFFIXES:
-            found += _read_list(inp)
+            found_c += _read_list(inp)
         else:
             lab, src, spl = infer_from_layout(list(inp.parent.parts[-4:]), inp.parent.name, layout)
-            found.append(Candidate(os.path.abspath(inp), lab, src or inp.parent.name, spl))
+            found_c.append(Candidate(os.path.abspath(inp), lab, src or inp.parent.name, spl))
     split_map = split_map or {}
     return [
         Candidate(
@@ -144,7 +218,7 @@ def collect(inputs: list[Path], label: str | None = None, source: str | None = N
             split or split_map.get(c.split or "train", c.split or "train"),
             c.reason,
         )
-        for c in found
+        for c in found_c
     ]
 
 
@@ -174,6 +248,16 @@ def probe_file(path: str, max_pixels: int = DEFAULT_MAX_PIXELS,
             data = f.read()
     except OSError as e:
         return {"reason": f"unreadable: {e.strerror or e}"}
+    return probe_bytes(data, max_pixels, max_bytes)
+
+
+def probe_bytes(data: bytes | None, max_pixels: int = DEFAULT_MAX_PIXELS,
+                max_bytes: int = DEFAULT_MAX_BYTES) -> dict:
+    """Hash and fully decode an image's bytes (a file's, a parquet cell's)."""
+    if not data:
+        return {"reason": "empty image bytes (0 bytes or null)"}
+    if len(data) > max_bytes:
+        return {"reason": f"too large: {len(data)} bytes > --max-bytes {max_bytes}"}
     key = hashlib.sha256(data).hexdigest()
     reason, facts = check_image_bytes(data, max_pixels)
     if reason:
@@ -206,31 +290,60 @@ def check_image_bytes(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tupl
 
 
 
-def _probe_batch(args: tuple[int, list[str], int, int]) -> tuple[int, list[dict]]:
-    b, paths, max_pixels, max_bytes = args
-    return b, [probe_file(p, max_pixels, max_bytes) for p in paths]
+def _probe_batch(args: tuple) -> tuple[int, list[dict]]:
+    b, paths, max_pixels, max_bytes, group = args
+    if group is None:
+        return b, [probe_file(p, max_pixels, max_bytes) for p in paths]
+    source, row_group, first = group  # one row group of a parquet file: its image column read once
+    try:
+        cells = read_column(source.file, row_group, source.column)
+    except ParquetError as e:
+        return b, [{"reason": str(e)} for _ in paths]
+    return b, [probe_bytes(cells[split_address(p)[1] - first], max_pixels, max_bytes) for p in paths]
+
+
+def probe_batches(paths: list[str], size: int, parquet: dict[str, ParquetSource]) -> list[tuple]:
+    """(paths, row group or None) batches: up to `size` consecutive files, or the rows of one row
+    group of a parquet file (so each row group is read once)."""
+    out: list[tuple] = []
+    for p in paths:
+        parts = split_address(p)
+        group = None
+        if parts is not None and parts[0] in parquet:
+            src = parquet[parts[0]]
+            rg, first = src.row_group_of(parts[1])
+            group = (src, rg, first)
+        last = out[-1] if out else None
+        if last is not None and ((group is None and last[1] is None and len(last[0]) < size)
+                                 or (group is not None and last[1] == group)):
+            last[0].append(p)
+        else:
+            out.append(([p], group))
+    return out
 
 
 def probe_all(paths: list[str], workers: int, max_pixels: int, max_bytes: int,
-              checkpoints: Path) -> list[dict]:
-    """`probe_file` of every path, in order, on `workers` processes. Each finished batch is written
-    to `checkpoints/NNNNNN.jsonl` (atomically), and batches found there are not probed again."""
+              checkpoints: Path, parquet: dict[str, ParquetSource] | None = None) -> list[dict]:
+    """`probe_file` of every path (or `probe_bytes` of every parquet row), in order, on `workers`
+    processes. Each finished batch is written to `checkpoints/NNNNNN.jsonl` (atomically), and
+    batches found there are not probed again."""
     size = int(os.environ.get("DNF_SHARD_BATCH", PROBE_BATCH))
-    batches = [paths[i:i + size] for i in range(0, len(paths), size)]
+    batches = probe_batches(paths, size, parquet or {})
     results: list[list[dict] | None] = [None] * len(batches)
     progress = Progress(len(paths), "shard: probing", unit="file")
-    for b, batch in enumerate(batches):
+    for b, (batch, _) in enumerate(batches):
         rows = read_jsonl(checkpoints / f"{b:06d}.jsonl")
         if [r.pop("path") for r in rows] == batch:
             results[b] = rows
             progress.update(len(batch))
-    todo = [(b, batches[b], max_pixels, max_bytes) for b in range(len(batches)) if results[b] is None]
+    todo = [(b, batches[b][0], max_pixels, max_bytes, batches[b][1]) for b in range(len(batches))
+            if results[b] is None]
     if todo:
         checkpoints.mkdir(parents=True, exist_ok=True)
 
     def done(b: int, rows: list[dict]) -> None:
         write_jsonl_atomic(checkpoints / f"{b:06d}.jsonl",
-                           [{"path": p, **r} for p, r in zip(batches[b], rows, strict=True)])
+                           [{"path": p, **r} for p, r in zip(batches[b][0], rows, strict=True)])
         results[b] = rows
         progress.update(len(rows))
 
@@ -260,27 +373,31 @@ def conflict_rejects(key: str, group: list[Entry], old: Entry | None) -> list[di
     return out
 
 
+def manifest_order(entry: Entry) -> tuple:
+    """Files by key, then parquet rows in the files' order (files by name, rows in order), so
+    that `extract` reads each row group once in all."""
+    parts = split_address(entry.path)
+    return (0, entry.key, 0) if parts is None else (1, *parts)
+
+
 def build_manifest(candidates: list[Candidate], results: list[dict], existing: dict[str, Entry] | None = None,
                    ) -> tuple[list[Entry], list[dict], list[dict], int]:
-    """(entries sorted by key, rejects, duplicates, conflicting images) of probed candidates;
-    `existing` maps the keys already in the run (an append) to their entries."""
+    """(entries in `manifest_order`, rejects, duplicates, conflicting images) of probed
+    candidates; `existing` maps the keys already in the run (an append) to their entries."""
     existing = existing or {}
     rejects, by_key = [], {}
     for c, r in zip(candidates, results, strict=True):
         if "reason" in r:
             rejects.append({"path": c.path, "reason": r["reason"], "stage": "shard"})
         elif c.label is None:
-            rejects.append({
-                "path": c.path, "stage": "shard",
-                "reason": "no label: the folders name no real/fake class (0_real, 1_fake, real, "
-                          "nature, ai, <generator> under a split) and no --label or --layout was given",
-            })
+            rejects.append({"path": c.path, "stage": "shard", "reason": NO_LABEL_PARQUET
+                            if split_address(c.path) else NO_LABEL_FOLDER})
         else:
             entry = Entry(r["key"], c.path, c.label, c.source, c.split, r["size"], **r.get("facts", {}))
             by_key.setdefault(r["key"], []).append(entry)
     entries, duplicates, conflicts = [], [], 0
     for key in sorted(by_key):
-        group = sorted(by_key[key], key=lambda e: e.path)
+        group = sorted(by_key[key], key=lambda e: path_order(e.path))
         old = existing.get(key)
         if len({e.label for e in group} | ({old.label} if old else set())) > 1:
             rejects += conflict_rejects(key, group, old)
@@ -292,7 +409,8 @@ def build_manifest(candidates: list[Candidate], results: list[dict], existing: d
         for dup in group[0 if old else 1:]:
             duplicates.append({"key": key, "path": dup.path, "split": dup.split,
                                "kept": kept.path, "kept_split": kept.split})
-    rejects.sort(key=lambda r: r["path"])
+    rejects.sort(key=lambda r: path_order(r["path"]))
+    entries.sort(key=manifest_order)
     return entries, rejects, duplicates, conflicts
 
 
@@ -335,16 +453,18 @@ class ShardOptions:
     split_map: tuple[str, ...] = ()
     max_pixels: int = DEFAULT_MAX_PIXELS
     max_bytes: int = DEFAULT_MAX_BYTES
+    columns: ColumnOptions = ColumnOptions()  # parquet inputs' columns and label values
 
     def recorded(self) -> dict:
-        """run.json's `options` (layout and split map only where given, as older runs have none)."""
+        """run.json's `options` (layout, split map and parquet columns only where given, as older
+        runs have none)."""
         d = {"label": self.label, "source": self.source, "split": self.split,
              "max_pixels": self.max_pixels, "max_bytes": self.max_bytes}
         if self.layout != "auto":
             d["layout"] = self.layout
         if self.split_map:
             d["split_map"] = list(self.split_map)
-        return d
+        return {**d, **self.columns.recorded()}
 
 
 def progress_dir(run: Run, inputs: list[str], opts: ShardOptions, append: bool) -> Path:
@@ -429,17 +549,25 @@ def run_shard(inputs: list[Path], run_dir: Path, shard_size: int = 1024, label: 
               source: str | None = None, split: str | None = None, workers: int = 1,
               max_pixels: int = DEFAULT_MAX_PIXELS, max_bytes: int = DEFAULT_MAX_BYTES,
               pack: bool = False, layout: str = "auto", split_map: list[str] | None = None,
-              append: bool = False, dry_run: bool = False) -> dict:
+              append: bool = False, dry_run: bool = False, columns: ColumnOptions | None = None,
+              download: bool = False) -> dict:
     """Index `inputs` into `run_dir` (or, with `append`, after its existing shards); return a
     summary. Rerunning with the same inputs is a no-op (with `pack`, it writes the packed tars
     still missing); a killed run continues from its probe checkpoints."""
     if shard_size < 1:
         raise ShardError(f"--shard-size must be at least 1 (got {shard_size})")
     opts = ShardOptions(shard_size, label, source, split, layout, tuple(split_map or ()), max_pixels,
-                        max_bytes)
-    candidates = collect(inputs, label, source, split, layout, parse_split_map(split_map))
+                        max_bytes, columns or ColumnOptions())
+    inputs = [resolve_dataset(Path(p), download) for p in inputs]  # dataset ids: the local hub cache
+    found = Collected()
+    candidates = collect(inputs, label, source, split, layout, parse_split_map(split_map), opts.columns,
+                         found)
     if dry_run:
-        return {"dry_run": True, "files": len(candidates), "table": layout_table(candidates)}
+        return {"dry_run": True, "files": len(candidates), "table": layout_table(candidates),
+                "parquet": found.inferred, "refused": found.rejects}
+    if pack and found.parquet:
+        raise ShardError("--pack: parquet inputs are read in place, a row group at a time (already large "
+                         "sequential reads); pack folders of image files only")
     run = Run(run_dir)
     append = append and run.run_json.exists()
     abs_inputs = sorted(os.path.abspath(p) for p in inputs)
@@ -456,12 +584,16 @@ def run_shard(inputs: list[Path], run_dir: Path, shard_size: int = 1024, label: 
         return shard_summary(run.info(), [], 0, extra)
     first = run.info().num_shards if append else 0
     probed = iter(probe_all([c.path for c in candidates if c.reason is None], workers, max_pixels,
-                            max_bytes, checkpoints))
+                            max_bytes, checkpoints, found.parquet))
     results = [{"reason": c.reason} if c.reason else next(probed) for c in candidates]
-    manifest = build_manifest(candidates, results, {e.key: e for e in run.entries()} if append else None)
-    info = (write_append if append else write_first)(run, inputs, opts, candidates, manifest)
+    entries, rejects, duplicates, conflicts = build_manifest(
+        candidates, results, {e.key: e for e in run.entries()} if append else None)
+    rejects = sorted(found.rejects + rejects, key=lambda r: path_order(r["path"]))
+    if found.parquet and not (run.run_json.exists() and not append):
+        write_index(run.root, found.parquet)  # before run.json, which is written last
+    info = (write_append if append else write_first)(run, inputs, opts, candidates,
+                                                     (entries, rejects, duplicates, conflicts))
     clear_progress(checkpoints)
-    entries, conflicts = manifest[0], manifest[3]
     extra: dict = {"appended_now": len(entries)} if append else {}
     if pack:
         extra.update(pack_shards(run, [entries[i:i + shard_size] for i in range(0, len(entries), shard_size)],

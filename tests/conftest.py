@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import math
 import os
 import shutil
@@ -126,3 +127,75 @@ def cli(*args: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
     if check and proc.returncode != 0:
         raise AssertionError(f"cli {args} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+def _write_parquet(path: Path, columns: dict, row_group_size: int, metadata: dict | None = None) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.table(columns)
+    if metadata:
+        table = table.replace_schema_metadata({k: json.dumps(v) for k, v in metadata.items()})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, path, row_group_size=row_group_size)
+
+
+def make_openfake(root: Path, rows: int = 120, files: int = 2, row_group_size: int = 16,
+                  size: tuple[int, int] = (40, 32)) -> Path:
+    """OpenFake's layout: `data/{train,test}-NNNNN-of-NNNNN.parquet` with an `image` struct
+    (bytes, path), `label` real/fake, `model`, `prompt`, and the README's `configs` YAML."""
+    (root / "data").mkdir(parents=True, exist_ok=True)
+    (root / "README.md").write_text(
+        "---\nlicense: cc-by-sa-4.0\nconfigs:\n- config_name: default\n  data_files:\n"
+        "  - split: train\n    path: data/train-*\n  - split: test\n    path: data/test-*\n---\n# OpenFake\n")
+    models = ["flux.1-dev", "sdxl", "midjourney-6"]
+    seed = 5000
+    for split in ("train", "test"):
+        for f in range(files):
+            n = rows // (2 * files)
+            images, labels, model, prompts = [], [], [], []
+            for i in range(n):
+                seed += 1
+                fake = i % 2 == 1
+                fmt = "JPEG" if i % 3 == 0 else "PNG"
+                images.append({"bytes": image_bytes(seed, (size[0] + i, size[1] + f), "RGB", fmt,
+                                                    smooth=fake), "path": f"{seed}.{fmt.lower()}"})
+                labels.append("fake" if fake else "real")
+                model.append(models[i % 3] if fake else "real")
+                prompts.append(f"a photo number {i}")
+            _write_parquet(root / f"data/{split}-{f:05d}-of-{files:05d}.parquet",
+                           {"image": images, "label": labels, "model": model, "prompt": prompts},
+                           row_group_size)
+    return root
+
+
+def make_community_forensics(root: Path, rows: int = 120, row_group_size: int = 10,
+                             size: tuple[int, int] = (36, 36)) -> Path:
+    """Community Forensics' layout: `data/<subset>/*.parquet` with `image_data` (raw bytes),
+    `image_name`, `format`, `model_name`, `label` (a ClassLabel real/fake), `prompt`; the README's
+    `configs: data_files:` maps the splits to path globs."""
+    splits = ("Systematic", "Manual", "PublicEval")
+    yaml = "---\nconfigs:\n- config_name: default\n  data_files:\n" + "".join(
+        f"  - split: {s}\n    path: data/{s}/*.parquet\n" for s in splits) + "---\n"
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "README.md").write_text(yaml + "# Community Forensics (test copy)\n")
+    features = {"info": {"features": {"label": {"names": ["real", "fake"], "_type": "ClassLabel"}}}}
+    seed = 9000
+    for s in splits:
+        for f in range(2):
+            n = rows // (2 * len(splits))
+            data, names, fmts, models, labels, prompts = [], [], [], [], [], []
+            for i in range(n):
+                seed += 1
+                fake = i % 2 == 0
+                fmt = "PNG" if i % 4 else "JPEG"
+                data.append(image_bytes(seed, (size[0] + i, size[1] + f), "RGB", fmt, smooth=fake))
+                names.append(f"{seed}.{fmt.lower()}")
+                fmts.append(fmt.lower())
+                models.append(f"gen-{i % 4}" if fake else "real-photos")
+                labels.append(int(fake))
+                prompts.append("")
+            _write_parquet(root / f"data/{s}/part-{f:03d}.parquet",
+                           {"image_data": data, "image_name": names, "format": fmts, "model_name": models,
+                            "label": labels, "prompt": prompts}, row_group_size, {"huggingface": features})
+    return root

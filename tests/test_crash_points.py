@@ -241,3 +241,35 @@ def test_train_killed_at_every_write_step(inputs, every):
             assert a == b
     steps = crash_everywhere(inputs["ref"] / "zarr", inputs["work"], stage, rerun, check, every=every)
     assert steps >= 4  # per epoch: best.pt, last.pt
+
+
+# -- parquet inputs: shard reads row groups, extract reads them in place ----------------------------
+@pytest.fixture(scope="module")
+def pq_inputs(module_tmp, tiny_model) -> Iterator[dict]:
+    from conftest import make_openfake
+
+    tmp = module_tmp("crash-pq")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    data = make_openfake(tmp / "of", rows=16, files=1, row_group_size=3, size=(20, 18))
+    ref = tmp / "ref"
+    run_shard([data], ref / "sharded/run", shard_size=4)
+    shutil.copytree(ref / "sharded", ref / "zarr")
+    run_extract(ref / "zarr/run", extract_opts(tiny_model, "zarr"))
+    yield {"data": data, "ref": ref, "work": tmp / "work", "model": tiny_model}
+    torch.set_num_threads(threads)
+
+
+def test_parquet_shard_and_extract_killed_at_every_write_step(pq_inputs):
+    def shard(t):
+        return run_shard([pq_inputs["data"]], t / "run", shard_size=4)
+
+    def extract(t):
+        return run_extract(t / "run", extract_opts(pq_inputs["model"], "zarr"))
+    base = pq_inputs["work"] / "empty"
+    base.mkdir(parents=True, exist_ok=True)
+    steps = crash_everywhere(base, pq_inputs["work"], shard, shard, same_tree(pq_inputs["ref"] / "sharded"))
+    assert steps >= 5  # 3 shards, parquet.json, rejects, duplicates, run.json
+    steps = crash_everywhere(pq_inputs["ref"] / "sharded", pq_inputs["work"], extract, extract,
+                             same_tree(pq_inputs["ref"] / "zarr"))
+    assert steps >= 3 * 2

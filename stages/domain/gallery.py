@@ -4,11 +4,13 @@ stored uint8 map / 255 (reference encoding), or raw eps clipped to [0, 1], first
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from stages.domain.parquet_layouts import image_bytes_at
 from storage.atomic import readable
 
 PANEL = 128  # pixels of each image in a tile
@@ -30,7 +32,7 @@ def dnf_view(dnf: np.ndarray) -> Image.Image:
 def original_view(path: str) -> Image.Image:
     """The original image as RGB, or a grey panel when it can no longer be read."""
     try:
-        with Image.open(path) as im:
+        with Image.open(io.BytesIO(image_bytes_at(path))) as im:  # a file, or a parquet row
             return im.convert("RGB")
     except (OSError, ValueError, SyntaxError):
         return Image.new("RGB", (PANEL, PANEL), (96, 96, 96))
