@@ -149,8 +149,9 @@ def audit(run: Path = RUN_OPT,
 @app.command()
 def extract(
     run: Path = RUN_OPT,
-    model: Path = typer.Option(..., help="Local diffusers UNet2DModel or DDPM pipeline folder, or a "
-                                         "hub id (org/name) in the local Hugging Face cache."),
+    model: Optional[Path] = typer.Option(None, help="Local diffusers UNet2DModel or DDPM pipeline folder, or "
+                                                    "a hub id (org/name) in the local Hugging Face cache "
+                                                    "(dnf, dire; npr needs none)."),
     download: bool = typer.Option(False, help="Fetch a hub id missing from the local cache (network)."),
     size: int = typer.Option(256, help="Images are resized to size x size."),
     timestep: int = typer.Option(0, help="Diffusion timestep t of the noise prediction."),
@@ -174,9 +175,9 @@ def extract(
     device: str = DEVICE_OPT,
     cache_dir: Optional[Path] = typer.Option(None, help="Cache folder (default RUN/cache/<feature-id>)."),
     redo: Optional[List[int]] = typer.Option(None, "--redo", help="Compute this shard again (repeatable)."),
-    feature: str = typer.Option("dnf", help="dnf (one UNet pass, the paper's feature) or dire (DIRE's "
+    feature: str = typer.Option("dnf", help="dnf (one UNet pass, the paper's feature), dire (DIRE's "
                                             "|x - DDIM reconstruction| over --ddim-steps, ~2x that many "
-                                            "passes)."),
+                                            "passes) or npr (NPR's up-sampling residual; no model)."),
     geometry: str = typer.Option("resize", help="resize (the whole image to size x size: the reference), "
                                                 "crop-resize (the largest centred square, resized: DIRE's) "
                                                 "or crop (the central size x size window at native "
@@ -339,8 +340,8 @@ def show(images: List[str] = typer.Argument(..., help="Manifest keys (a unique p
 @app.command()
 def detect(
     images: List[Path] = typer.Argument(..., help="Image files or folders."),
-    model: Path = typer.Option(..., help="The diffusion model folder (or cached hub id) the detector "
-                                         "was trained with."),
+    model: Optional[Path] = typer.Option(None, help="The diffusion model folder (or cached hub id) the "
+                                                    "detector was trained with (none for npr)."),
     download: bool = typer.Option(False, help="Fetch a hub id missing from the local cache (network)."),
     checkpoint: Path = typer.Option(..., help="Detector checkpoint (ours or reference format)."),
     device: str = DEVICE_OPT,

@@ -209,9 +209,11 @@ def host_ceiling(tmp: Path, size_in: int, size_out: int, n: int, encoding: str =
             "images": summary["images"], "host_ceiling_img_s": summary["images_per_s"]}
 
 
-def parquet_runs(tmp: Path, n: int, size_in: int, row_group: int = 100, files: int = 4) -> dict[str, Path]:
-    """The host ceiling's JPEGs as three runs: the files, packed tars (`shard --pack`) and parquet
-    files in the Hugging Face layout (`image` struct, `label`), `row_group` rows per row group."""
+def parquet_runs(tmp: Path, n: int, size_in: int, row_group: int = 100, files: int = 3,
+                 shard_size: int = 1024) -> dict[str, Path]:
+    """The host ceiling's JPEGs as three runs of `shard_size` shards (the default): the files,
+    packed tars (`shard --pack`) and parquet files in the Hugging Face layout (`image` struct,
+    `label`), `row_group` rows per row group (the `datasets` library's for images: 100)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -229,9 +231,9 @@ def parquet_runs(tmp: Path, n: int, size_in: int, row_group: int = 100, files: i
         pq.write_table(table, out / f"data/train-{f:05d}-of-{files:05d}.parquet", row_group_size=row_group)
     runs = {"files": tmp / f"pq-cmp-files-{size_in}", "packed tars": tmp / f"pq-cmp-packed-{size_in}",
             "parquet": tmp / f"pq-cmp-parquet-{size_in}"}
-    run_shard([data], runs["files"], shard_size=128)
-    run_shard([data], runs["packed tars"], shard_size=128, pack=True)
-    run_shard([out], runs["parquet"], shard_size=128)
+    run_shard([data], runs["files"], shard_size=shard_size)
+    run_shard([data], runs["packed tars"], shard_size=shard_size, pack=True)
+    run_shard([out], runs["parquet"], shard_size=shard_size)
     return runs
 
 

@@ -10,8 +10,9 @@ import torch
 
 from pipeline.device import resolve_device, resolve_precision
 from stages.domain.detector import Detector
+from stages.domain.feature_kinds import feature_kind
 from stages.domain.images import DecodeError, center_crop, decode_rgb, preprocess
-from stages.domain.noise_model import ModelError, encode, load_noise_model, resolve_model
+from stages.domain.noise_model import ModelError
 from storage.cache_config import PREPROCESS_CROP, FeatureConfig
 
 REFERENCE_FEATURE = {"size": 256, "timestep": 0, "encoding": "reference"}
@@ -31,14 +32,15 @@ def list_images(inputs: list[Path]) -> list[Path]:
 
 
 @torch.inference_mode()
-def run_detect(inputs: list[Path], model_path: Path, checkpoint: Path, device: str = "auto",
+def run_detect(inputs: list[Path], model_path: Path | None, checkpoint: Path, device: str = "auto",
                batch_size: int = 16, threshold: float = 0.5, download: bool = False) -> list[dict]:
     """One result per image: path, probability of being generated, verdict (or the error)."""
     dev = resolve_device(device)
     detector = Detector.from_checkpoint(checkpoint, dev)
     feature = detector.meta.get("feature", REFERENCE_FEATURE)
-    noise_model = load_noise_model(resolve_model(model_path, download), dev,
-                                   resolve_precision(feature.get("precision", "fp32"), dev))
+    kind = feature_kind(feature.get("kind", "dnf"))
+    noise_model = kind.load(model_path, dev, resolve_precision(feature.get("precision", "fp32"), dev),
+                            download=download)
     config = FeatureConfig(**{**feature, "model_fingerprint": noise_model.fingerprint})
     expected = feature.get("model_fingerprint")
     if expected and expected != noise_model.fingerprint:
@@ -50,7 +52,7 @@ def run_detect(inputs: list[Path], model_path: Path, checkpoint: Path, device: s
         if not batch:
             return
         x = torch.stack([t for _, t in batch]).to(dev)
-        dnf = encode(noise_model.features(x, config), config.encoding, kind=config.kind)
+        dnf = kind.encode(noise_model.features(x, config), config.encoding)
         probs = detector.probabilities(dnf).tolist()
         for (res, _), p in zip(batch, probs, strict=True):
             res.update(probability=round(p, 6), verdict="generated" if p > threshold else "real")

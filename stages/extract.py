@@ -29,6 +29,7 @@ from pipeline.distributed import local_device, my_order, worker_identity
 from pipeline.progress import Progress
 from pipeline.queue import Claim, ShardQueue
 from pipeline.signals import StopFlag, graceful_stop
+from stages.domain.feature_kinds import FeatureModel, feature_kind
 from stages.domain.image_limits import DEFAULT_MAX_PIXELS
 from stages.domain.images import (
     GEOMETRIES,
@@ -39,7 +40,6 @@ from stages.domain.images import (
     normalize_,
     preprocess,
 )
-from stages.domain.noise_model import NoiseModel, encode, load_noise_model, resolve_model
 from stages.domain.perturb import applies_to, perturb
 from storage.cache_config import PREPROCESSING, CacheConfig, DoneMarker, FeatureConfig, ManifestRef
 from storage.cache_folder import NOT_CACHED, CacheError, FeatureCache, shard_checksum
@@ -201,7 +201,7 @@ def gpu_batch(tensors: torch.Tensor | list[torch.Tensor], size: int, device: tor
 class ExtractOptions:
     """What `extract` computes and how; only the FeatureConfig part decides the cache."""
 
-    model: Path
+    model: Path | None  # the kind's model (DNF, DIRE: a diffusion UNet); None for kinds without one
     size: int = 256
     timestep: int = 0
     encoding: str = "reference"
@@ -224,7 +224,7 @@ class ExtractOptions:
     claims: str = "auto"  # flock, or heartbeat files for filesystems without flock (pipeline/queue.py)
     backend: str = "zarr"  # or "webdataset" (tar shards)
     download: bool = False  # a hub id not in the local Hugging Face cache is fetched (network)
-    feature_kind: str = "dnf"  # or "dire": |x - DDIM reconstruction| (DIRE's baseline)
+    feature_kind: str = "dnf"  # a registered kind: dnf, dire (DIRE's baseline), npr (no model)
     crop: bool = False  # the old name of geometry "crop-resize" (DIRE's own preprocessing)
     geometry: str = "resize"  # resize (the reference), crop-resize, or crop (native-resolution window)
 
@@ -246,11 +246,13 @@ class ExtractOptions:
         """The feature config; nvJPEG's decoded pixels differ from libjpeg's in the last bits, so
         the decoder is part of it (a cache never mixes the two)."""
         decoder = "nvjpeg" if device is not None and self.gpu_jpeg(device) else "cpu"
-        return FeatureConfig(fingerprint, self.timestep, self.size, self.encoding, decoder=decoder,
-                             inversion_steps=self.inversion_steps, ddim_steps=self.ddim_steps,
-                             keep=self.keep, combine=self.combine, precision=precision,
-                             perturb=self.perturb, kind=self.feature_kind,
-                             preprocess=PREPROCESSING[self.geometry])
+        config = FeatureConfig(fingerprint, self.timestep, self.size, self.encoding, decoder=decoder,
+                               inversion_steps=self.inversion_steps, ddim_steps=self.ddim_steps,
+                               keep=self.keep, combine=self.combine, precision=precision,
+                               perturb=self.perturb, kind=self.feature_kind,
+                               preprocess=PREPROCESSING[self.geometry])
+        feature_kind(self.feature_kind).check(config)
+        return config
 
     def num_workers(self, device: torch.device) -> int:
         """-1 means: on a GPU, one fewer than the CPU cores (at most 8) decode in parallel; on the
@@ -262,7 +264,7 @@ class ExtractOptions:
         return 0 if device.type == "cpu" else max(1, min(8, (os.cpu_count() or 2) - 1))
 
 
-def open_cache(run: Run, model: NoiseModel, opts: ExtractOptions,
+def open_cache(run: Run, model: FeatureModel, opts: ExtractOptions,
                batch_size: int = 0) -> tuple[FeatureCache, FeatureConfig]:
     """The run's cache for these options, created or checked against the existing one."""
     info = run.info()
@@ -272,7 +274,8 @@ def open_cache(run: Run, model: NoiseModel, opts: ExtractOptions,
     feature = opts.feature(model.fingerprint, model.precision, model.device)
     cache = new_cache(opts.cache_root(run, feature.feature_id), opts.backend)
     config = CacheConfig(
-        feature=feature, backend=cache.backend, channels=feature.channels, format=cache.format_version,
+        feature=feature, backend=cache.backend, channels=feature_kind(feature.kind).channels(feature),
+        format=cache.format_version,
         manifest=ManifestRef(run.manifest_fingerprint(), info.images, info.shard_size, info.num_shards,
                              info.rows),
         # batch_size: the first run's, reused by resumed runs with --batch-size 0, since the batch
@@ -287,7 +290,7 @@ def open_cache(run: Run, model: NoiseModel, opts: ExtractOptions,
     return cache, feature
 
 
-def auto_batch_size(model: NoiseModel, size: int, channels: int = 3) -> int:
+def auto_batch_size(model: FeatureModel, size: int, channels: int = 3) -> int:
     """On CUDA: the largest power of two whose forward pass fits in 80 % of free memory,
     measured with one image; 16 on the CPU."""
     if model.device.type != "cuda":
@@ -398,11 +401,12 @@ class ShardJob:
         self.batches = iter(loader)  # workers start decoding now
 
 
-def compute_shard(job: ShardJob, model: NoiseModel, feature: FeatureConfig, progress: Progress,
+def compute_shard(job: ShardJob, model: FeatureModel, feature: FeatureConfig, progress: Progress,
                   stop: StopFlag, on_first_batch) -> tuple[tuple, DoneMarker]:
     """Run the model over a shard's batches; return (arrays to write, done marker)."""
     entries, n, size = job.entries, len(job.entries), feature.size
-    dnf = np.zeros((n, feature.channels, size, size), dtype=feature.dtype)
+    kind = feature_kind(feature.kind)
+    dnf = np.zeros((n, kind.channels(feature), size, size), dtype=feature.dtype)
     labels = np.full(n, NOT_CACHED, dtype=np.int8)
     rejected = []
     for b, (idx, tensors, failed) in enumerate(job.batches):
@@ -417,8 +421,8 @@ def compute_shard(job: ShardJob, model: NoiseModel, feature: FeatureConfig, prog
                      for i, reason in failed]
         if len(idx):
             with torch.inference_mode():  # the features are inference tensors: encoded in place
-                dnf[idx] = encode(model.features(x, feature), feature.encoding, inplace=True,
-                                  kind=feature.kind).cpu().numpy()
+                out = kind.encode(model.features(x, feature), feature.encoding, inplace=True)
+                dnf[idx] = out.cpu().numpy()
             labels[idx] = [entries[i].label for i in idx]
         progress.update(progress_n)
         stop.check()
@@ -430,7 +434,7 @@ def compute_shard(job: ShardJob, model: NoiseModel, feature: FeatureConfig, prog
     return arrays, marker
 
 
-def resolve_batch_size(run: Run, model: NoiseModel, opts: ExtractOptions) -> int:
+def resolve_batch_size(run: Run, model: FeatureModel, opts: ExtractOptions) -> int:
     """--batch-size; else the one the cache recorded (a resumed run repeats the first run's batches,
     so its bytes equal an uninterrupted run's); else from free GPU memory."""
     feature_id = opts.feature(model.fingerprint, model.precision, model.device).feature_id
@@ -460,8 +464,8 @@ def run_extract(run_dir: Path, opts: ExtractOptions) -> dict:
     device = resolve_device(local_device(opts.device))
     worker, workers_total = worker_identity(opts.worker_index, opts.num_workers_total)
     precision = resolve_precision(opts.precision, device)
-    model = load_noise_model(resolve_model(opts.model, opts.download), device, precision,
-                             compile=opts.compile)
+    model = feature_kind(opts.feature_kind).load(opts.model, device, precision, compile=opts.compile,
+                                                 download=opts.download)
     model.check_size(opts.size)
     batch_size = resolve_batch_size(run, model, opts)
     cache, feature = open_cache(run, model, opts, batch_size)

@@ -19,15 +19,14 @@ PREPROCESS_CROP = "rgb-centercrop-bicubic-aa-float-v1"
 PREPROCESS_NATIVE_CROP = "rgb-native-centercrop-v1"
 PREPROCESSING = {"resize": PREPROCESS_VERSION, "crop-resize": PREPROCESS_CROP, "crop": PREPROCESS_NATIVE_CROP}
 ENCODINGS = ("reference", "raw")
-KINDS = ("dnf", "dire")
 DECODERS = ("cpu", "nvjpeg")
 
 
 @dataclass(frozen=True)
 class FeatureConfig:
     """Everything that determines the feature values of an image (and nothing that does not).
-    `kind`: `dnf` (the noise prediction, the default) or `dire` (|x - DDIM reconstruction| over
-    `ddim_steps` respaced steps, DIRE's baseline); the id of a `dnf` config does not include it."""
+    `kind`: the feature kind (`stages/domain/feature_kinds`: `dnf`, the default, `dire`, `npr`), which
+    checks the fields that apply to it and names its channels; a `dnf` config's id does not include it."""
 
     model_fingerprint: str  # sha256 over the UNet's config and weights
     timestep: int = 0
@@ -59,19 +58,10 @@ class FeatureConfig:
             raise OptionError(f"--combine {self.combine!r}: stack or mean")
         if self.inversion_steps > 1 and self.timestep != 0:
             raise OptionError("--timestep applies to single-step features; inversion starts at t = 0")
-        if self.kind not in KINDS:
-            raise OptionError(f"--feature {self.kind!r}: one of {', '.join(KINDS)}")
         if self.decoder not in DECODERS:
             raise OptionError(f"unknown decoder {self.decoder!r}: one of {', '.join(DECODERS)}")
         if self.preprocess not in PREPROCESSING.values():
             raise OptionError(f"unknown preprocessing {self.preprocess!r}")
-        if self.kind == "dire" and (self.inversion_steps != 1 or self.timestep != 0):
-            raise OptionError("--feature dire runs the whole DDIM inversion and reconstruction over "
-                              "--ddim-steps; --inversion-steps, --keep and --timestep are for dnf")
-
-    @property
-    def channels(self) -> int:
-        return 3 * len(self.keep) if self.combine == "stack" else 3
 
     @property
     def dtype(self) -> str:

@@ -1,0 +1,93 @@
+"""Feature kinds behind one interface: DNF and DIRE keep their cache ids, NPR equals its authors'
+expression and runs shard -> extract -> train -> eval -> compare and detect without a model."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import cli, make_dataset
+
+from stages.compare import compare_markdown
+from stages.domain.feature_kinds import FEATURE_KINDS, feature_kind
+from stages.evaluate import run_eval
+from stages.extract import ExtractOptions, run_extract
+from stages.shard import run_shard
+from stages.train import TrainOptions, run_train
+from storage.cache_config import PREPROCESS_VERSION, FeatureConfig
+from storage.caches import find_cache
+from storage.errors import OptionError
+
+
+def written_out_id(fields: dict) -> str:
+    """The feature id as DESIGN.md sec. 4 defines it, computed here from the JSON written out."""
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def test_dnf_and_dire_ids_are_unchanged():
+    base = {"model_fingerprint": "f" * 64, "timestep": 0, "size": 256, "encoding": "reference",
+            "preprocess": PREPROCESS_VERSION, "inversion_steps": 1, "ddim_steps": 20, "keep": [0],
+            "combine": "stack", "precision": "fp32", "perturb": ""}
+    assert FeatureConfig("f" * 64).feature_id == written_out_id(base)
+    assert FeatureConfig("f" * 64, kind="dire").feature_id == written_out_id({**base, "kind": "dire"})
+    assert FeatureConfig("none", kind="npr").feature_id == written_out_id(
+        {**base, "model_fingerprint": "none", "kind": "npr"})
+    with pytest.raises(OptionError, match="one of dnf, dire, npr"):
+        feature_kind("clip-typo")
+    with pytest.raises(OptionError, match="--feature dire runs the whole DDIM"):
+        ExtractOptions(model=None, feature_kind="dire", timestep=5).feature("f" * 64)
+
+
+def test_npr_equals_its_authors_expression_and_its_encoding_loses_under_one_grey_level():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(3, 3, 32, 48, generator=g) * 2 - 1
+    model = FEATURE_KINDS["npr"].load(None, torch.device("cpu"))
+    got = model.features(x, None)
+    # NPR's networks/resnet.py: x - interpolate(interpolate(x, 0.5), 2), nearest both ways
+    want = x - F.interpolate(F.interpolate(x, scale_factor=0.5, mode="nearest", recompute_scale_factor=True),
+                             scale_factor=2.0, mode="nearest", recompute_scale_factor=True)
+    assert torch.equal(got, want)
+    # and by hand: each pixel minus the top-left pixel of its 2x2 block
+    a = x.numpy()
+    block = a[..., ::2, ::2].repeat(2, axis=-2).repeat(2, axis=-1)
+    assert np.array_equal(got.numpy(), a - block)
+    q = FEATURE_KINDS["npr"].encode(got, "reference").numpy()
+    back = (q.astype(np.float64) - 127.5) / 63.75
+    err = np.abs(back - got.double().numpy()).max()
+    assert q.dtype == np.uint8 and err <= 1 / 127.5 + 1e-6  # half a step: one grey level of [-1, 1]
+    assert FEATURE_KINDS["npr"].encode(got, "raw").dtype == torch.float16
+    with pytest.raises(OptionError, match="must be even"):
+        model.check_size(33)
+
+
+def test_npr_end_to_end_beside_dnf(tmp_path, tiny_model):
+    data = make_dataset(tmp_path / "data", per_class=6, splits=("train", "test"))
+    run = tmp_path / "run"
+    run_shard([data], run, shard_size=8)
+    for kind, model in (("dnf", tiny_model), ("npr", None)):
+        out = run_extract(run, ExtractOptions(model=model, size=32, batch_size=4, workers=0, device="cpu",
+                                              feature_kind=kind))
+        assert out["images"] == 24
+        cache = find_cache(run / "cache", out["feature_id"])
+        assert cache.config().feature.kind == kind and cache.config().channels == 3
+        run_train(run, TrainOptions(name=kind, epochs=1, batch_size=8, workers=0, device="cpu",
+                                    feature_id=out["feature_id"], val_from="train:0.3"))
+        run_eval(run, run / f"train/{kind}/best.pt", name=kind, feature_id=out["feature_id"], workers=0,
+                 device="cpu")
+    npr_cache = find_cache(run / "cache", FeatureConfig("none", size=32, kind="npr").feature_id)
+    labels, _, _, _ = npr_cache.index_arrays()
+    stored = npr_cache.read_rows(0, len(labels))[0]
+    assert stored.dtype == np.uint8 and stored.shape[1:] == (3, 32, 32)
+    table = compare_markdown(run / "eval/dnf", run / "eval/npr", 200, 0)
+    assert "progan" in table and "within noise" in table.lower()
+    status = cli("status", "--run", run).stdout
+    assert "npr" in status
+    # detect recomputes NPR for new images with no --model
+    out = cli("detect", data / "test/progan/1_fake", "--checkpoint", run / "train/npr/best.pt", "--device",
+              "cpu", "--json")
+    results = [json.loads(line) for line in out.stdout.splitlines() if line.strip()]
+    assert len(results) == 6 and all(0 <= r["probability"] <= 1 for r in results)
