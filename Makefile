@@ -18,7 +18,7 @@ SHARD_ARGS   ?=
 EXTRACT_ARGS ?=
 
 .PHONY: install test test-long lint quickstart shard extract status train eval bench bench-host bench-gpu bench-scaling bench-shard bench-bootstrap bench-demo-models clean \
-	demo demo-seeds demo-dire demo-install demo-system-libs demo-data demo-model
+	demo demo-seeds demo-dire demo-compare demo-install demo-system-libs demo-data demo-model
 
 install: $(STAMP)
 
@@ -46,6 +46,10 @@ demo: $(DEMO_STAMP) demo-system-libs
 # After the demo: two more detector seeds on the cached features; AUC per seed and mean +- std.
 demo-seeds: demo
 	$(BIN)/python -m demo seeds $(DEMO_ARGS)
+
+# After the demo: NPR (no weights) on the same shards with the same recipe, DNF vs NPR with verdicts.
+demo-compare: demo
+	$(BIN)/python -m demo compare $(DEMO_ARGS)
 
 # After the demo: DIRE (the paper's baseline, 40 UNet passes an image) on the same shards, beside DNF.
 demo-dire: demo

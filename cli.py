@@ -155,7 +155,8 @@ def extract(
     download: bool = typer.Option(False, help="Fetch a hub id missing from the local cache (network)."),
     size: int = typer.Option(256, help="Images are resized to size x size."),
     timestep: int = typer.Option(0, help="Diffusion timestep t of the noise prediction."),
-    encoding: str = typer.Option("reference", help="reference (uint8, as the paper saves) or raw (float16)."),
+    encoding: str = typer.Option("", help="reference (uint8, as the paper saves) or raw (float16); "
+                                          "default: the kind's (reference; raw for clip)."),
     batch_size: int = typer.Option(0, help="Images per UNet forward pass (0: from free GPU memory; "
                                            "16 on the CPU)."),
     workers: int = typer.Option(-1, help="Decoding processes (-1: on a GPU cores - 1, at most 8; "
@@ -245,6 +246,8 @@ def train(
     val_from: Optional[str] = typer.Option(None, help="SPLIT:FRACTION, e.g. train:0.1: validate on this "
                                                       "share of SPLIT, held out by key hash (needed "
                                                       "when the run has no val split)."),
+    head: str = typer.Option("", help="resnet50 (maps) or linear (UnivFD's probe, for clip embeddings); "
+                                      "default: the feature kind's."),
     seeds: Optional[str] = typer.Option(None, help="e.g. 0,1,2: one detector per seed in "
                                                    "RUN/train/NAME/seed-K/ (--seed is then ignored)."),
     resume: bool = typer.Option(False, help="Continue RUN/train/NAME from last.pt."),
@@ -257,7 +260,7 @@ def train(
                         init_weights=str(init_weights) if init_weights else None,
                         feature_id=feature_id, sources=list(sources or []), partial=partial,
                         max_batches=max_batches, variants=variants, freeze_bn=freeze_bn,
-                        shuffle_buffer=shuffle_buffer, val_from=val_from)
+                        shuffle_buffer=shuffle_buffer, val_from=val_from, head=head)
     _stop_on_sigterm()
     with user_errors():
         try:

@@ -153,6 +153,56 @@ def dire(
     print(f"\nBoth tables: {run / 'eval' / 'demo-dire' / 'demo-dire.md'}")
 
 
+@app.command()
+def compare(
+    work: Path = WORK_OPT,
+    train_generator: str = typer.Option("realesrgan", help="Generator to train on (as `all`)."),
+    epochs: int = typer.Option(8, help="Classifier epochs (as `all`)."),
+) -> None:
+    """After `all`: NPR (no weights) on the same shards, its detector trained with the same recipe,
+    and DNF vs NPR (and DIRE, when `demo dire` ran) per generator with intervals and the paired
+    bootstrap's verdicts (`make demo-compare`)."""
+    from stages.compare import compare_markdown
+
+    run = work / "run"
+    if not (run / "eval" / "demo" / "report.json").exists():
+        _fail(DemoError(f"{run}: run `python -m demo all` (make demo) first"))
+    size = _configs(False)[0].size
+    t = time.perf_counter()
+    out = subprocess.run([sys.executable, str(ROOT / "cli.py"), "extract", "--run", str(run), "--size",
+                          str(size), "--batch-size", "32", "--feature", "npr", "--json"],
+                         capture_output=True, text=True)
+    if out.returncode:
+        _fail(DemoError(f"extract --feature npr failed:\n{out.stderr[-2000:]}"))
+    summary = json.loads(out.stdout)
+    extract_s = time.perf_counter() - t
+    _dnf(*detector_args(run, "demo-npr", train_generator, epochs), "--feature-id", summary["feature_id"])
+    _dnf(*eval_args(run, "demo-npr"), "--gallery", "0")
+    try:
+        data = make_data(work / "data", _configs(False)[0])  # cached by `all`: returns its summary
+    except DemoError as e:
+        _fail(e)
+    names = {"demo": "DNF (one UNet pass)", "demo-npr": "NPR (no model)", "demo-dire": "DIRE"}
+    lines = []
+    for name, title in names.items():
+        report = run / "eval" / name / "report.json"
+        if report.exists():
+            rep = json.loads(report.read_text())
+            lines += [f"## {title}", "", demo_table(rep, train_generator, data), ""]
+    lines += ["## NPR - DNF, paired over the same test images", "",
+              compare_markdown(run / "eval" / "demo", run / "eval" / "demo-npr", 1000, 0), ""]
+    if (run / "eval" / "demo-dire" / "report.json").exists():
+        lines += ["## DIRE - DNF", "", compare_markdown(run / "eval" / "demo", run / "eval" / "demo-dire",
+                                                         1000, 0), ""]
+    lines.append(f"NPR extract: {summary['images']} images in {extract_s:.0f} s "
+                 f"({summary['images_per_s']} images/s, command included)")
+    text = "\n".join(lines)
+    (run / "eval" / "demo-npr" / "demo-compare.md").write_text(f"# DNF vs NPR on the demo\n\n{text}\n")
+    print()
+    print(text)
+    print(f"\nThe tables: {run / 'eval' / 'demo-npr' / 'demo-compare.md'}")
+
+
 def fresh_run(run: Path, inputs: dict) -> None:
     """Keep WORK/run only if it was made from these data and model: a run folder of older demo data
     holds another manifest (`shard` refuses it) and caches and checkpoints of another model."""

@@ -42,6 +42,8 @@ METRIC_COLUMNS = ("n_real", "n_fake", "acc", "ap", "auc", "real_acc", "fake_acc"
 def check_feature_match(checkpoint: Path, meta: dict, cache_config: CacheConfig, cache_root: Path) -> str:
     """Refuse a cache of other features than the checkpoint's; a note for reference checkpoints."""
     if "feature" not in meta:
+        if cache_config.feature.kind == "clip":  # UnivFD's released fc_weights.pth: a bare linear probe
+            return "UnivFD linear probe: no feature config recorded; assumes this CLIP tower's embeddings"
         enc = cache_config.feature.encoding
         if enc != "reference":
             raise CacheError(f"{checkpoint} is a reference-format checkpoint (trained on the reference "

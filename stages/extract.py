@@ -204,7 +204,7 @@ class ExtractOptions:
     model: Path | None  # the kind's model (DNF, DIRE: a diffusion UNet); None for kinds without one
     size: int = 256
     timestep: int = 0
-    encoding: str = "reference"
+    encoding: str = ""  # "": the kind's default (reference uint8 for maps, raw float16 for CLIP)
     batch_size: int = 0  # 0: chosen from free GPU memory (16 on the CPU)
     workers: int = -1  # -1: auto (see num_workers)
     device: str = "auto"
@@ -246,12 +246,14 @@ class ExtractOptions:
         """The feature config; nvJPEG's decoded pixels differ from libjpeg's in the last bits, so
         the decoder is part of it (a cache never mixes the two)."""
         decoder = "nvjpeg" if device is not None and self.gpu_jpeg(device) else "cpu"
-        config = FeatureConfig(fingerprint, self.timestep, self.size, self.encoding, decoder=decoder,
+        kind = feature_kind(self.feature_kind)
+        config = FeatureConfig(fingerprint, self.timestep, self.size, self.encoding or kind.default_encoding,
+                               decoder=decoder,
                                inversion_steps=self.inversion_steps, ddim_steps=self.ddim_steps,
                                keep=self.keep, combine=self.combine, precision=precision,
                                perturb=self.perturb, kind=self.feature_kind,
                                preprocess=PREPROCESSING[self.geometry])
-        feature_kind(self.feature_kind).check(config)
+        kind.check(config)
         return config
 
     def num_workers(self, device: torch.device) -> int:
@@ -273,9 +275,10 @@ def open_cache(run: Run, model: FeatureModel, opts: ExtractOptions,
                        f"{run.rejects_path})")
     feature = opts.feature(model.fingerprint, model.precision, model.device)
     cache = new_cache(opts.cache_root(run, feature.feature_id), opts.backend)
+    channels, side, _ = feature_kind(feature.kind).row_shape(feature, model)
     config = CacheConfig(
-        feature=feature, backend=cache.backend, channels=feature_kind(feature.kind).channels(feature),
-        format=cache.format_version,
+        feature=feature, backend=cache.backend, channels=channels, format=cache.format_version,
+        spatial=side if side != feature.size else 0,
         manifest=ManifestRef(run.manifest_fingerprint(), info.images, info.shard_size, info.num_shards,
                              info.rows),
         # batch_size: the first run's, reused by resumed runs with --batch-size 0, since the batch
@@ -406,7 +409,7 @@ def compute_shard(job: ShardJob, model: FeatureModel, feature: FeatureConfig, pr
     """Run the model over a shard's batches; return (arrays to write, done marker)."""
     entries, n, size = job.entries, len(job.entries), feature.size
     kind = feature_kind(feature.kind)
-    dnf = np.zeros((n, kind.channels(feature), size, size), dtype=feature.dtype)
+    dnf = np.zeros((n, *kind.row_shape(feature, model)), dtype=feature.dtype)
     labels = np.full(n, NOT_CACHED, dtype=np.int8)
     rejected = []
     for b, (idx, tensors, failed) in enumerate(job.batches):

@@ -28,7 +28,8 @@ from pipeline.device import resolve_device
 from pipeline.distributed import init_training_group, local_device, rank_positions
 from pipeline.progress import Progress
 from stages.domain.calibration import balanced_threshold
-from stages.domain.detector import Detector, build_resnet50, predict
+from stages.domain.detector import Detector, build_detector, predict
+from stages.domain.feature_kinds import feature_kind
 from stages.domain.metrics import binary_metrics
 from storage.atomic import write_bytes_atomic
 from storage.cache_config import CacheConfig, describe_differences
@@ -65,6 +66,7 @@ class TrainOptions:
     freeze_bn: bool = False  # BatchNorm uses (and keeps) its running statistics while training
     shuffle_buffer: int = 1000  # streamed caches: samples in each loader worker's shuffle buffer
     val_from: str | None = None  # "SPLIT:FRACTION": validate on a share of SPLIT held out by key hash
+    head: str = ""  # resnet50 or linear (UnivFD's probe); "": the feature kind's default
 
     def recipe(self) -> dict:
         return {k: getattr(self, k) for k in RECIPE}
@@ -413,8 +415,9 @@ def run_train(run_dir: Path, opts: TrainOptions, resume: bool = False) -> dict:
     rank, world = init_training_group(device)
     if opts.batch_size % world:
         raise TrainError(f"--batch-size {opts.batch_size} must be a multiple of the {world} ranks")
-    model = build_resnet50(Path(opts.init_weights) if opts.init_weights else None, seed=opts.seed,
-                           in_channels=setup.config.channels)
+    head = opts.head or feature_kind(setup.config.feature.kind).heads[0]
+    model = build_detector(head, setup.config.row_shape(),
+                           Path(opts.init_weights) if opts.init_weights else None, seed=opts.seed)
     detector = Detector(model, device, amp=opts.amp)
     optimizer = torch.optim.Adam(detector.model.parameters(), lr=opts.lr, betas=(0.9, 0.999))
     schedule = load_resume(setup.last, opts, detector.model, optimizer) if resume else Schedule(lr=opts.lr)

@@ -148,6 +148,7 @@ class CacheConfig:
     channels: int = 3
     about: dict = field(default_factory=dict)
     format: int = 1  # the backend's storage format version (`FeatureCache.format_version`)
+    spatial: int = 0  # rows of (channels, spatial, spatial), e.g. 1 for embeddings; 0: the feature size
 
     @property
     def feature_id(self) -> str:
@@ -172,13 +173,15 @@ class CacheConfig:
         return int(self.about.get("batch_size") or 0)
 
     def row_shape(self) -> tuple[int, int, int]:
-        return self.channels, self.feature.size, self.feature.size
+        side = self.spatial or self.feature.size
+        return self.channels, side, side
 
     @classmethod
     def from_json(cls, d: dict) -> CacheConfig:
         return cls(feature=FeatureConfig.from_json(d["feature"]),
                    manifest=ManifestRef.from_json(d["manifest"]), backend=d.get("backend", "zarr"),
-                   channels=d.get("channels", 3), about=d.get("about", {}), format=d.get("format", 1))
+                   channels=d.get("channels", 3), about=d.get("about", {}), format=d.get("format", 1),
+                   spatial=d.get("spatial", 0))
 
     def to_json(self) -> dict:
         d = {"feature_id": self.feature_id, "feature": self.feature.to_json(), "backend": self.backend,
@@ -186,6 +189,8 @@ class CacheConfig:
              "about": dict(self.about)}
         if self.format != 1:  # format 1 caches (and WebDataset's) keep the config.json they had
             d["format"] = self.format
+        if self.spatial:  # vector features only: map caches keep the config.json they had
+            d["spatial"] = self.spatial
         return d
 
     def differences(self, other: CacheConfig) -> list[str]:

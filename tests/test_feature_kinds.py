@@ -21,6 +21,7 @@ from stages.train import TrainOptions, run_train
 from storage.cache_config import PREPROCESS_VERSION, FeatureConfig
 from storage.caches import find_cache
 from storage.errors import OptionError
+from storage.run import Run
 
 
 def written_out_id(fields: dict) -> str:
@@ -91,3 +92,60 @@ def test_npr_end_to_end_beside_dnf(tmp_path, tiny_model):
               "cpu", "--json")
     results = [json.loads(line) for line in out.stdout.splitlines() if line.strip()]
     assert len(results) == 6 and all(0 <= r["probability"] <= 1 for r in results)
+
+
+def make_tiny_clip(folder) -> object:
+    """A random CLIP vision tower with projection, saved as a transformers folder."""
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    torch.manual_seed(0)
+    config = CLIPVisionConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                              num_attention_heads=4, image_size=32, patch_size=8, projection_dim=16)
+    net = CLIPVisionModelWithProjection(config).eval()
+    net.save_pretrained(folder)
+    return net
+
+
+def test_clip_embeddings_and_linear_probe_equal_transformers_and_the_probe_written_out(tmp_path):
+    import csv
+
+    from stages.domain.images import apply_geometry, decode_rgb
+
+    net = make_tiny_clip(tmp_path / "clip")
+    data = make_dataset(tmp_path / "data", per_class=8, splits=("train", "test"))
+    run = tmp_path / "run"
+    run_shard([data], run, shard_size=8)
+    out = run_extract(run, ExtractOptions(model=tmp_path / "clip", size=32, batch_size=4, workers=0,
+                                          device="cpu", feature_kind="clip", geometry="crop"))
+    cache = find_cache(run / "cache", out["feature_id"])
+    assert cache.config().row_shape() == (16, 1, 1) and cache.config().feature.encoding == "raw"
+    labels, _, _, keys = cache.index_arrays()
+    stored = cache.read_rows(0, len(keys))[0]
+    assert stored.dtype == np.float16
+    by_key = {e.key: e for e in Run(run).entries()}
+    mean = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
+    std = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
+    for r, key in enumerate(keys):
+        pixels = apply_geometry(decode_rgb(open(by_key[str(key)].path, "rb").read()), "crop", 32)
+        x01 = pixels[None].float() / 255.0  # the preprocessed pixels, CLIP's normalisation written out
+        with torch.no_grad():
+            want = net(pixel_values=(x01 - mean) / std).image_embeds[0]
+        np.testing.assert_allclose(stored[r, :, 0, 0].astype(np.float32), want.half().float().numpy(),
+                                   rtol=2e-3, atol=2e-3)
+    # the linear probe (the kind's default head), and probabilities as sigmoid(fc(embedding))
+    run_train(run, TrainOptions(name="probe", epochs=2, batch_size=8, workers=0, device="cpu", lr=1e-2,
+                                feature_id=out["feature_id"], val_from="train:0.3"))
+    state = torch.load(run / "train/probe/best.pt", weights_only=True)["model"]
+    assert set(state) == {"fc.weight", "fc.bias"}
+    # UnivFD's released format: {"weight", "bias"} of nn.Linear(D, 1)
+    fc = {"weight": state["fc.weight"].clone(), "bias": state["fc.bias"].clone()}
+    torch.save(fc, tmp_path / "fc_weights.pth")
+    for name, ckpt in (("ours", run / "train/probe/best.pt"), ("univfd", tmp_path / "fc_weights.pth")):
+        run_eval(run, ckpt, name=name, feature_id=out["feature_id"], workers=0, device="cpu", gallery=0)
+        with open(run / f"eval/{name}/predictions.csv") as f:
+            rows = list(csv.DictReader(f))
+        row_of = {str(k): r for r, k in enumerate(keys)}
+        for row in rows:
+            e = stored[row_of[row["key"]], :, 0, 0].astype(np.float64)
+            p = 1 / (1 + np.exp(-(fc["weight"].double().numpy()[0] @ e + fc["bias"].double().item())))
+            assert abs(float(row["probability"]) - p) < 1e-5

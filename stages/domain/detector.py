@@ -49,6 +49,32 @@ def build_resnet50(init_weights: Path | None = None, seed: int | None = None,
     return model
 
 
+class LinearProbe(nn.Module):
+    """UnivFD's classifier: one linear layer on a feature vector (a (D, 1, 1) cache row)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.fc = nn.Linear(dim, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x.flatten(1))
+
+
+HEADS = ("resnet50", "linear")
+
+
+def build_detector(head: str, row_shape: tuple[int, int, int], init_weights: Path | None = None,
+                   seed: int | None = None) -> nn.Module:
+    """The named head for cache rows of this shape: ResNet50 on maps, a linear probe on vectors."""
+    if head == "resnet50":
+        return build_resnet50(init_weights, seed, in_channels=row_shape[0])
+    if head == "linear":
+        if seed is not None:
+            torch.manual_seed(seed)
+        return LinearProbe(int(np.prod(row_shape)))
+    raise CheckpointError(f"--head {head!r}: one of {', '.join(HEADS)}")
+
+
 def classifier_input(dnf: torch.Tensor) -> torch.Tensor:
     """Stored DNF to the network's input: uint8 / 255 (reference encoding), float16 eps as float."""
     if dnf.dtype == torch.uint8:
@@ -66,6 +92,12 @@ def load_checkpoint(path: Path | str) -> tuple[nn.Module, dict]:
     """The detector of a checkpoint (ours or the reference's) and its metadata (may be empty)."""
     path = Path(path)
     state, meta = read_state_dict(path, CheckpointError)
+    if set(state) == {"weight", "bias"}:  # UnivFD's released fc_weights.pth: nn.Linear(768, 1)
+        state = {f"fc.{k}": v for k, v in state.items()}
+    if set(state) == {"fc.weight", "fc.bias"} and state["fc.weight"].ndim == 2:
+        probe = LinearProbe(state["fc.weight"].shape[1])
+        probe.load_state_dict(state)
+        return probe.eval(), meta
     conv1 = state.get("conv1.weight")
     model = build_resnet50(in_channels=conv1.shape[1] if conv1 is not None and conv1.ndim == 4 else 3)
     try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from stages.domain.feature_kinds.base import FeatureKind, FeatureModel
+from stages.domain.feature_kinds.clip import ClipKind
 from stages.domain.feature_kinds.dire import DireKind
 from stages.domain.feature_kinds.dnf import DnfKind
 from stages.domain.feature_kinds.npr import NprKind
@@ -12,6 +13,7 @@ FEATURE_KINDS: dict[str, FeatureKind] = {
     "dnf": DnfKind(),
     "dire": DireKind(),
     "npr": NprKind(),
+    "clip": ClipKind(),
 }
 
 

@@ -36,7 +36,8 @@ class FeatureKind(ABC):
 
     name: str
     needs_model: bool = True  # False: computed from the pixels alone (`--model` is not needed)
-    heads: tuple[str, ...] = ("resnet50",)  # the detector heads that fit its arrays
+    heads: tuple[str, ...] = ("resnet50",)  # the detector heads that fit its arrays, the default first
+    default_encoding: str = "reference"
 
     @abstractmethod
     def load(self, model: Path | str | None, device: torch.device, precision: str = "fp32",
@@ -47,8 +48,12 @@ class FeatureKind(ABC):
         """Raise OptionError for config fields this kind cannot honour."""
 
     def channels(self, feature) -> int:
-        """Channels of one stored array (C, S, S)."""
+        """Channels of one stored map (C, S, S)."""
         return 3
+
+    def row_shape(self, feature, model: FeatureModel) -> tuple[int, int, int]:
+        """The shape of one stored row: (C, S, S) maps, (D, 1, 1) for a vector."""
+        return self.channels(feature), feature.size, feature.size
 
     @abstractmethod
     def encode(self, x: torch.Tensor, encoding: str, inplace: bool = False) -> torch.Tensor:
