@@ -149,3 +149,66 @@ def test_clip_embeddings_and_linear_probe_equal_transformers_and_the_probe_writt
             e = stored[row_of[row["key"]], :, 0, 0].astype(np.float64)
             p = 1 / (1 + np.exp(-(fc["weight"].double().numpy()[0] @ e + fc["bias"].double().item())))
             assert abs(float(row["probability"]) - p) < 1e-5
+
+
+def make_tiny_sd(folder):
+    """A random Stable-Diffusion-shaped pipeline folder: VAE (x8), conditional UNet, CLIP text
+    encoder and a tokenizer with a vocabulary written here."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    torch.manual_seed(0)
+    AutoencoderKL(block_out_channels=(8, 8, 8, 8), down_block_types=("DownEncoderBlock2D",) * 4,
+                  up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, norm_num_groups=4,
+                  sample_size=32).save_pretrained(folder / "vae")
+    UNet2DConditionModel(sample_size=4, in_channels=4, out_channels=4, block_out_channels=(16, 32),
+                         layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=24,
+                         attention_head_dim=4, norm_num_groups=8).save_pretrained(folder / "unet")
+    CLIPTextModel(CLIPTextConfig(vocab_size=64, hidden_size=24, intermediate_size=32, num_hidden_layers=2,
+                                 num_attention_heads=4, max_position_embeddings=16, bos_token_id=0,
+                                 eos_token_id=1, pad_token_id=1)
+                  ).save_pretrained(folder / "text_encoder")
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1, **{f"{c}</w>": 2 + i for i, c in enumerate("abcdef")}}
+    CLIPTokenizer(vocab=vocab, merges=[], model_max_length=16).save_pretrained(folder / "tokenizer")
+    return folder
+
+
+def test_latent_dnf_equals_the_steps_written_with_diffusers(tmp_path):
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from stages.domain.images import apply_geometry, decode_rgb
+
+    sd = make_tiny_sd(tmp_path / "sd")
+    data = make_dataset(tmp_path / "data", per_class=4, splits=("train", "test"))
+    run = tmp_path / "run"
+    run_shard([data], run, shard_size=8)
+    out = run_extract(run, ExtractOptions(model=sd, size=32, batch_size=4, workers=0, device="cpu",
+                                          feature_kind="latent-dnf"))
+    cache = find_cache(run / "cache", out["feature_id"])
+    assert cache.config().row_shape() == (4, 4, 4)
+    labels, _, _, keys = cache.index_arrays()
+    stored = cache.read_rows(0, len(keys))[0]
+    # the same steps with diffusers' and transformers' public classes
+    vae = AutoencoderKL.from_pretrained(sd / "vae").eval()
+    unet = UNet2DConditionModel.from_pretrained(sd / "unet").eval()
+    tok = CLIPTokenizer.from_pretrained(sd / "tokenizer")
+    ids = tok([""], padding="max_length", max_length=tok.model_max_length, return_tensors="pt").input_ids
+    by_key = {e.key: e for e in Run(run).entries()}
+    with torch.no_grad():
+        cond = CLIPTextModel.from_pretrained(sd / "text_encoder").eval()(ids).last_hidden_state
+        for r, key in enumerate(keys):
+            pixels = apply_geometry(decode_rgb(open(by_key[str(key)].path, "rb").read()), "resize", 32)
+            x = pixels[None].float() / 255.0 * 2 - 1
+            z = vae.encode(x).latent_dist.mean * vae.config.scaling_factor
+            eps = unet(z, torch.tensor([0]), encoder_hidden_states=cond).sample[0]
+            np.testing.assert_allclose(stored[r].astype(np.float32), eps.half().float().numpy(),
+                                       rtol=2e-3, atol=2e-3)
+    run_train(run, TrainOptions(name="latent", epochs=1, batch_size=4, workers=0, device="cpu",
+                                feature_id=out["feature_id"], val_from="train:0.3"))
+    state = torch.load(run / "train/latent/best.pt", weights_only=True)["model"]
+    assert state["conv1.weight"].shape[1] == 4  # the ResNet head takes the 4 latent channels
+    rep = run_eval(run, run / "train/latent/best.pt", name="latent", feature_id=out["feature_id"],
+                   workers=0, device="cpu", gallery=0)
+    assert rep is not None

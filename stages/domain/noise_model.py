@@ -46,7 +46,7 @@ def resolve_model(model: Path | str, download: bool = False) -> Path:
     cache = hub_cache_dir()
     try:
         return Path(snapshot_download(str(model), cache_dir=cache, local_files_only=not download,
-                                      allow_patterns=["*.json", "*.safetensors", "*.bin"]))
+                                      allow_patterns=["*.json", "*.safetensors", "*.bin", "*.txt"]))
     except Exception as e:  # not cached (LocalEntryNotFoundError), or the download failed
         how = "" if download else (f"; on a machine with a network, `huggingface-cli download {model}` "
                                    f"(or rerun with --download) puts it there")

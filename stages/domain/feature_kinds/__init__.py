@@ -6,6 +6,7 @@ from stages.domain.feature_kinds.base import FeatureKind, FeatureModel
 from stages.domain.feature_kinds.clip import ClipKind
 from stages.domain.feature_kinds.dire import DireKind
 from stages.domain.feature_kinds.dnf import DnfKind
+from stages.domain.feature_kinds.latent_dnf import LatentDnfKind
 from stages.domain.feature_kinds.npr import NprKind
 from storage.errors import OptionError
 
@@ -14,6 +15,7 @@ FEATURE_KINDS: dict[str, FeatureKind] = {
     "dire": DireKind(),
     "npr": NprKind(),
     "clip": ClipKind(),
+    "latent-dnf": LatentDnfKind(),
 }
 
 
