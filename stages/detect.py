@@ -11,9 +11,9 @@ import torch
 from pipeline.device import resolve_device, resolve_precision
 from stages.domain.detector import Detector
 from stages.domain.feature_kinds import feature_kind
-from stages.domain.images import DecodeError, center_crop, decode_rgb, preprocess
+from stages.domain.images import DecodeError, apply_geometry, decode_rgb, normalize_
 from stages.domain.noise_model import ModelError
-from storage.cache_config import PREPROCESS_CROP, FeatureConfig
+from storage.cache_config import PREPROCESSING, FeatureConfig
 
 REFERENCE_FEATURE = {"size": 256, "timestep": 0, "encoding": "reference"}
 
@@ -66,9 +66,8 @@ def run_detect(inputs: list[Path], model_path: Path | None, checkpoint: Path, de
         except (DecodeError, OSError) as e:
             res.update(probability=None, verdict="error", error=str(e))
             continue
-        if config.preprocess == PREPROCESS_CROP:
-            img = center_crop(img)
-        batch.append((res, preprocess(img, feature["size"])))
+        geometry = {v: k for k, v in PREPROCESSING.items()}.get(config.preprocess, "resize")
+        batch.append((res, normalize_(apply_geometry(img, geometry, feature["size"]).float())))
         if len(batch) >= batch_size:
             flush()
     flush()

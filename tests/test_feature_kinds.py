@@ -212,3 +212,41 @@ def test_latent_dnf_equals_the_steps_written_with_diffusers(tmp_path):
     rep = run_eval(run, run / "train/latent/best.pt", name="latent", feature_id=out["feature_id"],
                    workers=0, device="cpu", gallery=0)
     assert rep is not None
+
+
+def test_new_kinds_work_with_webdataset_verify_perturbations_and_detect(tmp_path):
+    from stages.verify import run_verify
+
+    make_tiny_clip(tmp_path / "clip")
+    data = make_dataset(tmp_path / "data", per_class=4, splits=("train", "test"))
+    run = tmp_path / "run"
+    run_shard([data], run, shard_size=8)
+    for kind, model, geometry in (("npr", None, "resize"), ("clip", tmp_path / "clip", "crop")):
+        ids = {}
+        for backend in ("zarr", "webdataset"):
+            for perturb in ("", "jpeg:75"):
+                out = run_extract(run, ExtractOptions(model=model, size=32, batch_size=4, workers=0, device="cpu",
+                                                      feature_kind=kind, geometry=geometry, backend=backend,
+                                                      perturb=perturb))
+                assert out["images"] == 16
+                ids[backend, perturb] = out["feature_id"]
+        a = find_cache(run / "cache", ids["zarr", ""])
+        b = find_cache(run / "cache", ids["webdataset", ""])
+        assert np.array_equal(a.read_rows(0, 16)[0], b.read_rows(0, 16)[0])  # either backend, the same rows
+        assert ids["zarr", ""] == ids["webdataset", ""] != ids["zarr", "jpeg:75"]
+    assert run_verify(run)["ok"]
+    assert "clip" in cli("status", "--run", run).stdout
+    run_train(run, TrainOptions(name="c", epochs=1, batch_size=8, workers=0, device="cpu",
+                                feature_id=ids["zarr", ""], val_from="train:0.3", variants=True))
+    out = cli("detect", data / "test/progan/0_real", "--model", tmp_path / "clip", "--checkpoint",
+              run / "train/c/best.pt", "--device", "cpu", "--json")
+    results = [json.loads(line) for line in out.stdout.splitlines() if line.strip()]
+    # detect's probability of an image equals eval's from the cache (the same crop, the same embedding)
+    run_eval(run, run / "train/c/best.pt", name="c", feature_id=ids["zarr", ""], workers=0, device="cpu",
+             gallery=0)
+    import csv
+
+    with open(run / "eval/c/predictions.csv") as f:
+        by_path = {r["path"]: float(r["probability"]) for r in csv.DictReader(f)}
+    for r in results:
+        assert abs(r["probability"] - by_path[r["path"]]) < 2e-3
