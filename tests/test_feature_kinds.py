@@ -14,6 +14,8 @@ from conftest import cli, make_dataset
 
 from stages.compare import compare_markdown
 from stages.domain.feature_kinds import FEATURE_KINDS, feature_kind
+from stages.domain.feature_kinds.clip import make_test_clip
+from stages.domain.feature_kinds.latent_dnf import make_test_pipeline
 from stages.evaluate import run_eval
 from stages.extract import ExtractOptions, run_extract
 from stages.shard import run_shard
@@ -94,16 +96,12 @@ def test_npr_end_to_end_beside_dnf(tmp_path, tiny_model):
     assert len(results) == 6 and all(0 <= r["probability"] <= 1 for r in results)
 
 
-def make_tiny_clip(folder) -> object:
-    """A random CLIP vision tower with projection, saved as a transformers folder."""
-    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+def make_tiny_clip(folder):
+    """A random CLIP vision tower (image size 32, projection 16) and the network itself."""
+    from transformers import CLIPVisionModelWithProjection
 
-    torch.manual_seed(0)
-    config = CLIPVisionConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=2,
-                              num_attention_heads=4, image_size=32, patch_size=8, projection_dim=16)
-    net = CLIPVisionModelWithProjection(config).eval()
-    net.save_pretrained(folder)
-    return net
+    make_test_clip(folder)
+    return CLIPVisionModelWithProjection.from_pretrained(folder).eval()
 
 
 def test_clip_embeddings_and_linear_probe_equal_transformers_and_the_probe_written_out(tmp_path):
@@ -151,36 +149,13 @@ def test_clip_embeddings_and_linear_probe_equal_transformers_and_the_probe_writt
             assert abs(float(row["probability"]) - p) < 1e-5
 
 
-def make_tiny_sd(folder):
-    """A random Stable-Diffusion-shaped pipeline folder: VAE (x8), conditional UNet, CLIP text
-    encoder and a tokenizer with a vocabulary written here."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
-    torch.manual_seed(0)
-    AutoencoderKL(block_out_channels=(8, 8, 8, 8), down_block_types=("DownEncoderBlock2D",) * 4,
-                  up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, norm_num_groups=4,
-                  sample_size=32).save_pretrained(folder / "vae")
-    UNet2DConditionModel(sample_size=4, in_channels=4, out_channels=4, block_out_channels=(16, 32),
-                         layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=24,
-                         attention_head_dim=4, norm_num_groups=8).save_pretrained(folder / "unet")
-    CLIPTextModel(CLIPTextConfig(vocab_size=64, hidden_size=24, intermediate_size=32, num_hidden_layers=2,
-                                 num_attention_heads=4, max_position_embeddings=16, bos_token_id=0,
-                                 eos_token_id=1, pad_token_id=1)
-                  ).save_pretrained(folder / "text_encoder")
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1, **{f"{c}</w>": 2 + i for i, c in enumerate("abcdef")}}
-    CLIPTokenizer(vocab=vocab, merges=[], model_max_length=16).save_pretrained(folder / "tokenizer")
-    return folder
-
-
 def test_latent_dnf_equals_the_steps_written_with_diffusers(tmp_path):
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
     from stages.domain.images import apply_geometry, decode_rgb
 
-    sd = make_tiny_sd(tmp_path / "sd")
+    sd = make_test_pipeline(tmp_path / "sd")
     data = make_dataset(tmp_path / "data", per_class=4, splits=("train", "test"))
     run = tmp_path / "run"
     run_shard([data], run, shard_size=8)
@@ -225,9 +200,9 @@ def test_new_kinds_work_with_webdataset_verify_perturbations_and_detect(tmp_path
         ids = {}
         for backend in ("zarr", "webdataset"):
             for perturb in ("", "jpeg:75"):
-                out = run_extract(run, ExtractOptions(model=model, size=32, batch_size=4, workers=0, device="cpu",
-                                                      feature_kind=kind, geometry=geometry, backend=backend,
-                                                      perturb=perturb))
+                opts = ExtractOptions(model=model, size=32, batch_size=4, workers=0, device="cpu",
+                                      feature_kind=kind, geometry=geometry, backend=backend, perturb=perturb)
+                out = run_extract(run, opts)
                 assert out["images"] == 16
                 ids[backend, perturb] = out["feature_id"]
         a = find_cache(run / "cache", ids["zarr", ""])

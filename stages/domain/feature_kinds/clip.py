@@ -102,3 +102,14 @@ class ClipKind(FeatureKind):
 
     def encode(self, x: torch.Tensor, encoding: str, inplace: bool = False) -> torch.Tensor:
         return x.to(torch.float16)
+
+
+def make_test_clip(out: Path | str, image_size: int = 32, dim: int = 16, seed: int = 0) -> Path:
+    """Write a tiny randomly initialised CLIP vision tower with projection (tests, benchmarks)."""
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    torch.manual_seed(seed)
+    config = CLIPVisionConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                              num_attention_heads=4, image_size=image_size, patch_size=8, projection_dim=dim)
+    CLIPVisionModelWithProjection(config).save_pretrained(out)
+    return Path(out)

@@ -123,3 +123,26 @@ class LatentDnfKind(FeatureKind):
         if encoding != "raw":
             raise OptionError("--feature latent-dnf stores float16 noise (--encoding raw)")
         return x.to(torch.float16)
+
+
+def make_test_pipeline(out: Path | str, seed: int = 0) -> Path:
+    """Write a tiny random Stable-Diffusion-shaped pipeline folder (tests, benchmarks): a VAE that
+    downsamples 8x, a conditional UNet, a CLIP text encoder and a tokenizer of a few tokens."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    out = Path(out)
+    torch.manual_seed(seed)
+    AutoencoderKL(block_out_channels=(8, 8, 8, 8), down_block_types=("DownEncoderBlock2D",) * 4,
+                  up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, norm_num_groups=4,
+                  sample_size=32).save_pretrained(out / "vae")
+    UNet2DConditionModel(sample_size=4, in_channels=4, out_channels=4, block_out_channels=(16, 32),
+                         layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=24,
+                         attention_head_dim=4, norm_num_groups=8).save_pretrained(out / "unet")
+    CLIPTextModel(CLIPTextConfig(vocab_size=64, hidden_size=24, intermediate_size=32, num_hidden_layers=2,
+                                 num_attention_heads=4, max_position_embeddings=16, bos_token_id=0,
+                                 eos_token_id=1, pad_token_id=1)).save_pretrained(out / "text_encoder")
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1, **{f"{c}</w>": 2 + i for i, c in enumerate("abcdef")}}
+    CLIPTokenizer(vocab=vocab, merges=[], model_max_length=16).save_pretrained(out / "tokenizer")
+    return out
