@@ -17,7 +17,7 @@ NAME       ?= default
 SHARD_ARGS   ?=
 EXTRACT_ARGS ?=
 
-.PHONY: install test test-long lint quickstart shard extract status train eval bench bench-host bench-gpu bench-scaling bench-shard bench-kinds bench-bootstrap bench-demo-models clean \
+.PHONY: install test test-long lint quickstart shard extract status train eval bench bench-host bench-gpu bench-scaling bench-shard bench-kinds bench-decoders bench-bootstrap bench-demo-models clean \
 	demo demo-seeds demo-dire demo-compare demo-install demo-system-libs demo-data demo-model
 
 install: $(STAMP)
@@ -121,6 +121,9 @@ bench-gpu: $(STAMP)
 # Seconds the 95 % bootstrap intervals add to an eval report at 10,000 and 100,000 rows.
 bench-bootstrap: $(STAMP)
 	$(BIN)/python benchmarks/bench_bootstrap.py
+
+bench-decoders: $(STAMP)
+	$(BIN)/python benchmarks/bench_decoders.py $(BENCH_ARGS)
 
 bench-kinds: $(STAMP)
 	$(BIN)/python benchmarks/bench_kinds.py $(BENCH_ARGS)

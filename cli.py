@@ -164,6 +164,9 @@ def extract(
     precision: str = typer.Option("auto", help="auto (= fp32, the reference's numbers), bf16 or fp16."),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the UNet."),
     gpu_decode: bool = typer.Option(False, "--gpu-decode", help="Decode JPEGs on the GPU (nvJPEG)."),
+    fast_decode: bool = typer.Option(False, "--fast-decode", help="Decode JPEGs at a reduced DCT scale "
+                                     "(1/2, 1/4, 1/8, keeping >= --size) before the resize: faster, other "
+                                     "values (recorded in the feature id)."),
     worker_index: Optional[int] = typer.Option(None, help="This worker's index (default: torchrun "
                                                          "RANK or SLURM_ARRAY_TASK_ID)."),
     num_workers: Optional[int] = typer.Option(None, help="How many workers share the run."),
@@ -203,6 +206,7 @@ def extract(
                               redo=tuple(redo or ()), inversion_steps=inversion_steps,
                               ddim_steps=ddim_steps, keep=_int_list(keep, "--keep"), combine=combine,
                               precision=precision, compile=compile, gpu_decode=gpu_decode,
+                              fast_decode=fast_decode,
                               worker_index=worker_index, num_workers_total=num_workers, claims=claims,
                               backend=backend, download=download, feature_kind=feature, crop=crop,
                               geometry=geometry)

@@ -62,7 +62,7 @@ def run_detect(inputs: list[Path], model_path: Path | None, checkpoint: Path, de
         res = {"path": str(path)}
         results.append(res)
         try:
-            img = decode_rgb(path.read_bytes())
+            img = decode_rgb(path.read_bytes(), draft=config.size if config.fast_decode else 0)
         except (DecodeError, OSError) as e:
             res.update(probability=None, verdict="error", error=str(e))
             continue

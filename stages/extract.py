@@ -102,7 +102,7 @@ class ShardImages(Dataset):
 
     def __init__(self, entries: list[Entry], size: int, max_pixels: int, roots: list[str] | None,
                  gpu_jpeg: bool = False, perturbation: str = "", pack: PackReader | None = None,
-                 geometry: str = "resize", parquet: RowGroupReader | None = None):
+                 geometry: str = "resize", parquet: RowGroupReader | None = None, draft: int = 0):
         self.entries, self.size, self.max_pixels, self.roots = entries, size, max_pixels, roots
         self.pack = pack  # the shard's packed tar (`shard --pack`), read instead of the files
         self.parquet = parquet  # rows of parquet files (`file.parquet#row`), a row group at a time
@@ -110,6 +110,7 @@ class ShardImages(Dataset):
         self.geometry = geometry  # resize, crop-resize (DIRE's preprocessing) or crop (native window)
         # hand JPEG bytes to the GPU decoder instead of decoding here (clean, resized features only)
         self.gpu_jpeg = gpu_jpeg and not perturbation and geometry == "resize"
+        self.draft = draft  # --fast-decode: JPEGs decoded at the DCT scale that keeps >= draft pixels
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -128,7 +129,7 @@ class ShardImages(Dataset):
             if self.gpu_jpeg and data[:3] == b"\xff\xd8\xff":
                 check_header(data, self.max_pixels)  # the same limit and reasons as decode_rgb
                 return i, torch.frombuffer(bytearray(data), dtype=torch.uint8), "jpeg"
-            img = decode_rgb(data, self.max_pixels)
+            img = decode_rgb(data, self.max_pixels, self.draft)
             if self.perturbation and applies_to(self.perturbation, entry.label):
                 try:
                     img = perturb(img, self.perturbation)
@@ -227,19 +228,24 @@ class ExtractOptions:
     feature_kind: str = "dnf"  # a registered kind: dnf, dire (DIRE's baseline), npr (no model)
     crop: bool = False  # the old name of geometry "crop-resize" (DIRE's own preprocessing)
     geometry: str = "resize"  # resize (the reference), crop-resize, or crop (native-resolution window)
+    fast_decode: bool = False  # JPEGs decoded at a reduced DCT scale (>= size): other pixels, opt-in
 
     def __post_init__(self) -> None:
         if self.crop:
             self.geometry = "crop-resize"
         if self.geometry not in GEOMETRIES:
             raise OptionError(f"--geometry {self.geometry!r}: one of {', '.join(GEOMETRIES)}")
+        if self.fast_decode and self.geometry == "crop":
+            raise OptionError("--fast-decode shrinks the image before the resize; --geometry crop keeps "
+                              "native pixels: use one or the other")
 
     def cache_root(self, run: Run, feature_id: str) -> Path:
         return self.cache_dir or run.cache_root / folder_name(feature_id, self.backend)
 
     def gpu_jpeg(self, device: torch.device) -> bool:
         """Whether JPEGs are decoded by nvJPEG: --gpu-decode on CUDA, for clean uncropped features."""
-        return self.gpu_decode and device.type == "cuda" and not self.perturb and self.geometry == "resize"
+        return (self.gpu_decode and device.type == "cuda" and not self.perturb and self.geometry == "resize"
+                and not self.fast_decode)
 
     def feature(self, fingerprint: str, precision: str = "fp32",
                 device: torch.device | None = None) -> FeatureConfig:
@@ -252,7 +258,7 @@ class ExtractOptions:
                                inversion_steps=self.inversion_steps, ddim_steps=self.ddim_steps,
                                keep=self.keep, combine=self.combine, precision=precision,
                                perturb=self.perturb, kind=self.feature_kind,
-                               preprocess=PREPROCESSING[self.geometry])
+                               preprocess=PREPROCESSING[self.geometry], fast_decode=self.fast_decode)
         kind.check(config)
         return config
 
@@ -390,6 +396,7 @@ class ShardJob:
         images = ShardImages(self.entries, opts.size, opts.max_pixels, list(info.roots) or None,
                              gpu_jpeg=opts.gpu_jpeg(device), perturbation=opts.perturb,
                              pack=open_pack(run, shard_id, self.entries, log), geometry=opts.geometry,
+                             draft=opts.size if opts.fast_decode else 0,
                              parquet=RowGroupReader(sources) if sources else None)
         if sources:  # parquet rows: each worker reads whole row groups
             units = read_units([e.path for e in self.entries], sources, batch_size)

@@ -43,6 +43,7 @@ class FeatureConfig:
     perturb: str = ""  # robustness variant applied to the pixels first, e.g. "jpeg:75"
     kind: str = "dnf"
     decoder: str = "cpu"  # cpu (libjpeg / Pillow, the reference's) or nvjpeg (--gpu-decode): other values
+    fast_decode: bool = False  # JPEGs decoded at a reduced DCT scale before the resize: other values
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "keep", tuple(int(k) for k in self.keep))
@@ -82,6 +83,8 @@ class FeatureConfig:
             del d["kind"]  # DNF configs (and their ids) as before feature kinds existed
         if self.decoder == "cpu":
             del d["decoder"]  # likewise: ids as before --gpu-decode was recorded
+        if not self.fast_decode:
+            del d["fast_decode"]  # likewise: ids as before --fast-decode existed
         return d
 
     @property

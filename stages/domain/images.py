@@ -1,7 +1,11 @@
 """Image decoding and the reference preprocessing: RGB, bicubic antialiased resize, [-1, 1].
 
 Decoding follows the reference (torchvision `read_image`): grey becomes three channels, alpha is
-dropped, EXIF orientation is ignored. Formats torchvision cannot read fall back to Pillow.
+dropped, EXIF orientation is ignored. Formats torchvision cannot read fall back to Pillow. JPEGs
+go through simplejpeg and 8-bit RGB / RGBA PNGs through pyspng first: the same libjpeg-turbo and
+the same pixels (tested), 1.3-1.5x faster (`make bench-decoders`); anything they refuse goes the
+torchvision way. `draft` (`extract --fast-decode`) decodes a JPEG at the smallest DCT scale
+(1/2, 1/4, 1/8) that keeps both sides at least that many pixels: other pixels, opt-in.
 """
 
 from __future__ import annotations
@@ -31,6 +35,31 @@ def _pillow_rgb(data: bytes) -> torch.Tensor:
     return torch.from_numpy(rgb.copy()).permute(2, 0, 1)
 
 
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _fast_decode(data: bytes, draft: int = 0) -> torch.Tensor | None:
+    """(3, H, W) uint8 (HWC memory) from simplejpeg or pyspng, None where they do not apply or
+    refuse the file (CMYK JPEGs, grey or 16-bit or palette PNGs, damaged files)."""
+    try:
+        if data[:3] == b"\xff\xd8\xff":
+            import simplejpeg
+
+            if simplejpeg.decode_jpeg_header(data)[2] not in ("YCbCr", "Gray"):  # CMYK, YCCK: libjpeg's way
+                return None
+            arr = simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=draft, min_width=draft,
+                                         min_factor=1)
+        elif data[:8] == PNG_MAGIC and data[12:16] == b"IHDR" and data[24] == 8 and data[25] in (2, 6):
+            import pyspng
+
+            arr = pyspng.load(data)[..., :3]
+        else:
+            return None
+    except (ValueError, RuntimeError, ImportError):
+        return None
+    return torch.from_numpy(arr).permute(2, 0, 1)
+
+
 def check_header(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> bool:
     """Read the header only and refuse decompression bombs before decoding (DecodeError with the
     reason); True when the file holds several frames (animated GIF / WebP / PNG, multi-page TIFF)."""
@@ -48,15 +77,19 @@ def check_header(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> bool:
     return frames
 
 
-def decode_rgb(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
+def decode_rgb(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, draft: int = 0) -> torch.Tensor:
     """Bytes to a uint8 (3, H, W) tensor; DecodeError with the reason when that is not possible.
     A file of several frames gives its first, decoded alone: torchvision decodes every frame of a
-    GIF (a 240 KB file took 2.8 GB), so those go to Pillow, which stops after the first."""
+    GIF (a 240 KB file took 2.8 GB), so those go to Pillow, which stops after the first. `draft`:
+    a JPEG decoded at a reduced DCT scale that keeps both sides >= draft (0: full size)."""
     if check_header(data, max_pixels):
         try:
             return _pillow_rgb(data)
         except (OSError, SyntaxError, ValueError, EOFError) as e:
             raise DecodeError(f"truncated or corrupt image: {e}") from e
+    fast = _fast_decode(data, draft)
+    if fast is not None:
+        return fast
     try:
         img = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
     except (RuntimeError, ValueError):
