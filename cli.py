@@ -164,6 +164,8 @@ def extract(
     precision: str = typer.Option("auto", help="auto (= fp32, the reference's numbers), bf16 or fp16."),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the UNet."),
     gpu_decode: bool = typer.Option(False, "--gpu-decode", help="Decode JPEGs on the GPU (nvJPEG)."),
+    resize_on: str = typer.Option("auto", help="Where images are resized: device (loader workers hand uint8 "
+                                  "pixels over), workers, or auto (device on CUDA)."),
     fast_decode: bool = typer.Option(False, "--fast-decode", help="Decode JPEGs at a reduced DCT scale "
                                      "(1/2, 1/4, 1/8, keeping >= --size) before the resize: faster, other "
                                      "values (recorded in the feature id)."),
@@ -206,7 +208,7 @@ def extract(
                               redo=tuple(redo or ()), inversion_steps=inversion_steps,
                               ddim_steps=ddim_steps, keep=_int_list(keep, "--keep"), combine=combine,
                               precision=precision, compile=compile, gpu_decode=gpu_decode,
-                              fast_decode=fast_decode,
+                              fast_decode=fast_decode, resize_on=resize_on,
                               worker_index=worker_index, num_workers_total=num_workers, claims=claims,
                               backend=backend, download=download, feature_kind=feature, crop=crop,
                               geometry=geometry)

@@ -115,6 +115,22 @@ def resized(img: torch.Tensor, size: int) -> torch.Tensor:
                          align_corners=False, antialias=True)[0]
 
 
+def resized_batch(images: list[torch.Tensor], size: int) -> torch.Tensor:
+    """`preprocess` of many images at once, where they are (on a GPU: `extract` hands uint8 pixels
+    over and resizes there): uint8 or float (3, H, W) in, float32 (N, 3, size, size) in [-1, 1]
+    out; images of one size share one interpolate call, with the same ops as `preprocess`."""
+    out = torch.empty((len(images), 3, size, size), dtype=torch.float32, device=images[0].device)
+    groups: dict[tuple, list[int]] = {}
+    for k, img in enumerate(images):
+        groups.setdefault(tuple(img.shape), []).append(k)
+    for shape, ks in groups.items():
+        x = torch.stack([images[k] for k in ks]).float()
+        if shape[-2:] != (size, size):
+            x = F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False, antialias=True)
+        out[ks] = x
+    return normalize_(out)
+
+
 def normalize_(x: torch.Tensor) -> torch.Tensor:
     """The second half: float pixel values to [-1, 1] in place, (x / 255) * 2 - 1 (the same float
     ops as the reference, so the same values, for one image or a whole batch)."""
