@@ -112,6 +112,7 @@ bench: $(STAMP)
 # The host ceiling: the real extract pipeline with a no-op UNet, and the core-ms of each host step
 bench-host: $(STAMP)
 	$(BIN)/python benchmarks/bench.py --host-only $(BENCH_ARGS)
+	$(BIN)/python benchmarks/bench_host_side.py
 
 # On a CUDA box: the bedroom UNet at fp32/bf16/fp16, compile on/off, batch 16-256, nvJPEG on/off
 bench-gpu: $(STAMP)

@@ -139,9 +139,9 @@ class ShardImages(Dataset):
                     img = perturb(img, self.perturbation)
                 except OSError as e:  # Pillow's encoder refusing the image, e.g. JPEG's 65,500-pixel side
                     raise DecodeError(f"--perturb {self.perturbation} cannot be applied: {e}") from e
-            if self.device_resize:
-                return i, (center_crop(img) if self.geometry == "crop-resize" else img).contiguous(), "pixels"
-            return i, apply_geometry(img, self.geometry, self.size), None  # normalised in _collate
+            if self.device_resize:  # (H, W, 3) uint8: the decoders' own layout, stacked by a memcpy
+                return i, (center_crop(img) if self.geometry == "crop-resize" else img).permute(1, 2, 0), None
+            return i, apply_geometry(img, self.geometry, self.size).float(), None  # normalised in _collate
         except DecodeError as e:
             return i, None, str(e)
 
@@ -156,8 +156,8 @@ def _collate(items: list) -> tuple[list[int], torch.Tensor | list[torch.Tensor],
     failed = [(i, reason) for i, x, reason in items if x is None]
     tensors = [x for _, x in ok]
     if tensors and all(t.ndim == 3 and t.dtype == torch.uint8 and t.shape == tensors[0].shape
-                       for t in tensors):
-        return [i for i, _ in ok], torch.stack(tensors), failed  # pixels of one size: one uint8 block
+                       for t in tensors):  # (H, W, 3) pixels of one size: one uint8 block
+        return [i for i, _ in ok], torch.stack(tensors), failed
     if not tensors or any(t.ndim != 3 or t.dtype == torch.uint8 for t in tensors):
         return [i for i, _ in ok], tensors, failed
     batch = torch.empty((len(tensors), *tensors[0].shape), dtype=torch.float32)
@@ -184,18 +184,22 @@ def gpu_batch(tensors: torch.Tensor | list[torch.Tensor], size: int, device: tor
               max_pixels: int = DEFAULT_MAX_PIXELS
               ) -> tuple[torch.Tensor | None, list[int], list[tuple[int, str]]]:
     """(a batch on the device, the positions it holds, (position, reason) of the images that did
-    not decode). A float batch was preprocessed by the loader; uint8 pixels (a stacked batch, or
-    single images of any size) are resized on the device (`resized_batch`); JPEG bytes (1-D uint8)
+    not decode). A float batch was preprocessed by the loader; (H, W, 3) uint8 pixels (a stacked
+    batch, or single images of any size) are resized on the device (`resized_batch`); JPEG bytes (1-D uint8)
     are decoded there by nvJPEG first, one corrupt file rejecting only itself; a float image
     in a list was resized by the loader and is normalised here."""
     from torchvision.io import ImageReadMode, decode_jpeg
 
     if isinstance(tensors, torch.Tensor):  # already stacked by the loader
         batch = tensors.to(device, non_blocking=True)
-        return (resized_batch(list(batch), size) if batch.dtype == torch.uint8 else batch), \
-            list(range(len(tensors))), []
-    out: list[torch.Tensor | None] = [t.to(device, non_blocking=True) if t.ndim == 3 else None
-                                      for t in tensors]
+        if batch.dtype == torch.uint8:  # (N, H, W, 3) pixels
+            batch = resized_batch(list(batch.permute(0, 3, 1, 2)), size)
+        return batch, list(range(len(tensors))), []
+    out: list[torch.Tensor | None] = [None] * len(tensors)
+    for k, t in enumerate(tensors):  # (H, W, 3) uint8 pixels or a loader-resized (3, S, S) float
+        if t.ndim == 3:
+            t = t.to(device, non_blocking=True)
+            out[k] = t.permute(2, 0, 1) if t.dtype == torch.uint8 else t
     jpeg_at = [k for k, t in enumerate(tensors) if t.ndim == 1]
     failed = []
     if jpeg_at:

@@ -58,8 +58,8 @@ def test_a_mixed_batch_is_preprocessed_as_preprocess_does():
     png_a, png_b = image_bytes(2, (50, 40)), image_bytes(3, (32, 32))
     loader_resized = torch.nn.functional.interpolate(decode_rgb(png_a).float()[None], size=(32, 32),
                                                      mode="bicubic", align_corners=False, antialias=True)[0]
-    items = [torch.frombuffer(bytearray(jpeg), dtype=torch.uint8), decode_rgb(png_a), decode_rgb(png_b),
-             loader_resized]
+    items = [torch.frombuffer(bytearray(jpeg), dtype=torch.uint8), decode_rgb(png_a).permute(1, 2, 0),
+             decode_rgb(png_b).permute(1, 2, 0), loader_resized]  # pixels are handed over as (H, W, 3)
     if not torch.cuda.is_available():
         items = items[1:]
     batch, kept, failed = gpu_batch(items, 32, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
