@@ -109,6 +109,32 @@ def main() -> None:
                        for g, r in zip(got, reference, strict=True))
             print(f"| {size} px {fmt} | {name} | {ms:.2f} | {base / ms:.2f}x | {'yes' if same else 'no'} |",
                   flush=True)
+    fast_decode_deviation(args.images)
+
+
+def fast_decode_deviation(n: int, size_out: int = 256) -> None:
+    """What --fast-decode changes: the resized image (0-255 scale) and the stored DNF (uint8, a
+    random 64 px-trained UNet at --size 256) of photo-like JPEGs, with and without it."""
+    import tempfile
+
+    from stages.domain.images import preprocess
+    from stages.domain.noise_model import encode, load_noise_model, make_test_model
+
+    model = load_noise_model(make_test_model(Path(tempfile.mkdtemp()) / "unet", size=64), torch.device("cpu"))
+    print("\n| input | resized pixels: mean / max abs diff (0-255) | DNF uint8: mean / max abs diff |")
+    print("|---|---|---|")
+    for size in (512, 1024, 2048):
+        files = [encoded(photo(size, s), "JPEG") for s in range(n)]
+        px, dnf = [], []
+        for d in files:
+            a, b = (preprocess(decode_rgb(d, draft=k), size_out) for k in (0, size_out))
+            px.append(((a - b).abs() * 127.5).flatten())
+            with torch.inference_mode():
+                fa, fb = (encode(model.predict(x[None]), "reference").int() for x in (a, b))
+            dnf.append((fa - fb).abs().flatten().float())
+        px_all, dnf_all = torch.cat(px), torch.cat(dnf)
+        print(f"| {size} px JPEG | {px_all.mean():.2f} / {px_all.max():.1f} | {dnf_all.mean():.2f} / "
+              f"{dnf_all.max():.0f} |", flush=True)
 
 
 if __name__ == "__main__":
