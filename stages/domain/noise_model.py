@@ -265,6 +265,15 @@ def load_noise_model(path: Path | str, device: torch.device, precision: str = "f
                       precision, channels_last, compile)
 
 
+def load_for_kind(model: Path | str | None, device: torch.device, precision: str = "fp32",
+                  compile: bool = False, download: bool = False, kind: str = "dnf") -> NoiseModel:
+    """The pixel-space UNet a diffusion feature kind (dnf, dire) runs: `--model` resolved offline."""
+    if model is None:
+        raise ModelError(f"--feature {kind} needs --model (a diffusers UNet or pipeline folder, or a hub id "
+                         f"in the local cache)")
+    return load_noise_model(resolve_model(model, download), device, precision, compile=compile)
+
+
 def make_test_model(out: Path | str, size: int = 64, seed: int = 0) -> Path:
     """Write a tiny randomly initialised DDPM pipeline folder (UNet + linear-beta scheduler)."""
     from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel

@@ -8,8 +8,7 @@ from pathlib import Path
 import torch
 
 from stages.domain.feature_kinds.base import FeatureKind, FeatureModel
-from stages.domain.noise_model import encode, load_noise_model, resolve_model
-from storage.errors import OptionError
+from stages.domain.noise_model import encode, load_for_kind
 
 
 class DnfKind(FeatureKind):
@@ -17,10 +16,7 @@ class DnfKind(FeatureKind):
 
     def load(self, model: Path | str | None, device: torch.device, precision: str = "fp32",
              compile: bool = False, download: bool = False) -> FeatureModel:
-        if model is None:
-            raise OptionError(f"--feature {self.name} needs --model (a diffusers UNet or pipeline folder, "
-                              f"or a hub id in the local cache)")
-        return load_noise_model(resolve_model(model, download), device, precision, compile=compile)
+        return load_for_kind(model, device, precision, compile, download, self.name)
 
     def channels(self, feature) -> int:
         return 3 * len(feature.keep) if feature.combine == "stack" else 3
