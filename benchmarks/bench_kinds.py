@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -21,6 +20,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from bench import make_jpegs, results_file, scratch_dir  # noqa: E402
+from bench_shard import peak_cli  # noqa: E402
 
 from stages.domain.feature_kinds.clip import make_test_clip  # noqa: E402
 from stages.domain.feature_kinds.latent_dnf import make_test_pipeline  # noqa: E402
@@ -30,17 +30,8 @@ from stages.shard import run_shard  # noqa: E402
 
 def cli(*args: object) -> tuple[float, float, dict]:
     """(seconds, peak RSS in MiB of this command alone, its --json summary)."""
-    code = ("import resource, subprocess, sys, time; t = time.perf_counter(); "
-            "r = subprocess.run(sys.argv[1:], capture_output=True, text=True); "
-            "print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024); "
-            "print(r.stdout); sys.stderr.write(r.stderr[-3000:]); sys.exit(r.returncode)")
-    proc = subprocess.run([sys.executable, "-c", code, sys.executable, str(ROOT / "cli.py"), *map(str, args)],
-                          capture_output=True, text=True)
-    if proc.returncode:
-        raise SystemExit(f"{args[:2]} failed:\n{proc.stderr}")
-    head, _, rest = proc.stdout.partition("\n")
-    seconds, peak = map(float, head.split())
-    return seconds, peak, json.loads(rest) if rest.strip().startswith("{") else {}
+    seconds, peak, out = peak_cli(*args)
+    return seconds, peak, json.loads(out) if out.strip().startswith("{") else {}
 
 
 def cache_bytes(folder: Path) -> int:

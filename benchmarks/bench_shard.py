@@ -77,19 +77,20 @@ def small_tree(root: Path, n: int, per_folder: int = 1000, parquet: Path | None 
     return root
 
 
-def peak_cli(*args: object) -> tuple[float, float]:
-    """(seconds, peak RSS in MiB of this command's processes alone): run through a small Python
-    parent whose children are that command only."""
+def peak_cli(*args: object) -> tuple[float, float, str]:
+    """(seconds, peak RSS in MiB of this command's processes alone, its stdout): run through a
+    small Python parent whose children are that command only."""
     code = ("import resource, subprocess, sys, time; t = time.perf_counter(); "
-            "r = subprocess.run(sys.argv[1:], capture_output=True); "
+            "r = subprocess.run(sys.argv[1:], capture_output=True, text=True); "
             "print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024); "
-            "sys.exit(r.returncode)")
+            "print(r.stdout); sys.stderr.write(r.stderr[-3000:]); sys.exit(r.returncode)")
     proc = subprocess.run([sys.executable, "-c", code, sys.executable, str(ROOT / "cli.py"), *map(str, args)],
                           capture_output=True, text=True)
     if proc.returncode:
         raise SystemExit(f"{args[0]} failed:\n{proc.stderr[-2000:]}")
-    seconds, peak = map(float, proc.stdout.split())
-    return seconds, peak
+    head, _, rest = proc.stdout.partition("\n")
+    seconds, peak = map(float, head.split())
+    return seconds, peak, rest
 
 
 def photo_tree(root: Path, n: int) -> Path:
@@ -125,7 +126,7 @@ def main() -> None:
     print(f"made {args.small} small files (and as 20 parquet files) in {time.perf_counter() - t0:.0f} s",
           flush=True)
     for name, inp in (("small", small), ("parquet", tmp / "parquet")):  # the same images, side by side
-        sec, peak = peak_cli("shard", inp, "--run", tmp / f"run-{name}", "--workers", args.workers)
+        sec, peak, _ = peak_cli("shard", inp, "--run", tmp / f"run-{name}", "--workers", args.workers)
         results[name] = {"files": args.small, "seconds": round(sec, 1),
                          "files_per_s": round(args.small / sec), "peak_rss_mib": round(peak)}
         print(f"shard {args.small} small images from {'files' if name == 'small' else 'parquet'}, "

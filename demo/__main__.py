@@ -124,14 +124,8 @@ def dire(
     if not (run / "eval" / "demo" / "report.json").exists():
         _fail(DemoError(f"{run}: run `python -m demo all` (make demo) first"))
     size = _configs(False)[0].size
-    t = time.perf_counter()
-    out = subprocess.run([sys.executable, str(ROOT / "cli.py"), *extract_args(run, work / "model", size),
-                          "--feature", "dire", "--ddim-steps", str(ddim_steps), "--json"],
-                         capture_output=True, text=True)
-    if out.returncode:
-        _fail(DemoError(f"extract --feature dire failed:\n{out.stderr[-2000:]}"))
-    summary = json.loads(out.stdout)
-    extract_s = time.perf_counter() - t
+    summary, extract_s = extract_kind([*extract_args(run, work / "model", size), "--feature", "dire",
+                                       "--ddim-steps", str(ddim_steps)])
     _dnf(*detector_args(run, "demo-dire", train_generator, epochs), "--feature-id", summary["feature_id"])
     _dnf(*eval_args(run, "demo-dire"))
     reports = {name: json.loads((run / "eval" / name / "report.json").read_text())
@@ -146,11 +140,7 @@ def dire(
         lines += [f"## {title}", "", demo_table(reports[name], train_generator, data), ""]
     lines.append(f"DIRE extract: {summary['images']} images in {extract_s:.0f} s "
                  f"({summary['images_per_s']} images/s)")
-    text = "\n".join(lines)
-    (run / "eval" / "demo-dire" / "demo-dire.md").write_text(f"# DNF vs DIRE on the demo\n\n{text}\n")
-    print()
-    print(text)
-    print(f"\nBoth tables: {run / 'eval' / 'demo-dire' / 'demo-dire.md'}")
+    publish("\n".join(lines), run / "eval" / "demo-dire" / "demo-dire.md", "DNF vs DIRE on the demo")
 
 
 @app.command()
@@ -168,14 +158,8 @@ def compare(
     if not (run / "eval" / "demo" / "report.json").exists():
         _fail(DemoError(f"{run}: run `python -m demo all` (make demo) first"))
     size = _configs(False)[0].size
-    t = time.perf_counter()
-    out = subprocess.run([sys.executable, str(ROOT / "cli.py"), "extract", "--run", str(run), "--size",
-                          str(size), "--batch-size", "32", "--feature", "npr", "--json"],
-                         capture_output=True, text=True)
-    if out.returncode:
-        _fail(DemoError(f"extract --feature npr failed:\n{out.stderr[-2000:]}"))
-    summary = json.loads(out.stdout)
-    extract_s = time.perf_counter() - t
+    summary, extract_s = extract_kind(["extract", "--run", str(run), "--size", str(size), "--batch-size",
+                                       "32", "--feature", "npr"])
     _dnf(*detector_args(run, "demo-npr", train_generator, epochs), "--feature-id", summary["feature_id"])
     _dnf(*eval_args(run, "demo-npr"), "--gallery", "0")
     try:
@@ -196,11 +180,25 @@ def compare(
                                                          1000, 0), ""]
     lines.append(f"NPR extract: {summary['images']} images in {extract_s:.0f} s "
                  f"({summary['images_per_s']} images/s, command included)")
-    text = "\n".join(lines)
-    (run / "eval" / "demo-npr" / "demo-compare.md").write_text(f"# DNF vs NPR on the demo\n\n{text}\n")
+    publish("\n".join(lines), run / "eval" / "demo-npr" / "demo-compare.md", "DNF vs NPR on the demo")
+
+
+def extract_kind(args: list[str]) -> tuple[dict, float]:
+    """Run `dnf-pipeline extract ... --json`; (its summary, seconds with the command's start-up)."""
+    t = time.perf_counter()
+    out = subprocess.run([sys.executable, str(ROOT / "cli.py"), *args, "--json"], capture_output=True,
+                         text=True)
+    if out.returncode:
+        _fail(DemoError(f"{' '.join(args[:1] + args[-2:])} failed:\n{out.stderr[-2000:]}"))
+    return json.loads(out.stdout), time.perf_counter() - t
+
+
+def publish(text: str, path: Path, title: str) -> None:
+    """Write the tables to `path` as markdown and print them."""
+    path.write_text(f"# {title}\n\n{text}\n")
     print()
     print(text)
-    print(f"\nThe tables: {run / 'eval' / 'demo-npr' / 'demo-compare.md'}")
+    print(f"\nThe tables: {path}")
 
 
 def fresh_run(run: Path, inputs: dict) -> None:
