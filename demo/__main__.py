@@ -179,7 +179,8 @@ def compare(
         lines += ["## DIRE - DNF", "", compare_markdown(run / "eval" / "demo", run / "eval" / "demo-dire",
                                                          1000, 0), ""]
     lines.append(f"NPR extract: {summary['images']} images in {extract_s:.0f} s "
-                 f"({summary['images_per_s']} images/s, command included)")
+                 f"({summary['images_per_s']} images/s, command included)" if summary["images"] else
+                 f"NPR extract: the cache {summary['cache']} was complete already")
     publish("\n".join(lines), run / "eval" / "demo-npr" / "demo-compare.md", "DNF vs NPR on the demo")
 
 
