@@ -106,7 +106,8 @@ def shard(
     if as_json:
         _print(summary, True)
     elif dry_run:
-        typer.echo(f"{summary['files']} files (dry run: nothing written)")
+        what = "images (files and parquet rows)" if summary["parquet"] else "files"
+        typer.echo(f"{summary['files']} {what} (dry run: nothing written)")
         groups: dict = {}
         for f in summary["parquet"]:  # one line per split and columns, not per file
             g = groups.setdefault((f["split"] or "-", f["splits_from"], f["columns"]), [0, 0, f["file"]])
