@@ -147,6 +147,10 @@ def test_clip_embeddings_and_linear_probe_equal_transformers_and_the_probe_writt
             e = stored[row_of[row["key"]], :, 0, 0].astype(np.float64)
             p = 1 / (1 + np.exp(-(fc["weight"].double().numpy()[0] @ e + fc["bias"].double().item())))
             assert abs(float(row["probability"]) - p) < 1e-5
+    # compare works on any kind's reports: the released-format probe is our probe, so no difference
+    table = compare_markdown(run / "eval/ours", run / "eval/univfd", 200, 0)
+    overall = next(line for line in table.splitlines() if line.startswith("| **overall** | +"))
+    assert overall.count("+0.0 [+0.0, +0.0] | within noise") == 2  # AUC and AP
 
 
 def test_latent_dnf_equals_the_steps_written_with_diffusers(tmp_path):
