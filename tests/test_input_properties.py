@@ -87,7 +87,7 @@ def encode(fmt: str, mode: str, w: int, h: int, frames: int, seed: int) -> bytes
 
 @st.composite
 def trees(draw) -> tuple[str, list[tuple[bytes, bytes]]]:
-    """(layout, [(relative path, file bytes)]) with unique paths."""
+    """(layout, [(relative path, file bytes)]) with unique paths, none a folder of another."""
     layout = draw(st.sampled_from(["auto", "flat", "synthbuster"]))
     files: dict[bytes, bytes] = {}
     for _ in range(draw(st.integers(1, 6))):
@@ -99,7 +99,10 @@ def trees(draw) -> tuple[str, list[tuple[bytes, bytes]]]:
             folder = draw(names)
         else:
             folder = draw(st.sampled_from([b"", draw(names)]))
-        files[os.path.join(folder, name)] = draw(image_files())
+        path = os.path.join(folder, name)
+        if any(path.startswith(k + b"/") or k.startswith(path + b"/") for k in files):
+            continue  # a file where another path needs a folder (x and x/y.png): not a tree
+        files[path] = draw(image_files())
     return layout, sorted(files.items())
 
 
