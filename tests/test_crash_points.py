@@ -12,7 +12,8 @@ finishes without reaching it, so every step of the stage is a crash point. The p
 the stage as a user would (`--resume` for train) and compares the result with the reference run.
 
 `make test` kills at every step of shard, append, pack, extract (both backends) and convert-cache,
-and at every fourth step of train; `make test-long` at every step of train too.
+and at every fourth step of train; `make test-long` at every step of train and of shard and extract
+of parquet inputs too.
 """
 
 from __future__ import annotations
@@ -260,6 +261,7 @@ def pq_inputs(module_tmp, tiny_model) -> Iterator[dict]:
     torch.set_num_threads(threads)
 
 
+@pytest.mark.slow  # `make test` kills the CLI during parquet shard and extract (test_parquet.py)
 def test_parquet_shard_and_extract_killed_at_every_write_step(pq_inputs):
     def shard(t):
         return run_shard([pq_inputs["data"]], t / "run", shard_size=4)

@@ -248,7 +248,6 @@ def _kill_when(proc: subprocess.Popen, ready, timeout: float = 60) -> bool:
     return False
 
 
-@pytest.mark.slow  # `make test` kills parquet shard and extract at every write step (test_crash_points)
 def test_kill_9_during_shard_and_extract_resumes_to_the_same_bytes(tmp_path, tiny_model):
     data = make_openfake(tmp_path / "of", rows=160, files=2, row_group_size=4)
     clean = tmp_path / "clean"
