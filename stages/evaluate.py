@@ -24,6 +24,7 @@ from stages.domain.calibration import (
     fit_temperature,
 )
 from stages.domain.detector import Detector, predict
+from stages.domain.feature_kinds import feature_kind
 from stages.domain.gallery import section_sheet, tile
 from stages.domain.pairing import source_groups
 from stages.domain.plots import curves_png, reliability_png, robustness_png
@@ -42,8 +43,9 @@ METRIC_COLUMNS = ("n_real", "n_fake", "acc", "ap", "auc", "real_acc", "fake_acc"
 def check_feature_match(checkpoint: Path, meta: dict, cache_config: CacheConfig, cache_root: Path) -> str:
     """Refuse a cache of other features than the checkpoint's; a note for reference checkpoints."""
     if "feature" not in meta:
-        if cache_config.feature.kind == "clip":  # UnivFD's released fc_weights.pth: a bare linear probe
-            return "UnivFD linear probe: no feature config recorded; assumes this CLIP tower's embeddings"
+        note = feature_kind(cache_config.feature.kind).bare_checkpoint_note
+        if note:  # e.g. UnivFD's released fc_weights.pth: a bare linear probe
+            return note
         enc = cache_config.feature.encoding
         if enc != "reference":
             raise CacheError(f"{checkpoint} is a reference-format checkpoint (trained on the reference "

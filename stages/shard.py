@@ -34,6 +34,7 @@ from stages.domain.image_limits import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from stages.domain.layouts import LAYOUTS, SPLIT_NAMES, infer_from_layout, parse_label
 from stages.domain.parquet_layouts import (
     ColumnOptions,
+    ParquetInputError,
     dataset_files,
     infer_columns,
     is_parquet_dataset,
@@ -138,6 +139,7 @@ def parse_split_map(pairs: list[str] | None) -> dict[str, str]:
 
 def _parquet_input(inp: Path, columns: ColumnOptions, found: Collected) -> list[Candidate]:
     """A candidate per row of a parquet file or dataset folder; its files are added to `found`."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     files, how = dataset_files(inp)
@@ -150,10 +152,10 @@ def _parquet_input(inp: Path, columns: ColumnOptions, found: Collected) -> list[
             meta = pq.ParquetFile(file).metadata
             cols = infer_columns(meta.schema.to_arrow_schema(), columns, file)
             rows = list(read_rows(file, cols, columns))
-        except ParquetError as e:  # one bad file is a reject, the others are read
+        except (ParquetError, ParquetInputError) as e:  # one bad file is a reject, the others are read
             found.rejects.append({"path": str(file), "reason": str(e), "stage": "shard"})
             continue
-        except (OSError, ValueError) as e:
+        except (OSError, pa.ArrowException) as e:  # pyarrow's refusal of a damaged file; a bug still raises
             found.rejects.append({"path": str(file), "stage": "shard",
                                   "reason": f"not a readable parquet file: {e}"})
             continue

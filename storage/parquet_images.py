@@ -11,6 +11,7 @@ the last one, so consecutive rows cost one read.
 from __future__ import annotations
 
 import bisect
+import functools
 import hashlib
 import os
 import re
@@ -77,13 +78,18 @@ class ParquetSource:
 
     def row_group_of(self, row: int) -> tuple[int, int]:
         """(row group, its first row) of a row of the file."""
-        starts = self.starts()
+        starts = self._starts  # computed once per source, not per row
         rg = bisect.bisect_right(starts, row) - 1
         if rg < 0 or rg >= len(self.row_groups) or row >= starts[rg] + self.row_groups[rg]:
             raise ParquetError(f"{self.file}#{row}: the file has {sum(self.row_groups)} rows")
         return rg, starts[rg]
 
+    @functools.cached_property
+    def _starts(self) -> list[int]:
+        return self.starts()
+
     def starts(self) -> list[int]:
+        """The first row of each row group."""
         out, total = [], 0
         for n in self.row_groups:
             out.append(total)

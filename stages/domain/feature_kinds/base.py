@@ -38,6 +38,9 @@ class FeatureKind(ABC):
     needs_model: bool = True  # False: computed from the pixels alone (`--model` is not needed)
     heads: tuple[str, ...] = ("resnet50",)  # the detector heads that fit its arrays, the default first
     default_encoding: str = "reference"
+    # what a checkpoint without a recorded feature config was trained on: the reference encoding of
+    # this kind (DNF's released detectors), or, for a probe on embeddings, this kind's vectors
+    bare_checkpoint_note: str = ""
 
     @abstractmethod
     def load(self, model: Path | str | None, device: torch.device, precision: str = "fp32",

@@ -75,6 +75,8 @@ class ClipKind(FeatureKind):
     name = "clip"
     heads = ("linear",)
     default_encoding = "raw"
+    bare_checkpoint_note = ("UnivFD linear probe: no feature config recorded; assumes this CLIP tower's "
+                            "embeddings")
 
     def load(self, model: Path | str | None, device: torch.device, precision: str = "fp32",
              compile: bool = False, download: bool = False) -> FeatureModel:
