@@ -7,7 +7,8 @@ heartbeat) that a background thread refreshes every `HEARTBEAT_S` seconds. Two w
 - `flock` (the default where the filesystem supports it): an exclusive lock on the file, which the
   kernel drops when its process dies (even by SIGKILL), so a dead worker's shard is free at once;
 - `heartbeat` (for filesystems without working `flock`, chosen by `--claims heartbeat` or when
-  flock fails): the file is created exclusively; a claim whose owner is a dead process on this
+  flock fails, and always on object storage): the file is created exclusively (a conditional PUT,
+  `If-None-Match: *`, on object storage); a claim whose owner is a dead process on this
   host, or whose heartbeat is older than `stale_s`, is taken over by exactly one worker (it
   creates a takeover marker for that owner exclusively first). An owner that finds its claim
   taken over marks it lost and does not mark the shard done.
@@ -30,7 +31,9 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from storage.atomic import create_exclusive, write_bytes_atomic
 from storage.errors import OptionError
+from storage.locations import StoragePath, as_path, is_remote
 
 HEARTBEAT_S = 10.0
 STALE_S = 120.0
@@ -43,7 +46,7 @@ def _record(owner: str, since: float, mode: str) -> bytes:
                        "since": since, "heartbeat": time.time()}).encode() + b"\n"
 
 
-def read_record(path: Path) -> dict | None:
+def read_record(path: StoragePath) -> dict | None:
     """The claim record in `path`; an unreadable one gets the file's mtime as its heartbeat."""
     try:
         text = path.read_text()
@@ -110,9 +113,7 @@ class Claim:
             self.lost = True
             self._stop.set()
             return
-        tmp = path.with_name(f"{path.name}.{self.owner.replace(':', '_')}.tmp")
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
+        write_bytes_atomic(path, data)
 
     def release(self) -> None:
         """Stop the heartbeat and give the shard up (a claim taken over meanwhile is left alone)."""
@@ -139,11 +140,16 @@ class Claim:
 class ShardQueue:
     """Hands out pending shards, each to one worker at a time."""
 
-    def __init__(self, claims_dir: Path, num_shards: int, is_done: Callable[[int], bool],
+    def __init__(self, claims_dir: StoragePath | str, num_shards: int, is_done: Callable[[int], bool],
                  mode: str = "auto", stale_s: float | None = None, heartbeat_s: float = HEARTBEAT_S):
         if mode not in CLAIM_MODES:
             raise OptionError(f"--claims {mode}: one of {', '.join(CLAIM_MODES)}")
-        self.claims_dir = Path(claims_dir)
+        self.claims_dir = as_path(claims_dir)
+        if is_remote(self.claims_dir):
+            if mode == "flock":
+                raise OptionError(f"--claims flock: {self.claims_dir} is on object storage, which has no "
+                                  f"flock; use --claims heartbeat (or auto)")
+            mode = "heartbeat"
         self.num_shards = num_shards
         self.is_done = is_done
         if stale_s is None:  # DNF_CLAIM_STALE_S: seconds without a heartbeat before a takeover
@@ -151,7 +157,7 @@ class ShardQueue:
         self.mode, self.stale_s, self.heartbeat_s = mode, stale_s, heartbeat_s
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
-    def lock_path(self, shard_id: int) -> Path:
+    def lock_path(self, shard_id: int) -> StoragePath:
         return self.claims_dir / f"{shard_id:05d}.lock"
 
     def pending(self) -> list[int]:
@@ -181,13 +187,8 @@ class ShardQueue:
         return self._claim_heartbeat(shard_id)
 
     def _claim_heartbeat(self, shard_id: int) -> Claim | None:
-        path = self.lock_path(shard_id)
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        except FileExistsError:
+        if not create_exclusive(self.lock_path(shard_id), _record(self.owner, time.time(), "heartbeat")):
             return self._take_over(shard_id)
-        with os.fdopen(fd, "wb") as f:
-            f.write(_record(self.owner, time.time(), "heartbeat"))
         return Claim(self, shard_id, None, self.owner)
 
     def is_stale(self, rec: dict) -> bool:
@@ -204,16 +205,12 @@ class ShardQueue:
         # one taker per stale owner: whoever creates this marker first
         tag = hashlib.sha256(str(rec.get("owner")).encode()).hexdigest()[:16]
         marker = self.claims_dir / f"{shard_id:05d}.takeover-{tag}"
-        try:
-            os.close(os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
-        except FileExistsError:
+        if not create_exclusive(marker, self.owner.encode()):
             return None
         if (read_record(path) or {}).get("owner") != rec.get("owner"):  # changed meanwhile
             marker.unlink(missing_ok=True)
             return None
-        tmp = path.with_name(f"{path.name}.{self.owner.replace(':', '_')}.tmp")
-        tmp.write_bytes(_record(self.owner, time.time(), "heartbeat"))
-        os.replace(tmp, path)
+        write_bytes_atomic(path, _record(self.owner, time.time(), "heartbeat"))
         return Claim(self, shard_id, None, self.owner, takeover=marker)
 
     @contextmanager

@@ -3,38 +3,28 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from storage.errors import RecordError
+from storage.locations import StoragePath, as_path, location
+from storage.locations.local import fsync_dir
+
+__all__ = ["fsync_dir", "write_bytes_atomic", "create_exclusive"]
 
 
-def fsync_dir(path: Path) -> None:
-    """Flush a directory entry (a rename or a new file) to disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def write_bytes_atomic(path: StoragePath | str, data: bytes) -> None:
+    """Write `data` to `path` so that a reader sees the old file or the new one whole: on disk
+    through a temporary file in the same folder and a rename, on object storage as one PUT."""
+    path = as_path(path)
+    location(path).write_whole(path, data)
 
 
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    """Write `data` to `path` through a temporary file in the same folder and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
+def create_exclusive(path: StoragePath | str, data: bytes) -> bool:
+    """Create `path` holding `data` unless it exists (a conditional PUT on object storage); True
+    when this call (or a retry of it) created it."""
+    path = as_path(path)
+    return location(path).create_exclusive(path, data)
 
 
 def dumps_json(obj: Any) -> str:
@@ -69,18 +59,20 @@ def write_jsonl_atomic(path: Path, rows: list[dict]) -> None:
 def read_json(path: Path) -> Any:
     """Read a JSON file, naming the file in the error when it is not valid JSON."""
     try:
-        return json.loads(Path(path).read_text())
+        return json.loads(as_path(path).read_text())
     except json.JSONDecodeError as e:
         raise RecordError(f"{path}: not valid JSON ({e})") from e
 
 
 def read_jsonl(path: Path) -> list[dict]:
     """Read a JSON-lines file; an empty or missing file gives an empty list."""
-    path = Path(path)
-    if not path.exists():
+    path = as_path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
         return []
     rows = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
+    for n, line in enumerate(text.splitlines(), 1):
         if line.strip():
             try:
                 rows.append(json.loads(line))

@@ -12,18 +12,22 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import json
 import os
+import time
+import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
-from storage.atomic import read_json, write_json_atomic
+from storage.atomic import create_exclusive, dumps_json, encode_text, read_json, write_json_atomic
 from storage.cache_config import CacheConfig, DoneMarker, ManifestRef
 from storage.errors import UserError
+from storage.locations import StoragePath, as_path, is_remote
 
 NOT_CACHED = -1  # label of a row whose image was rejected at extract time
 
@@ -42,6 +46,40 @@ def file_lock(path: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+LOCK_STALE_S = 120.0  # an object lock older than this is a dead holder's: taken over
+
+
+@contextmanager
+def object_lock(path: StoragePath, stale_s: float = LOCK_STALE_S) -> Iterator[None]:
+    """An exclusive lock on object storage: the object `path`, created with a conditional PUT and
+    deleted at the end. A lock left by a dead holder (older than `stale_s`) is removed by the one
+    waiter that creates its takeover marker first."""
+    token = json.dumps({"owner": uuid.uuid4().hex, "since": time.time()}).encode()
+    while not create_exclusive(path, token):
+        try:
+            held = path.read_bytes()
+            age = time.time() - json.loads(held).get("since", 0)
+        except FileNotFoundError:
+            continue  # released meanwhile
+        except ValueError:
+            held, age = b"", stale_s + 1
+        if age > stale_s:
+            marker = path.with_name(f"{path.name}.takeover-{hashlib.sha256(held).hexdigest()[:16]}")
+            if create_exclusive(marker, token):
+                path.unlink(missing_ok=True)
+                marker.unlink(missing_ok=True)
+        time.sleep(0.2)
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def storage_lock(path: StoragePath) -> AbstractContextManager[None]:
+    """`file_lock` on a filesystem, `object_lock` on object storage."""
+    return object_lock(path) if is_remote(path) else file_lock(path)
 
 
 def shard_checksum(dnf: np.ndarray, label: np.ndarray, keys: list[str]) -> str:
@@ -77,9 +115,13 @@ class FeatureCache(ABC):
     random_access = True
     format_version = 1  # of the backend's storage; a cache of another version is not written to
 
-    def __init__(self, root: Path | str):
-        self.root = Path(root)
+    def __init__(self, root: StoragePath | str):
+        self.root = as_path(root)
         self._config: CacheConfig | None = None
+
+    def lock(self) -> AbstractContextManager[None]:
+        """The cache's lock, held while config.json and the layout are created or grown."""
+        return storage_lock(self.root.parent / f"{self.root.name}.lock")
 
     @property
     def config_path(self) -> Path:
@@ -119,7 +161,7 @@ class FeatureCache(ABC):
         def names() -> dict[str, list[str]]:
             return vocabulary() if vocabulary is not None else {"split": [], "source": []}
 
-        with file_lock(self.root.parent / f"{self.root.name}.lock"):
+        with self.lock():
             if self.exists():
                 old = self.config()
                 diff = old.differences(config)
@@ -158,8 +200,18 @@ class FeatureCache(ABC):
         return {int(p.stem) for p in self.done_dir.glob("*.json") if p.stem.isdigit()}
 
     def mark_done(self, marker: DoneMarker) -> None:
-        """Written last, atomically: from now on the shard counts as complete."""
-        write_json_atomic(self.done_path(marker.shard), marker.to_json())
+        """Written last, atomically: from now on the shard counts as complete. On object storage it
+        is created with a conditional PUT: a second writer of the shard (whose data are the same
+        bytes) finds it there and moves on; a different marker there is an error."""
+        path = self.done_path(marker.shard)
+        if not is_remote(path):
+            write_json_atomic(path, marker.to_json())
+            return
+        if not create_exclusive(path, encode_text(dumps_json(marker.to_json()))):
+            there = self.done_marker(marker.shard)
+            if there is None or (there.rows, there.checksum) != (marker.rows, marker.checksum):
+                raise CacheError(f"{path}: another worker marked shard {marker.shard:05d} done with "
+                                 f"other data ({there and there.checksum} != {marker.checksum})")
 
     def damaged_shard(self, shard_id: int, problem: str) -> CacheError:
         """The error of a done shard whose data file is missing or short (a crash, a copy that lost
@@ -169,6 +221,8 @@ class FeatureCache(ABC):
                           f"compute it again")
 
     def size_bytes(self) -> int:
+        if is_remote(self.root):
+            return sum(size for _, size in self.root.walk_files())
         total = 0
         for dirpath, _, files in os.walk(self.root):
             total += sum(os.path.getsize(os.path.join(dirpath, f)) for f in files)

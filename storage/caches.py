@@ -10,6 +10,7 @@ from pathlib import Path
 from storage.atomic import read_json
 from storage.cache_config import FeatureConfig
 from storage.cache_folder import CacheError, FeatureCache
+from storage.locations import as_path
 from storage.wds_cache import WdsCache
 from storage.zarr_cache import ZarrCache
 
@@ -38,7 +39,7 @@ def new_cache(root: Path | str, backend: str) -> FeatureCache:
 
 def load_cache(root: Path | str) -> FeatureCache:
     """The cache folder at `root` as its backend's class (from its config.json)."""
-    root = Path(root)
+    root = as_path(root)
     config = root / "config.json"
     backend = read_json(config).get("backend", "zarr") if config.exists() else "zarr"
     return backend_class(backend, f"{config}: backend")(root)

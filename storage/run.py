@@ -10,6 +10,7 @@ from pathlib import Path
 
 from storage.atomic import read_json, read_jsonl, write_json_atomic, write_jsonl_atomic
 from storage.errors import RecordError, UserError
+from storage.locations import StoragePath, as_path, is_url
 
 LABELS = {0: "real", 1: "fake"}
 
@@ -40,9 +41,9 @@ class Entry:
 
 def within_roots(path: str, roots: list[str]) -> bool:
     """True when `path`, normalised lexically (`..` resolved, symlinks kept), lies in a root."""
-    norm = os.path.normpath(path)
+    norm = str(as_path(path)) if is_url(path) else os.path.normpath(path)
     for root in roots:
-        root = os.path.normpath(root)
+        root = str(as_path(root)) if is_url(root) else os.path.normpath(root)
         if norm == root or norm.startswith(root.rstrip(os.sep) + os.sep):
             return True
     return False
@@ -132,8 +133,8 @@ class RunError(UserError, RuntimeError):
 class Run:
     """Paths and readers of one run directory."""
 
-    def __init__(self, root: Path | str):
-        self.root = Path(root)
+    def __init__(self, root: StoragePath | str):
+        self.root = as_path(root)
         self._info: RunInfo | None = None
 
     # -- paths -------------------------------------------------------------------------------

@@ -23,12 +23,15 @@ import os
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
 from storage.atomic import fsync_dir
 from storage.cache_config import CacheConfig, DoneMarker
 from storage.cache_folder import NOT_CACHED, CacheError, FeatureCache, RowReader
+from storage.locations import StoragePath, is_remote, location
+from storage.locations.base import RangeReader
 
 
 def _member(name: str, data: bytes) -> tuple[tarfile.TarInfo, io.BytesIO]:
@@ -46,6 +49,25 @@ def npy_bytes(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def _write_tar(f: BinaryIO, start: int, dnf: np.ndarray, label: np.ndarray, split: list[str],
+               source: list[str], key: list[str], offset: list[int], size: list[int]) -> None:
+    """Write the shard's cached rows as tar members into `f`, recording each .dnf.npy's offset
+    and size (in place) for the done marker's index."""
+    with tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for j in range(len(dnf)):
+            if int(label[j]) == NOT_CACHED:
+                continue
+            meta = {"row": start + j, "key": key[j], "label": int(label[j]), "split": split[j],
+                    "source": source[j]}
+            for suffix, data in (("dnf.npy", npy_bytes(dnf[j])), ("cls", str(int(label[j])).encode()),
+                                 ("json", json.dumps(meta, sort_keys=True).encode())):
+                info, body = _member(f"{key[j]}.{suffix}", data)
+                if suffix == "dnf.npy":  # the data follows its header
+                    offset[j] = tar.offset + len(info.tobuf(tar.format, tar.encoding, tar.errors))
+                    size[j] = len(data)
+                tar.addfile(info, body)
+
+
 class WdsCache(FeatureCache):
     """One feature cache folder of WebDataset tar shards."""
 
@@ -58,10 +80,10 @@ class WdsCache(FeatureCache):
         self._written: dict[int, dict] = {}  # shards this object wrote -> their index (read-back)
 
     @property
-    def shards_dir(self) -> Path:
+    def shards_dir(self) -> StoragePath:
         return self.root / "wds"
 
-    def shard_file(self, shard_id: int) -> Path:
+    def shard_file(self, shard_id: int) -> StoragePath:
         return self.shards_dir / f"{shard_id:05d}.tar"
 
     def _create(self, config: CacheConfig, vocabulary: dict[str, list[str]]) -> None:
@@ -76,28 +98,25 @@ class WdsCache(FeatureCache):
         the shard's index for its done marker."""
         shard_id = start // self.config().shard_size
         final = self.shard_file(shard_id)
-        for stale in final.parent.glob(f".{final.name}.*.tmp"):  # left by a killed writer
-            stale.unlink(missing_ok=True)  # (this worker holds the shard's claim)
-        tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
         offset, size = [-1] * len(dnf), [0] * len(dnf)  # of each row's .dnf.npy data; -1: no member
-        with open(tmp, "wb") as f:
-            with tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-                for j in range(len(dnf)):
-                    if int(label[j]) == NOT_CACHED:
-                        continue
-                    meta = {"row": start + j, "key": key[j], "label": int(label[j]), "split": split[j],
-                            "source": source[j]}
-                    for suffix, data in (("dnf.npy", npy_bytes(dnf[j])), ("cls", str(int(label[j])).encode()),
-                                         ("json", json.dumps(meta, sort_keys=True).encode())):
-                        info, body = _member(f"{key[j]}.{suffix}", data)
-                        if suffix == "dnf.npy":  # the data follows its header
-                            offset[j] = tar.offset + len(info.tobuf(tar.format, tar.encoding, tar.errors))
-                            size[j] = len(data)
-                        tar.addfile(info, body)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
-        fsync_dir(final.parent)
+        if is_remote(final):  # an fsspec file: the object appears whole when it is closed, never before
+            f = final.open("wb")
+            try:
+                _write_tar(f, start, dnf, label, split, source, key, offset, size)
+            except BaseException:
+                f.discard() if hasattr(f, "discard") else None  # abort the upload: no partial object
+                raise
+            f.close()
+        else:
+            for stale in final.parent.glob(f".{final.name}.*.tmp"):  # left by a killed writer
+                stale.unlink(missing_ok=True)  # (this worker holds the shard's claim)
+            tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
+            with open(tmp, "wb") as f:
+                _write_tar(f, start, dnf, label, split, source, key, offset, size)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, final)
+            fsync_dir(final.parent)
         index = {"key": list(key), "label": [int(v) for v in label], "split": list(split),
                  "source": list(source), "offset": offset, "size": size}
         self._written[shard_id] = index
@@ -140,7 +159,7 @@ class WdsCache(FeatureCache):
         index = self._shard_index(shard_id)
         self.check_shard_data(shard_id, index)
         dnf = np.zeros((end - start, *config.row_shape()), dtype=config.dtype)
-        with open(self.shard_file(shard_id), "rb") as f:
+        with self.shard_file(shard_id).open("rb") as f:
             for j, (offset, size) in enumerate(zip(index["offset"], index["size"], strict=True)):
                 if offset >= 0:
                     f.seek(offset)
@@ -171,13 +190,15 @@ class WdsCache(FeatureCache):
     def iter_shard(self, shard_id: int, rows: set[int]) -> Iterator[tuple[int, np.ndarray]]:
         """(row, DNF) of the wanted rows of one done shard, streamed through its tar in order (what
         a WebDataset reader of an object store does)."""
-        import webdataset as wds
+        from webdataset.tariterators import group_by_keys, tar_file_expander
 
         self.check_shard_data(shard_id)
-        for sample in wds.tarfile_samples([{"url": str(self.shard_file(shard_id))}]):
-            row = json.loads(sample["json"])["row"]
-            if row in rows:
-                yield row, np.load(io.BytesIO(sample["dnf.npy"]), allow_pickle=False)
+        path = self.shard_file(shard_id)
+        with path.open("rb") as stream:
+            for sample in group_by_keys(tar_file_expander([{"url": str(path), "stream": stream}])):
+                row = json.loads(sample["json"])["row"]
+                if row in rows:
+                    yield row, np.load(io.BytesIO(sample["dnf.npy"]), allow_pickle=False)
 
 
 class WdsRowReader(RowReader):
@@ -186,7 +207,7 @@ class WdsRowReader(RowReader):
     def __init__(self, cache: WdsCache):
         self.cache = cache
         self.shard_size = cache.config().shard_size
-        self.fds: dict[int, int] = {}
+        self.fds: dict[int, RangeReader] = {}
         self.index: dict[int, dict] = {}
 
     def __getitem__(self, row: int) -> np.ndarray:
@@ -194,14 +215,15 @@ class WdsRowReader(RowReader):
         if shard not in self.index:
             self.index[shard] = self.cache.done_marker(shard).index
             self.cache.check_shard_data(shard, self.index[shard])
-            self.fds[shard] = os.open(self.cache.shard_file(shard), os.O_RDONLY)
+            path = self.cache.shard_file(shard)
+            self.fds[shard] = location(path).open_reader(path)
         index = self.index[shard]
         offset = index["offset"][j]
         if offset < 0:
             raise CacheError(f"{self.cache.root}: row {row} holds no features (rejected at extract)")
-        return np.load(io.BytesIO(os.pread(self.fds[shard], index["size"][j], offset)), allow_pickle=False)
+        return np.load(io.BytesIO(self.fds[shard].read(offset, index["size"][j])), allow_pickle=False)
 
     def close(self) -> None:
         for fd in self.fds.values():
-            os.close(fd)
+            fd.close()
         self.fds.clear()

@@ -20,6 +20,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import google_crc32c
 import numcodecs
@@ -27,9 +28,12 @@ import numpy as np
 import zarr
 from zarr.codecs import ZstdCodec
 
-from storage.atomic import fsync_dir
+from storage.atomic import fsync_dir, write_bytes_atomic
 from storage.cache_config import CacheConfig
-from storage.cache_folder import NOT_CACHED, CacheError, FeatureCache, RowReader, file_lock
+from storage.cache_folder import NOT_CACHED, CacheError, FeatureCache, RowReader
+from storage.locations import StoragePath, as_path, is_remote, location
+from storage.locations.base import RangeReader
+from storage.locations.object_store import storage_options
 
 EMPTY = np.uint64(2**64 - 1)
 # zstd level of the DNF chunks. Measured on 256x256 reference-encoded DNF (benchmarks/bench.py
@@ -38,13 +42,21 @@ EMPTY = np.uint64(2**64 - 1)
 ZSTD_LEVEL = 1
 
 
+def zarr_store(path: StoragePath) -> Any:
+    """What zarr-python opens for `path`: the local path, or an fsspec store for a URL (each
+    process opens its own)."""
+    if is_remote(path):
+        return zarr.storage.FsspecStore.from_url(str(path), storage_options=storage_options(path.protocol))
+    return path
+
+
 @dataclass(frozen=True)
 class RowShardLayout:
     """A sharded Zarr v3 array with one chunk per row along axis 0, [bytes, zstd] (or [bytes])
     chunk codecs in little-endian order and its shard index at the end ([bytes, crc32c]): the layout
     this project writes, which the direct reader and writer handle; anything else goes to zarr."""
 
-    path: Path
+    path: StoragePath
     shape: tuple[int, ...]
     dtype: np.dtype
     fill: float
@@ -55,7 +67,8 @@ class RowShardLayout:
     @classmethod
     def read(cls, array_path: Path) -> RowShardLayout:
         """The layout of the array at `array_path`; ValueError when it is another one."""
-        meta = json.loads((Path(array_path) / "zarr.json").read_text())
+        array_path = as_path(array_path)
+        meta = json.loads((array_path / "zarr.json").read_text())
         shape = tuple(meta["shape"])
         shard = meta["codecs"][0]
         if shard["name"] != "sharding_indexed":
@@ -71,12 +84,12 @@ class RowShardLayout:
                        for c in conf["codecs"] + conf["index_codecs"])):
             raise ValueError("layout not supported by the direct reader")
         zstd = conf["codecs"][1].get("configuration", {}) if "zstd" in inner else None
-        return cls(Path(array_path), shape, np.dtype(meta["data_type"]).newbyteorder("<"),
+        return cls(array_path, shape, np.dtype(meta["data_type"]).newbyteorder("<"),
                    meta.get("fill_value", 0), meta["chunk_grid"]["configuration"]["chunk_shape"][0],
                    None if zstd is None else int(zstd.get("level", 0)),
                    bool(zstd and zstd.get("checksum", False)))
 
-    def shard_path(self, shard: int) -> Path:
+    def shard_path(self, shard: int) -> StoragePath:
         return self.path / "c" / str(shard) / "/".join("0" * (len(self.shape) - 1))
 
     def codec(self) -> numcodecs.Zstd | None:
@@ -127,14 +140,14 @@ def encode_row_shard(layout: RowShardLayout, rows: np.ndarray) -> bytes | None:
     return b"".join(parts) + index_bytes + crc
 
 
-def shard_index(layout: RowShardLayout, fd: int) -> np.ndarray | str:
+def shard_index(layout: RowShardLayout, reader: RangeReader) -> np.ndarray | str:
     """The (offset, size) pairs of an open shard file, or why the file cannot hold them (too short,
     an index that fails its crc32c, chunks that lie past the index): a half-written file."""
-    size = os.fstat(fd).st_size
+    size = reader.size
     n = layout.rows_per_shard * 16
     if size < n + 4:
         return f"{size} bytes, shorter than its index"
-    raw = os.pread(fd, n + 4, size - n - 4)
+    raw = reader.read(size - n - 4, n + 4)
     if np.uint32(google_crc32c.value(raw[:n])).astype("<u4").tobytes() != raw[n:]:
         return "damaged: its shard index fails its crc32c"
     index = np.frombuffer(raw[:n], dtype="<u8").reshape(-1, 2)
@@ -145,9 +158,9 @@ def shard_index(layout: RowShardLayout, fd: int) -> np.ndarray | str:
 
 
 class ShardChunkReader(RowReader):
-    """Rows of an array in the `RowShardLayout`, read straight from the shard files: one pread and
-    one zstd decode per row, each shard's index read once. `required(shard)` tells whether a shard
-    must have a file (a done shard with cached rows); a missing or short one then raises the
+    """Rows of an array in the `RowShardLayout`, read straight from the shard files: one pread (a
+    ranged GET on object storage) and one zstd decode per row, each shard's index read once.
+    `required(shard)` tells whether a shard must have a file (a done shard with cached rows); a missing or short one then raises the
     `CacheError` that `damaged(shard, problem)` makes, instead of reading as zeros."""
 
     def __init__(self, array_path: Path, required=None, damaged=None):
@@ -157,22 +170,23 @@ class ShardChunkReader(RowReader):
         self.zstd = numcodecs.Zstd() if layout.zstd_level is not None else None
         self.rows_per_shard = layout.rows_per_shard
         self.row_shape = tuple(self.shape[1:])
-        self.fds: dict[int, int] = {}
+        self.fds: dict[int, RangeReader] = {}
         self.indexes: dict[int, np.ndarray] = {}
         self.required = required or (lambda shard: False)
         self.damaged = damaged or (lambda shard, why: CacheError(f"{self.path}: shard {shard}: {why}"))
 
-    def _index(self, shard: int) -> tuple[int, np.ndarray] | None:
+    def _index(self, shard: int) -> tuple[RangeReader, np.ndarray] | None:
         if shard not in self.indexes:
+            path = self.layout.shard_path(shard)
             try:
-                fd = os.open(self.layout.shard_path(shard), os.O_RDONLY)
+                fd = location(path).open_reader(path)
             except FileNotFoundError:
                 if self.required(shard):
                     raise self.damaged(shard, "missing") from None
                 return None
             index = shard_index(self.layout, fd)
             if isinstance(index, str):
-                os.close(fd)
+                fd.close()
                 raise self.damaged(shard, index)
             self.fds[shard] = fd
             self.indexes[shard] = index
@@ -185,14 +199,14 @@ class ShardChunkReader(RowReader):
             return np.full(self.row_shape, self.fill, dtype=self.dtype)
         fd, index = found
         offset, nbytes = (int(v) for v in index[j])
-        data = os.pread(fd, nbytes, offset)
+        data = fd.read(offset, nbytes)
         if self.zstd is not None:
             data = self.zstd.decode(data)
         return np.frombuffer(data, dtype=self.dtype).reshape(self.row_shape)
 
     def close(self) -> None:
         for fd in self.fds.values():
-            os.close(fd)
+            fd.close()
         self.fds.clear()
         self.indexes.clear()
 
@@ -201,7 +215,7 @@ class ZarrArrayRows(RowReader):
     """Rows of any zarr array through zarr-python (the fallback of the direct reader)."""
 
     def __init__(self, array_path: Path):
-        self.array = zarr.open_array(str(array_path), mode="r")
+        self.array = zarr.open_array(zarr_store(as_path(array_path)), mode="r")
 
     def __getitem__(self, row: int) -> np.ndarray:
         return self.array[int(row)]
@@ -214,6 +228,9 @@ def write_row_shard(layout: RowShardLayout, shard: int, rows: np.ndarray) -> Non
     path = layout.shard_path(shard)
     if data is None:  # every row empty: as zarr-python, no file
         path.unlink(missing_ok=True)
+        return
+    if is_remote(path):  # one PUT: the object is there whole or not at all
+        write_bytes_atomic(path, data)
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a killed writer (we hold the claim)
@@ -228,7 +245,10 @@ def write_row_shard(layout: RowShardLayout, shard: int, rows: np.ndarray) -> Non
 
 
 def fsync_tree(path: Path) -> None:
-    """fsync a file, or every file and folder under `path` (zarr-python's chunk files of a shard)."""
+    """fsync a file, or every file and folder under `path` (zarr-python's chunk files of a shard);
+    nothing to do on object storage, where a PUT that returned is durable."""
+    if is_remote(path):
+        return
     if path.is_file():
         with open(path, "rb") as f:
             os.fsync(f.fileno())
@@ -273,13 +293,13 @@ class ZarrCache(FeatureCache):
     CODED = ("split", "source")
 
     @property
-    def zarr_path(self) -> Path:
+    def zarr_path(self) -> StoragePath:
         return self.root / "features.zarr"
 
     def _create(self, config: CacheConfig, vocabulary: dict[str, list[str]]) -> None:
         num_rows, shard_size = config.manifest.row_count, config.manifest.shard_size
         channels, size, _ = config.row_shape()
-        group = zarr.open_group(self.zarr_path, mode="w", zarr_format=3)
+        group = zarr.open_group(zarr_store(self.zarr_path), mode="w", zarr_format=3)
         group.create_array(
             "dnf", shape=(num_rows, channels, size, size), dtype=config.dtype,
             chunks=(1, channels, size, size), shards=(shard_size, channels, size, size),
@@ -296,7 +316,7 @@ class ZarrCache(FeatureCache):
     def _grow(self, config: CacheConfig, vocabulary: dict[str, list[str]]) -> None:
         """Longer arrays, the appended names after the others (only zarr.json files change: shard
         files keep their bytes)."""
-        group = zarr.open_group(self.zarr_path, mode="r+")
+        group = zarr.open_group(zarr_store(self.zarr_path), mode="r+")
         for name in ("dnf", "label", "split", "source", "key"):
             array = group[name]
             array.resize((config.manifest.row_count, *array.shape[1:]))
@@ -306,7 +326,7 @@ class ZarrCache(FeatureCache):
         group.attrs.update({"dnf_pipeline": json.loads(json.dumps(config.to_json(), sort_keys=True))})
 
     # -- shards ------------------------------------------------------------------------------
-    def shard_file(self, shard_id: int) -> Path:
+    def shard_file(self, shard_id: int) -> StoragePath:
         """The file holding the shard's DNF rows."""
         return self.zarr_path / "dnf" / "c" / str(shard_id) / "0" / "0" / "0"
 
@@ -316,8 +336,8 @@ class ZarrCache(FeatureCache):
         never changes its name."""
         names = list(group[name].attrs.get("names", []))
         if set(values) - set(names):
-            with file_lock(self.root.parent / f"{self.root.name}.lock"):
-                array = zarr.open_array(self.zarr_path / name, mode="r+")
+            with self.lock():
+                array = zarr.open_array(zarr_store(self.zarr_path / name), mode="r+")
                 names = list(array.attrs.get("names", []))
                 names += sorted(set(values) - set(names))
                 array.attrs["names"] = names
@@ -335,7 +355,7 @@ class ZarrCache(FeatureCache):
         end = start + len(dnf)
         shard = start // self.config().shard_size
         self._clear_partial(shard)
-        group = zarr.open_group(self.zarr_path, mode="r+")
+        group = zarr.open_group(zarr_store(self.zarr_path), mode="r+")
         layout = self._dnf_layout()
         synced = ["label", "key", "split", "source"]  # write_row_shard syncs its own file
         if layout is not None and start % layout.rows_per_shard == 0 and len(dnf) <= layout.rows_per_shard:
@@ -352,7 +372,10 @@ class ZarrCache(FeatureCache):
 
     def _clear_partial(self, shard: int) -> None:
         """Remove the `*.partial` files a killed zarr-python write left for this shard's chunks
-        (never read, but they would stay forever; this worker holds the shard's claim)."""
+        (never read, but they would stay forever; this worker holds the shard's claim). Object
+        storage has none: zarr-python writes each chunk object with one PUT."""
+        if is_remote(self.zarr_path):
+            return
         for name in ("dnf", "label", "key", "split", "source"):
             chunks = self.zarr_path / name / "c"
             for stale in [*chunks.glob(f"{shard}.*.partial"), *chunks.glob(f"{shard}/**/*.partial")]:
@@ -367,7 +390,7 @@ class ZarrCache(FeatureCache):
             return None
 
     def open_read(self) -> zarr.Group:
-        return zarr.open_group(self.zarr_path, mode="r")
+        return zarr.open_group(zarr_store(self.zarr_path), mode="r")
 
     def _strings(self, group: zarr.Group, name: str, start: int = 0, end: int | None = None) -> np.ndarray:
         """key, split or source of rows [start, end) as an object array of str, in either format."""
@@ -385,14 +408,15 @@ class ZarrCache(FeatureCache):
         layout = self._dnf_layout()
         if layout is None or not self._required(shard_id):
             return
+        path = self.shard_file(shard_id)
         try:
-            fd = os.open(self.shard_file(shard_id), os.O_RDONLY)
+            fd = location(path).open_reader(path)
         except FileNotFoundError:
             raise self.damaged_shard(shard_id, "missing") from None
         try:
             problem = shard_index(layout, fd)
         finally:
-            os.close(fd)
+            fd.close()
         if isinstance(problem, str):
             raise self.damaged_shard(shard_id, problem)
 

@@ -1,0 +1,51 @@
+"""Storage locations: where a run, its inputs and its caches live. A string path is a local path
+(`pathlib.Path`, the local disk or a shared filesystem) or a URL (`s3://bucket/key`, an
+`ObjectPath` on object storage through fsspec). `location(path)` gives the operations that differ
+between the two (`storage.locations.base.Location`); a new kind is one file and one line here."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Union
+
+from storage.locations.base import Location
+from storage.locations.local import LocalLocation
+from storage.locations.object_store import ObjectLocation, ObjectPath
+
+StoragePath = Union[Path, ObjectPath]  # noqa: UP007 (a runtime alias)
+
+LOCATIONS: dict[type, Location] = {
+    Path: LocalLocation(),
+    ObjectPath: ObjectLocation(),
+}
+
+
+def is_url(text: str) -> bool:
+    """True for `scheme://...` (s3://, gs://, ...), not for local paths (file:// is local)."""
+    scheme, sep, _ = str(text).partition("://")
+    return bool(sep) and scheme.isalnum() and len(scheme) > 1 and scheme != "file"
+
+
+def as_path(path: str | Path | ObjectPath) -> StoragePath:
+    """A path object for a local path or a URL (path objects are returned as they are)."""
+    if isinstance(path, ObjectPath):
+        return path
+    text = str(path)
+    if is_url(text):
+        return ObjectPath(text)
+    if text.startswith("file://"):
+        text = text[len("file://"):]
+    return path if isinstance(path, Path) else Path(text)
+
+
+def location(path: StoragePath) -> Location:
+    """The storage operations of `path`'s kind."""
+    for kind, loc in LOCATIONS.items():
+        if isinstance(path, kind):
+            return loc
+    raise TypeError(f"not a storage path: {path!r}")
+
+
+def is_remote(path: StoragePath | str) -> bool:
+    """True for a path on object storage."""
+    return location(as_path(path)).remote

@@ -1,0 +1,55 @@
+"""What a storage location must do beyond reading and writing whole files: the interface that the
+local disk (`local.py`) and object storage through fsspec (`object_store.py`) implement.
+
+A path of either kind offers the pathlib subset the stages use (`/`, `name`, `parent`, `exists`,
+`read_bytes`, `write_bytes`, `iterdir`, `glob`, `unlink`, `stat`, `open`); the operations here are
+the ones whose meaning differs between a POSIX filesystem and an object store."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any
+
+
+class RangeReader(ABC):
+    """An open file or object read by byte ranges (one `pread` or one ranged GET each)."""
+
+    size: int
+
+    @abstractmethod
+    def read(self, offset: int, size: int) -> bytes:
+        """`size` bytes from `offset`."""
+
+    def close(self) -> None:  # noqa: B027 (optional: an object holds nothing open)
+        """Release what the reader holds open."""
+
+
+class Location(ABC):
+    """The storage-specific operations on a path of one kind."""
+
+    remote = False  # True: no POSIX file descriptors, no rename, no flock
+
+    @abstractmethod
+    def write_whole(self, path: Any, data: bytes) -> None:
+        """Replace `path` with `data` so that a reader sees the old object or the new one whole."""
+
+    @abstractmethod
+    def create_exclusive(self, path: Any, data: bytes) -> bool:
+        """Create `path` holding `data` only if it does not exist; True when this call created it
+        (or a retry of it did: an existing object with exactly `data` counts as ours), else False."""
+
+    @abstractmethod
+    def open_reader(self, path: Any) -> RangeReader:
+        """`path` opened for reads by byte range (FileNotFoundError when it is missing)."""
+
+    @abstractmethod
+    def read_range(self, path: Any, offset: int, size: int) -> bytes:
+        """`size` bytes of `path` from `offset`."""
+
+    @abstractmethod
+    def size(self, path: Any) -> int:
+        """The size of the file in bytes (FileNotFoundError when it is missing)."""
+
+    @abstractmethod
+    def mtime(self, path: Any) -> float:
+        """When the file was last written, in seconds since the epoch."""

@@ -1,0 +1,86 @@
+"""The local disk (any POSIX path, a shared filesystem included): atomic writes by rename, exclusive
+creation by `link`, which a rename-based writer never half-creates."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from storage.locations.base import Location, RangeReader
+
+
+def fsync_dir(path: Path) -> None:
+    """Flush a directory entry (a rename or a new file) to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _temporary(path: Path, data: bytes) -> str:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return tmp
+
+
+class FileReader(RangeReader):
+    """A file descriptor read with `pread`."""
+
+    def __init__(self, path: Path):
+        self.fd = os.open(path, os.O_RDONLY)
+        self.size = os.fstat(self.fd).st_size
+
+    def read(self, offset: int, size: int) -> bytes:
+        return os.pread(self.fd, size, offset)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+class LocalLocation(Location):
+    """Paths on a POSIX filesystem."""
+
+    def write_whole(self, path: Path, data: bytes) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = _temporary(path, data)
+        try:
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        fsync_dir(path.parent)
+
+    def create_exclusive(self, path: Path, data: bytes) -> bool:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = _temporary(path, data)
+        try:
+            os.link(tmp, path)  # fails if the name exists; readers never see a half-written file
+        except FileExistsError:
+            return False
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+        fsync_dir(path.parent)
+        return True
+
+    def open_reader(self, path: Path) -> FileReader:
+        return FileReader(path)
+
+    def read_range(self, path: Path, offset: int, size: int) -> bytes:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            return f.read(size)
+
+    def size(self, path: Path) -> int:
+        return path.stat().st_size
+
+    def mtime(self, path: Path) -> float:
+        return path.stat().st_mtime

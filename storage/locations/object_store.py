@@ -1,0 +1,245 @@
+"""Object storage (S3 and S3-compatible servers; gcs, azure and other fsspec protocols by the same
+code) through fsspec: `ObjectPath`, a URL with the pathlib subset the stages use, and
+`ObjectLocation`, whose whole-object PUTs are atomic and whose exclusive creation is a conditional
+PUT (`If-None-Match: *`).
+
+Credentials and the endpoint come from where the client library looks (for S3: the AWS environment
+variables and config files, `AWS_ENDPOINT_URL`); a URL never carries them, so none reach a file, a
+log or a message. Each process opens its own filesystem (s3fs is not fork-safe), without a listing
+cache (it could hide a done marker another worker just created). Network errors, 5xx answers and
+throttling are retried with backoff by the client (botocore's `standard` retry mode)."""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import time
+from collections import namedtuple
+from typing import Any
+
+import fsspec
+
+from storage.errors import OptionError
+from storage.locations.base import Location, RangeReader
+
+RETRY_ATTEMPTS = 10  # botocore's standard mode: exponential backoff with jitter, up to ~20 s apart
+_FILESYSTEMS: dict[tuple[int, str], Any] = {}
+ObjectStat = namedtuple("ObjectStat", "st_size st_mtime")
+
+
+def storage_options(protocol: str) -> dict:
+    """The options every filesystem of `protocol` is opened with (no credentials: the client finds
+    them in the environment)."""
+    options: dict[str, Any] = {"use_listings_cache": False, "skip_instance_cache": True}
+    if protocol in ("s3", "s3a"):
+        options["config_kwargs"] = {"retries": {"max_attempts": RETRY_ATTEMPTS, "mode": "standard"}}
+        if os.environ.get("AWS_ENDPOINT_URL"):
+            options["endpoint_url"] = os.environ["AWS_ENDPOINT_URL"]
+    return options
+
+
+def filesystem(protocol: str) -> Any:
+    """This process's fsspec filesystem of `protocol` (a forked worker opens its own)."""
+    key = (os.getpid(), protocol)
+    if key not in _FILESYSTEMS:
+        _FILESYSTEMS[key] = fsspec.filesystem(protocol, **storage_options(protocol))
+    return _FILESYSTEMS[key]
+
+
+class ObjectPath:
+    """An object or a prefix on object storage, named by its URL (`s3://bucket/key`)."""
+
+    def __init__(self, url: str):
+        protocol, _, rest = str(url).partition("://")
+        bucket = rest.split("/", 1)[0]
+        if "@" in bucket or ":" in bucket:
+            raise OptionError(f"{protocol}://{rest.split('@')[-1]}: credentials do not belong in a URL; "
+                              f"set them in the environment (AWS_ACCESS_KEY_ID, ...) or a profile")
+        self.protocol = protocol
+        self.key = posixpath.normpath(rest).strip("/") if rest.strip("/") else ""
+
+    # -- pathlib's names ---------------------------------------------------------------------
+    def __str__(self) -> str:
+        return f"{self.protocol}://{self.key}"
+
+    def __repr__(self) -> str:
+        return f"ObjectPath({str(self)!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ObjectPath) and str(self) == str(other)
+
+    def __lt__(self, other: ObjectPath) -> bool:
+        return str(self) < str(other)
+
+    def __hash__(self) -> int:
+        return hash(str(self))
+
+    def __truediv__(self, part: str) -> ObjectPath:
+        return ObjectPath(f"{self.protocol}://{self.key}/{part}")
+
+    def joinpath(self, *parts: str) -> ObjectPath:
+        out = self
+        for p in parts:
+            out = out / p
+        return out
+
+    @property
+    def fs(self) -> Any:
+        return filesystem(self.protocol)
+
+    @property
+    def name(self) -> str:
+        return posixpath.basename(self.key)
+
+    @property
+    def stem(self) -> str:
+        return posixpath.splitext(self.name)[0] if not self.name.startswith(".") else self.name
+
+    @property
+    def suffix(self) -> str:
+        return posixpath.splitext(self.name)[1]
+
+    @property
+    def parts(self) -> tuple[str, ...]:
+        return (f"{self.protocol}://", *self.key.split("/"))
+
+    @property
+    def parent(self) -> ObjectPath:
+        return ObjectPath(f"{self.protocol}://{posixpath.dirname(self.key)}")
+
+    def with_name(self, name: str) -> ObjectPath:
+        return self.parent / name
+
+    def with_suffix(self, suffix: str) -> ObjectPath:
+        return self.parent / (posixpath.splitext(self.name)[0] + suffix)
+
+    def relative_to(self, other: ObjectPath | str) -> str:
+        base = str(other).rstrip("/") + "/"
+        if not str(self).startswith(base):
+            raise ValueError(f"{self} is not under {other}")
+        return str(self)[len(base):]
+
+    def resolve(self) -> ObjectPath:
+        return self
+
+    absolute = expanduser = resolve
+
+    def is_absolute(self) -> bool:
+        return True
+
+    # -- reading -----------------------------------------------------------------------------
+    def exists(self) -> bool:
+        return self.fs.exists(self.key)
+
+    def is_file(self) -> bool:
+        return self.fs.isfile(self.key)
+
+    def is_dir(self) -> bool:
+        return self.fs.isdir(self.key)
+
+    def stat(self) -> ObjectStat:
+        info = self.fs.info(self.key)
+        modified = info.get("LastModified") or info.get("mtime") or info.get("last_modified")
+        return ObjectStat(int(info.get("size") or 0),
+                          modified.timestamp() if hasattr(modified, "timestamp") else float(modified or 0))
+
+    def read_bytes(self) -> bytes:
+        return self.fs.cat_file(self.key)
+
+    def read_text(self, encoding: str = "utf-8") -> str:
+        return self.read_bytes().decode(encoding)
+
+    def open(self, mode: str = "rb", **kwargs: Any) -> Any:
+        return self.fs.open(self.key, mode, **kwargs)
+
+    def iterdir(self) -> list[ObjectPath]:
+        if not self.fs.isdir(self.key):
+            raise FileNotFoundError(str(self))
+        return [ObjectPath(f"{self.protocol}://{k}") for k in sorted(self.fs.ls(self.key, detail=False))
+                if k.strip("/") != self.key]
+
+    def glob(self, pattern: str) -> list[ObjectPath]:
+        return [ObjectPath(f"{self.protocol}://{k}") for k in sorted(self.fs.glob(f"{self.key}/{pattern}"))]
+
+    def rglob(self, pattern: str) -> list[ObjectPath]:
+        return self.glob(f"**/{pattern}")
+
+    def walk_files(self) -> list[tuple[ObjectPath, int]]:
+        """Every object under this prefix with its size, in key order (one listing)."""
+        found = self.fs.find(self.key, detail=True)
+        return [(ObjectPath(f"{self.protocol}://{k}"), int(v.get("size") or 0))
+                for k, v in sorted(found.items()) if v.get("type", "file") == "file"]
+
+    # -- writing -----------------------------------------------------------------------------
+    def mkdir(self, parents: bool = False, exist_ok: bool = False) -> None:
+        """Nothing to do: an object store has no folders."""
+
+    def write_bytes(self, data: bytes) -> int:
+        self.fs.pipe_file(self.key, bytes(data))
+        return len(data)
+
+    def write_text(self, text: str, encoding: str = "utf-8") -> int:
+        return self.write_bytes(text.encode(encoding))
+
+    def unlink(self, missing_ok: bool = False) -> None:
+        try:
+            self.fs.rm_file(self.key)
+        except FileNotFoundError:
+            if not missing_ok:
+                raise
+
+    def rmtree(self) -> None:
+        """Delete every object under this prefix."""
+        if self.fs.exists(self.key):
+            self.fs.rm(self.key, recursive=True)
+
+
+class ObjectReader(RangeReader):
+    """An object read by ranged GETs (its size asked once)."""
+
+    def __init__(self, path: ObjectPath):
+        self.path = path
+        self.size = path.stat().st_size
+
+    def read(self, offset: int, size: int) -> bytes:
+        if size <= 0:
+            return b""
+        return self.path.fs.cat_file(self.path.key, start=offset, end=offset + size)
+
+
+class ObjectLocation(Location):
+    """Objects through fsspec: a PUT is atomic, so a whole write needs no temporary name."""
+
+    remote = True
+
+    def write_whole(self, path: ObjectPath, data: bytes) -> None:
+        path.write_bytes(data)
+
+    def create_exclusive(self, path: ObjectPath, data: bytes) -> bool:
+        try:
+            path.fs.pipe_file(path.key, bytes(data), mode="create")
+            return True
+        except FileExistsError:
+            pass
+        except OSError as e:  # a server that names the failed condition otherwise (412)
+            if "412" not in str(e) and "Precondition" not in str(e):
+                raise
+        # A retried PUT whose first answer was lost meets its own object: the same bytes are ours.
+        for _ in range(3):
+            try:
+                return path.read_bytes() == bytes(data)
+            except FileNotFoundError:  # deleted since (a released claim): not ours either way
+                time.sleep(0.05)
+        return False
+
+    def open_reader(self, path: ObjectPath) -> ObjectReader:
+        return ObjectReader(path)
+
+    def read_range(self, path: ObjectPath, offset: int, size: int) -> bytes:
+        return path.fs.cat_file(path.key, start=offset, end=offset + size)
+
+    def size(self, path: ObjectPath) -> int:
+        return path.stat().st_size
+
+    def mtime(self, path: ObjectPath) -> float:
+        return path.stat().st_mtime
