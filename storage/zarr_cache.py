@@ -160,8 +160,9 @@ def shard_index(layout: RowShardLayout, reader: RangeReader) -> np.ndarray | str
 class ShardChunkReader(RowReader):
     """Rows of an array in the `RowShardLayout`, read straight from the shard files: one pread (a
     ranged GET on object storage) and one zstd decode per row, each shard's index read once.
-    `required(shard)` tells whether a shard must have a file (a done shard with cached rows); a missing or short one then raises the
-    `CacheError` that `damaged(shard, problem)` makes, instead of reading as zeros."""
+    `required(shard)` tells whether a shard must have a file (a done shard with cached rows); a
+    missing or short one then raises the `CacheError` that `damaged(shard, problem)` makes,
+    instead of reading as zeros."""
 
     def __init__(self, array_path: Path, required=None, damaged=None):
         layout = RowShardLayout.read(array_path)
