@@ -59,9 +59,9 @@ def _print(summary: dict, as_json: bool) -> None:
 
 @app.command()
 def shard(
-    inputs: List[Path] = typer.Argument(..., help="Image folders, .csv/.jsonl lists, image files, or "
+    inputs: List[str] = typer.Argument(..., help="Image folders, .csv/.jsonl lists, image files, or "
                                         "parquet files / Hugging Face parquet dataset folders."),
-    run: Path = RUN_OPT,
+    run: str = RUN_OPT,
     shard_size: int = typer.Option(1024, help="Images per shard (the unit of work and resume)."),
     label: Optional[str] = typer.Option(None, help="Force the label of all inputs: real or fake."),
     source: Optional[str] = typer.Option(None, help="Force the source (generator / set) name."),
@@ -135,7 +135,7 @@ def shard(
 
 
 @app.command()
-def audit(run: Path = RUN_OPT,
+def audit(run: str = RUN_OPT,
           threshold: float = typer.Option(0.8, help="Flag properties whose separability is at least this."),
           reread: bool = typer.Option(False, help="Read the headers again instead of the manifest's facts."),
           as_json: bool = typer.Option(False, "--json", help="Print the audit as JSON.")) -> None:
@@ -149,7 +149,7 @@ def audit(run: Path = RUN_OPT,
 
 @app.command()
 def extract(
-    run: Path = RUN_OPT,
+    run: str = RUN_OPT,
     model: Optional[Path] = typer.Option(None, help="Local diffusers UNet2DModel or DDPM pipeline folder, or "
                                                     "a hub id (org/name) in the local Hugging Face cache "
                                                     "(dnf, dire; npr needs none)."),
@@ -180,7 +180,7 @@ def extract(
     perturb: str = typer.Option("", help="Also extract perturbed variants into sibling caches, "
                                          "e.g. jpeg:75,blur:1.0,resize:0.5."),
     device: str = DEVICE_OPT,
-    cache_dir: Optional[Path] = typer.Option(None, help="Cache folder (default RUN/cache/<feature-id>)."),
+    cache_dir: Optional[str] = typer.Option(None, help="Cache folder or URL (default RUN/cache/<id>)."),
     redo: Optional[List[int]] = typer.Option(None, "--redo", help="Compute this shard again (repeatable)."),
     feature: str = typer.Option("dnf", help="dnf (one UNet pass, the paper's feature), dire (DIRE's "
                                             "|x - DDIM reconstruction| over --ddim-steps, ~2x that many "
@@ -229,7 +229,7 @@ def extract(
 
 @app.command()
 def train(
-    run: Path = RUN_OPT,
+    run: str = RUN_OPT,
     name: str = typer.Option("default", help="Results go to RUN/train/NAME/."),
     epochs: int = typer.Option(20, help="At most this many epochs."),
     batch_size: int = typer.Option(64, help="Samples per step."),
@@ -281,8 +281,8 @@ def train(
 
 @app.command("eval")
 def evaluate(
-    run: Path = RUN_OPT,
-    checkpoint: Path = typer.Option(..., help="best.pt / last.pt, a reference .pth checkpoint, or a "
+    run: str = RUN_OPT,
+    checkpoint: str = typer.Option(..., help="best.pt / last.pt, a reference .pth checkpoint, or a "
                                              "folder made by `train --seeds` (every seed; mean ± std)."),
     split: str = typer.Option("test", help="Which split to evaluate."),
     name: Optional[str] = typer.Option(None, help="Results go to RUN/eval/NAME/."),
@@ -305,17 +305,18 @@ def evaluate(
 ) -> None:
     """Predict a split from the cache; write predictions.csv, report.json and report.md."""
     from stages.evaluate import EvalOptions, run_eval, run_eval_seeds
+    from storage.locations import as_path
 
     opts = EvalOptions(bootstrap=bootstrap, seed=bootstrap_seed, calibrate_on=calibrate_on,
                        temperature=temperature, gallery=gallery, pick=pick)
     with user_errors():
-        if checkpoint.is_dir():
+        if as_path(checkpoint).is_dir():
             summary = run_eval_seeds(run, checkpoint, split, name, feature_id, batch_size, workers, device,
                                      opts)
         else:
             summary = run_eval(run, checkpoint, split, name, feature_id, batch_size, workers, device,
                                opts=opts)
-    typer.echo((Path(summary["out"]) / "report.md").read_text())
+    typer.echo((as_path(summary["out"]) / "report.md").read_text())
     _print(summary, False)
 
 
@@ -336,7 +337,7 @@ def compare(a: Path = typer.Argument(..., help="An eval folder (RUN/eval/NAME)."
 @app.command()
 def show(images: List[str] = typer.Argument(..., help="Manifest keys (a unique prefix will do) or "
                                                      "image paths."),
-         run: Path = RUN_OPT,
+         run: str = RUN_OPT,
          out: Path = typer.Option(Path("show.png"), help="The PNG to write."),
          feature_id: Optional[str] = typer.Option(None, help="Which cache, when several.")) -> None:
     """Write the image / DNF pairs of chosen images (the DNF as the classifier sees it)."""
@@ -374,7 +375,7 @@ def detect(
 
 
 @app.command()
-def status(run: Path = RUN_OPT,
+def status(run: str = RUN_OPT,
            as_json: bool = typer.Option(False, "--json", help="Print the status as JSON.")) -> None:
     """Shards done and pending, images, rejects and cache size of a run."""
     from stages.status import format_status, run_status
@@ -385,7 +386,7 @@ def status(run: Path = RUN_OPT,
 
 
 @app.command()
-def verify(run: Path = RUN_OPT,
+def verify(run: str = RUN_OPT,
            feature_id: Optional[str] = typer.Option(None, help="Check only this cache."),
            as_json: bool = typer.Option(False, "--json", help="Print the result as JSON.")) -> None:
     """Re-read every done shard and check it against its checksum and the manifest."""
@@ -409,7 +410,7 @@ def verify(run: Path = RUN_OPT,
 
 
 @app.command("convert-cache")
-def convert_cache(run: Path = RUN_OPT,
+def convert_cache(run: str = RUN_OPT,
                   to: str = typer.Option(..., "--to", help="Target backend: zarr or webdataset."),
                   feature_id: Optional[str] = typer.Option(None, help="Which cache (default: the only one)."),
                   out: Optional[Path] = typer.Option(None, help="Target folder (default in RUN/cache)."),
@@ -440,7 +441,7 @@ def convert_model(
 
 
 @app.command("export-png")
-def export_png(run: Path = RUN_OPT,
+def export_png(run: str = RUN_OPT,
                out: Path = typer.Option(..., help="Folder for the PNG tree."),
                feature_id: Optional[str] = typer.Option(None, help="Which cache, when several.")) -> None:
     """Write the cache as the reference code's DNF PNG folder tree."""

@@ -35,6 +35,7 @@ from storage.cache_config import CacheConfig, describe_differences
 from storage.cache_folder import CacheError, FeatureCache
 from storage.caches import find_cache, perturbed_siblings
 from storage.feature_dataset import CacheIndex, cache_index
+from storage.locations import as_path, staged
 from storage.run import Entry, Run
 
 METRIC_COLUMNS = ("n_real", "n_fake", "acc", "ap", "auc", "real_acc", "fake_acc")
@@ -345,35 +346,37 @@ def run_eval(run_dir: Path, checkpoint: Path, split: str = "test", name: str | N
     note = check_feature_match(checkpoint, meta, config, cache.root)
     entries = {e.key: e for e in run.entries()}
     paths = {k: e.path for k, e in entries.items()}
-    name = name or f"{Path(checkpoint).parent.name}-{split}"
-    out = run.root / "eval" / name
-    out.mkdir(parents=True, exist_ok=True)
-    threshold, calib = choose_threshold(detector, cache, opts, batch_size, workers)
-    how = Scoring(opts.bootstrap, opts.seed, threshold["value"] if threshold else None)
-    index, probs = predict_to_csv(detector, cache, split, paths, batch_size, workers, out / "predictions.csv")
-    labels, sources = index.labels, index.sources
-    rep = report(labels, probs, sources, how)
-    rep.update(format_breakdown(index, probs, entries, how))
-    rep["perturbations"] = {}
-    for sibling in perturbed_siblings(run.cache_root, config.feature, cache.backend):
-        spec = sibling.config().feature.perturb
-        csv_path = out / f"predictions_{spec.replace(':', '_').replace('@', '_')}.csv"
-        sib_index, sib_probs = predict_to_csv(detector, sibling, split, paths, batch_size, workers, csv_path)
-        rep["perturbations"][spec] = report(sib_index.labels, sib_probs, sib_index.sources, how)
-    rep.update({"checkpoint": str(checkpoint), "split": split, "feature_id": config.feature_id, "note": note,
-                "bootstrap": {"resamples": opts.bootstrap, "seed": opts.seed, "level": 0.95},
-                "threshold": threshold})
-    if opts.temperature and calib is not None:
-        rep["temperature"] = temperature_report(calib, labels, probs, threshold["split"])
-    trained_on = (meta.get("train") or {}).get("options", {}).get("sources") or []
-    if trained_on:
-        rep["cross_generator"] = cross_generator(rep, trained_on)
-    rep["plots"] = write_plots(rep, index, probs, out)
-    if opts.gallery:
-        rep["gallery"] = worst_errors(index, probs, opts.gallery)
-        rep["plots"]["gallery"] = gallery_png(rep["gallery"], cache, paths, out / "gallery.png").name
-    write_report(out, rep, f"{name}: {Path(checkpoint).name} on {split} ({config.feature_id})")
-    return {"out": str(out), **{k: rep["overall"][k] for k in ("n", "acc", "ap", "auc")}, "note": note,
+    name = name or f"{as_path(checkpoint).parent.name}-{split}"
+    final = run.root / "eval" / name
+    with staged(final) as out:  # on object storage: written locally, uploaded at the end
+        threshold, calib = choose_threshold(detector, cache, opts, batch_size, workers)
+        how = Scoring(opts.bootstrap, opts.seed, threshold["value"] if threshold else None)
+        index, probs = predict_to_csv(detector, cache, split, paths, batch_size, workers,
+                                      out / "predictions.csv")
+        labels, sources = index.labels, index.sources
+        rep = report(labels, probs, sources, how)
+        rep.update(format_breakdown(index, probs, entries, how))
+        rep["perturbations"] = {}
+        for sibling in perturbed_siblings(run.cache_root, config.feature, cache.backend):
+            spec = sibling.config().feature.perturb
+            csv_path = out / f"predictions_{spec.replace(':', '_').replace('@', '_')}.csv"
+            sib_index, sib_probs = predict_to_csv(detector, sibling, split, paths, batch_size, workers,
+                                                  csv_path)
+            rep["perturbations"][spec] = report(sib_index.labels, sib_probs, sib_index.sources, how)
+        rep.update({"checkpoint": str(checkpoint), "split": split, "feature_id": config.feature_id,
+                    "note": note, "threshold": threshold,
+                    "bootstrap": {"resamples": opts.bootstrap, "seed": opts.seed, "level": 0.95}})
+        if opts.temperature and calib is not None:
+            rep["temperature"] = temperature_report(calib, labels, probs, threshold["split"])
+        trained_on = (meta.get("train") or {}).get("options", {}).get("sources") or []
+        if trained_on:
+            rep["cross_generator"] = cross_generator(rep, trained_on)
+        rep["plots"] = write_plots(rep, index, probs, out)
+        if opts.gallery:
+            rep["gallery"] = worst_errors(index, probs, opts.gallery)
+            rep["plots"]["gallery"] = gallery_png(rep["gallery"], cache, paths, out / "gallery.png").name
+        write_report(out, rep, f"{name}: {as_path(checkpoint).name} on {split} ({config.feature_id})")
+    return {"out": str(final), **{k: rep["overall"][k] for k in ("n", "acc", "ap", "auc")}, "note": note,
             "perturbations": list(rep["perturbations"])}
 
 
@@ -398,7 +401,7 @@ def seed_checkpoints(folder: Path, pick: str) -> dict[str, Path]:
     """seed-K -> its checkpoint, for a folder made by `train --seeds`."""
     if pick not in CHECKPOINT_RULES:
         raise CacheError(f"--pick {pick!r}: best or last")
-    found = sorted((p for p in Path(folder).glob("seed-*") if (p / f"{pick}.pt").exists()),
+    found = sorted((p for p in as_path(folder).glob("seed-*") if (p / f"{pick}.pt").exists()),
                    key=lambda p: int(p.name.split("-", 1)[1]) if p.name.split("-", 1)[1].isdigit() else 0)
     if not found:
         raise CacheError(f"{folder}: no seed-K/{pick}.pt inside; pass a checkpoint file, or a folder "
@@ -412,18 +415,19 @@ def run_eval_seeds(run_dir: Path, folder: Path, split: str = "test", name: str |
     """Evaluate each seed's checkpoint of a `train --seeds` folder into `eval/NAME/seed-K/`, then
     write `eval/NAME/report.json` and `report.md`: each cell's mean and std over the seeds."""
     opts = opts or EvalOptions()
-    name = name or f"{Path(folder).name}-{split}"
+    name = name or f"{as_path(folder).name}-{split}"
     reports = {}
     for seed, ckpt in seed_checkpoints(folder, opts.pick).items():
         summary = run_eval(run_dir, ckpt, split, f"{name}/{seed}", feature_id, batch_size, workers, device,
                            opts.gallery, opts)
-        reports[seed] = json.loads((Path(summary["out"]) / "report.json").read_text())
-    out = Path(run_dir) / "eval" / name
+        reports[seed] = json.loads((as_path(summary["out"]) / "report.json").read_text())
+    out = Run(run_dir).root / "eval" / name
     per_source = seed_spread(reports)
     rule = CHECKPOINT_RULES[opts.pick]
     write_json_atomic(out / "report.json", {"seeds": list(reports), "checkpoint_rule": rule, "split": split,
                                             "folder": str(folder), "spread": per_source})
-    md = seed_markdown(per_source, list(reports), f"{name}: {Path(folder).name} over seeds on {split}", rule)
+    title = f"{name}: {as_path(folder).name} over seeds on {split}"
+    md = seed_markdown(per_source, list(reports), title, rule)
     write_bytes_atomic(out / "report.md", readable(md).encode())
     overall = per_source["**overall**"]
     return {"out": str(out), "seeds": len(reports), "auc_mean": overall["auc"]["mean"],

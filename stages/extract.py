@@ -46,6 +46,7 @@ from storage.cache_config import PREPROCESSING, CacheConfig, DoneMarker, Feature
 from storage.cache_folder import NOT_CACHED, CacheError, FeatureCache, shard_checksum
 from storage.caches import folder_name, new_cache
 from storage.errors import OptionError
+from storage.locations import as_path
 from storage.packed_images import PackReader, pack_path
 from storage.parquet_images import ParquetError, RowGroupReader, read_index, read_units, split_address
 from storage.run import Entry, Run, RunError, within_roots
@@ -56,8 +57,7 @@ def read_checked(entry: Entry, roots: list[str] | None = None) -> bytes:
     if roots is not None and not within_roots(entry.path, roots):
         raise DecodeError("outside the run's input folders: the manifest path was edited (../?)")
     try:
-        with open(entry.path, "rb") as f:
-            data = f.read()
+        data = as_path(entry.path).read_bytes()  # a local file, or an object on object storage
     except FileNotFoundError as e:
         raise DecodeError("missing: the file was removed after `shard`") from e
     except OSError as e:
@@ -268,7 +268,9 @@ class ExtractOptions:
                               "native pixels: use one or the other")
 
     def cache_root(self, run: Run, feature_id: str) -> Path:
-        return self.cache_dir or run.cache_root / folder_name(feature_id, self.backend)
+        if self.cache_dir:
+            return as_path(self.cache_dir)
+        return run.cache_root / folder_name(feature_id, self.backend)
 
     def resize_on_device(self, device: torch.device) -> bool:
         """Whether loader workers hand uint8 pixels over and the bicubic resize runs on the device:

@@ -43,6 +43,7 @@ from stages.domain.parquet_layouts import (
 )
 from storage.atomic import read_jsonl, write_jsonl_atomic
 from storage.errors import UserError
+from storage.locations import ObjectPath, as_path, is_url
 from storage.packed_images import pack_path, write_pack
 from storage.parquet_images import (
     ParquetError,
@@ -98,6 +99,22 @@ def _walk_folder(root: Path, layout: str = "auto") -> list[Candidate]:
             if os.path.islink(full):
                 out.append(Candidate(os.path.abspath(full), label, source, split))
     return out
+
+
+def _walk_objects(root: ObjectPath, layout: str = "auto") -> list[Candidate]:
+    """Every object below the prefix `root` (one listing, in key order), with its layout labels:
+    a folder of images on object storage."""
+    out = []
+    for obj, _ in root.walk_files():
+        rel_dirs = obj.relative_to(root).split("/")[:-1]
+        label, source, split = infer_from_layout(rel_dirs, root.name, layout)
+        out.append(Candidate(str(obj), label, source, split))
+    return out
+
+
+def input_address(inp: str | Path | ObjectPath) -> str:
+    """An input as the run records it: a URL as it is, a local path made absolute."""
+    return str(as_path(inp)) if is_url(str(inp)) or isinstance(inp, ObjectPath) else os.path.abspath(inp)
 
 
 def _read_list(path: Path) -> list[Candidate]:
@@ -199,7 +216,10 @@ def collect(inputs: list[Path], label: str | None = None, source: str | None = N
         raise ShardError(f"--layout {layout!r}: one of {', '.join(LAYOUTS)}")
     found_c: list[Candidate] = []
     for inp in inputs:
-        inp = Path(inp)
+        inp = as_path(inp)
+        if isinstance(inp, ObjectPath):
+            found_c += _object_input(inp, layout)
+            continue
         if not os.path.lexists(inp):
             raise ShardError(f"{inp}: no such file or folder")
         if inp.suffix.lower() == ".parquet" or (inp.is_dir() and is_parquet_dataset(inp)):
@@ -224,10 +244,27 @@ def collect(inputs: list[Path], label: str | None = None, source: str | None = N
     ]
 
 
+def _object_input(inp: ObjectPath, layout: str) -> list[Candidate]:
+    """Candidates of an input on object storage: a prefix of images, or one image object."""
+    if inp.suffix.lower() in (".parquet", *LIST_SUFFIXES):
+        raise ShardError(f"{inp}: parquet files and list files on object storage are not read yet; "
+                         f"give a prefix of image files, or copy the file to a local disk")
+    if inp.is_dir():
+        return _walk_objects(inp, layout)
+    if not inp.exists():
+        raise ShardError(f"{inp}: no such object or prefix")
+    lab, src, spl = infer_from_layout([inp.parent.name], inp.parent.name, layout)
+    return [Candidate(str(inp), lab, src or inp.parent.name, spl)]
+
+
 def input_roots(inputs: list[Path]) -> list[str]:
     """The folders (or single files) the run may read: a list file's folder, a folder itself."""
     roots = []
-    for inp in map(Path, inputs):
+    for inp in inputs:
+        if is_url(str(inp)) or isinstance(inp, ObjectPath):
+            roots.append(input_address(inp))
+            continue
+        inp = Path(inp)
         if inp.is_file() and inp.suffix.lower() in LIST_SUFFIXES:
             roots.append(os.path.abspath(inp.parent))
         else:
@@ -238,6 +275,8 @@ def input_roots(inputs: list[Path]) -> list[str]:
 def probe_file(path: str, max_pixels: int = DEFAULT_MAX_PIXELS,
                max_bytes: int = DEFAULT_MAX_BYTES) -> dict:
     """Read, hash and fully decode one file: `{"key", "size", "facts"}` or `{"reason"}`."""
+    if is_url(path):
+        return _probe_object(path, max_pixels, max_bytes)
     try:
         if os.path.isdir(path):
             return {"reason": "is a folder, not an image file"}
@@ -250,6 +289,19 @@ def probe_file(path: str, max_pixels: int = DEFAULT_MAX_PIXELS,
             data = f.read()
     except OSError as e:
         return {"reason": f"unreadable: {e.strerror or e}"}
+    return probe_bytes(data, max_pixels, max_bytes)
+
+
+def _probe_object(url: str, max_pixels: int, max_bytes: int) -> dict:
+    """`probe_file` of an object on object storage (read whole: one GET)."""
+    try:
+        data = as_path(url).read_bytes()
+    except FileNotFoundError:
+        return {"reason": "missing: no such object"}
+    except OSError as e:
+        return {"reason": f"unreadable: {e.strerror or e}"}
+    if not data:
+        return {"reason": "empty file (0 bytes)"}
     return probe_bytes(data, max_pixels, max_bytes)
 
 
@@ -477,6 +529,9 @@ def progress_dir(run: Run, inputs: list[str], opts: ShardOptions, append: bool) 
 
 def clear_progress(checkpoints: Path) -> None:
     """Remove a finished shard command's probe checkpoints (and their folder once empty)."""
+    if isinstance(checkpoints, ObjectPath):
+        checkpoints.rmtree()  # a prefix: nothing is left once its objects are gone
+        return
     shutil.rmtree(checkpoints, ignore_errors=True)
     if checkpoints.parent.exists() and not any(checkpoints.parent.iterdir()):
         checkpoints.parent.rmdir()
@@ -521,7 +576,7 @@ def write_append(run: Run, inputs: list[Path], opts: ShardOptions, candidates: l
     if opts.shard_size != old.shard_size:
         raise ShardError(f"--shard-size {opts.shard_size}: {run.root} has shards of {old.shard_size}")
     shards = [entries[i:i + opts.shard_size] for i in range(0, len(entries), opts.shard_size)]
-    info = appended_info(old, sorted(os.path.abspath(p) for p in inputs), opts, len(shards), len(entries),
+    info = appended_info(old, sorted(input_address(p) for p in inputs), opts, len(shards), len(entries),
                          len(candidates), len(rejects), len(duplicates), input_roots(inputs))
     # the lists as run.json counts them (an append killed before run.json left its lines there);
     # an append of rejects and duplicates only is recorded too, so its rejects are listed
@@ -540,7 +595,7 @@ def write_first(run: Run, inputs: list[Path], opts: ShardOptions, candidates: li
         return run.info()
     info = RunInfo(
         tool="dnf-pipeline", version=pipeline.__version__,
-        inputs=tuple(sorted(os.path.abspath(p) for p in inputs)), roots=tuple(input_roots(inputs)),
+        inputs=tuple(sorted(input_address(p) for p in inputs)), roots=tuple(input_roots(inputs)),
         options=opts.recorded(), shard_size=opts.shard_size, num_shards=len(shards), images=len(entries),
         files=len(candidates), rejects=len(rejects), duplicates=len(duplicates))
     run.write_manifest(shards, rejects, duplicates, info)
@@ -560,7 +615,8 @@ def run_shard(inputs: list[Path], run_dir: Path, shard_size: int = 1024, label: 
         raise ShardError(f"--shard-size must be at least 1 (got {shard_size})")
     opts = ShardOptions(shard_size, label, source, split, layout, tuple(split_map or ()), max_pixels,
                         max_bytes, columns or ColumnOptions())
-    inputs = [resolve_dataset(Path(p), download) for p in inputs]  # dataset ids: the local hub cache
+    inputs = [as_path(p) if is_url(str(p)) else resolve_dataset(Path(p), download)  # ids: the hub cache
+              for p in inputs]
     found = Collected()
     candidates = collect(inputs, label, source, split, layout, parse_split_map(split_map), opts.columns,
                          found)
@@ -572,7 +628,7 @@ def run_shard(inputs: list[Path], run_dir: Path, shard_size: int = 1024, label: 
                          "sequential reads); pack folders of image files only")
     run = Run(run_dir)
     append = append and run.run_json.exists()
-    abs_inputs = sorted(os.path.abspath(p) for p in inputs)
+    abs_inputs = sorted(input_address(p) for p in inputs)
     checkpoints = progress_dir(run, abs_inputs, opts, append)
     done_before = [a for a in (run.info().appends if append else ())
                    if a.inputs == tuple(abs_inputs) and a.options == opts.recorded()]

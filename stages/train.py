@@ -368,7 +368,7 @@ def _rng_state() -> dict:
 def load_resume(last: Path, opts: TrainOptions, model: nn.Module,
                 optimizer: torch.optim.Optimizer) -> Schedule:
     """Model, optimizer and RNG state from `last.pt`; refuses other recipe settings."""
-    ckpt = torch.load(last, map_location="cpu", weights_only=True)
+    ckpt = torch.load(io.BytesIO(last.read_bytes()), map_location="cpu", weights_only=True)
     diff = describe_differences(ckpt["train"]["recipe"], opts.recipe())
     if diff:
         raise TrainError(f"{last} was trained with other settings:\n  " + "\n  ".join(diff))

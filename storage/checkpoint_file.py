@@ -3,21 +3,25 @@
 
 from __future__ import annotations
 
+import io
 import pickle
-from pathlib import Path
 
 import torch
 
+from storage.locations import StoragePath, as_path, is_remote
 
-def read_state_dict(path: Path, error: type[Exception], wrappers: tuple[str, ...] = ("model", "state_dict"),
+
+def read_state_dict(path: StoragePath | str, error: type[Exception],
+                    wrappers: tuple[str, ...] = ("model", "state_dict"),
                     ) -> tuple[dict[str, torch.Tensor], dict]:
     """(state dict, the file's other top-level entries). A pickle that needs more than tensors and
     plain containers is refused, never executed."""
-    path = Path(path)
+    path = as_path(path)
     if not path.is_file():
         raise error(f"{path}: no such checkpoint file")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = torch.load(io.BytesIO(path.read_bytes()) if is_remote(path) else path, map_location="cpu",
+                         weights_only=True)
     except pickle.UnpicklingError as e:
         raise error(f"{path}: refused: loading it would need more than plain tensors "
                     f"(weights_only=True): {str(e).splitlines()[0]}") from e

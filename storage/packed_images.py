@@ -11,13 +11,16 @@ import io
 import os
 import tarfile
 from pathlib import Path
+from typing import BinaryIO
 
+from storage.locations import StoragePath, as_path, is_remote, location
+from storage.locations.base import RangeReader
 from storage.run import Entry
 
 
-def pack_path(run_root: Path, shard_id: int) -> Path:
+def pack_path(run_root: StoragePath | str, shard_id: int) -> StoragePath:
     """Where manifest shard `shard_id`'s packed tar lives."""
-    return Path(run_root) / "packed" / f"{shard_id:05d}.tar"
+    return as_path(run_root) / "packed" / f"{shard_id:05d}.tar"
 
 
 def member_name(entry: Entry) -> str:
@@ -26,25 +29,38 @@ def member_name(entry: Entry) -> str:
     return entry.key + (suffix if suffix and suffix.isascii() and suffix[1:].isalnum() else ".img")
 
 
-def write_pack(path: Path, entries: list[Entry]) -> int:
+def _write_members(f: BinaryIO, entries: list[Entry]) -> None:
+    with tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for e in entries:
+            data = as_path(e.path).read_bytes()
+            if hashlib.sha256(data).hexdigest() != e.key:
+                raise ValueError(f"{e.path}: changed while packing (its sha256 no longer matches)")
+            info = tarfile.TarInfo(member_name(e))
+            info.size, info.mtime, info.mode = len(data), 0, 0o644
+            info.uid = info.gid = 0
+            info.uname = info.gname = ""
+            tar.addfile(info, io.BytesIO(data))
+
+
+def write_pack(path: StoragePath, entries: list[Entry]) -> int:
     """Write the entries' original bytes into the tar at `path`; return its size in bytes.
-    A file whose bytes no longer match its key raises ValueError naming it."""
+    A file whose bytes no longer match its key raises ValueError naming it. On object storage the
+    tar goes through an fsspec file, which creates the object whole when it is closed."""
+    if is_remote(path):
+        f = path.open("wb")
+        try:
+            _write_members(f, entries)
+        except BaseException:
+            f.discard() if hasattr(f, "discard") else None  # abort the upload: no partial object
+            raise
+        f.close()
+        return path.stat().st_size
     path.parent.mkdir(parents=True, exist_ok=True)
     for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a killed `shard --pack`
         stale.unlink(missing_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(tmp, "wb") as f:
-        with tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-            for e in entries:
-                with open(e.path, "rb") as src:
-                    data = src.read()
-                if hashlib.sha256(data).hexdigest() != e.key:
-                    raise ValueError(f"{e.path}: changed while packing (its sha256 no longer matches)")
-                info = tarfile.TarInfo(member_name(e))
-                info.size, info.mtime, info.mode = len(data), 0, 0o644
-                info.uid = info.gid = 0
-                info.uname = info.gname = ""
-                tar.addfile(info, io.BytesIO(data))
+        _write_members(f, entries)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -54,14 +70,14 @@ def write_pack(path: Path, entries: list[Entry]) -> int:
 class PackReader:
     """Bytes of single images of one packed shard, by key (pread at offsets read from the headers)."""
 
-    def __init__(self, path: Path):
-        self.path = Path(path)
-        with tarfile.open(self.path, "r") as tar:
+    def __init__(self, path: StoragePath):
+        self.path = as_path(path)
+        with self.path.open("rb") as f, tarfile.open(fileobj=f, mode="r") as tar:
             self.index = {m.name.split(".", 1)[0]: (m.offset_data, m.size) for m in tar.getmembers()}
         size = self.path.stat().st_size
         if any(offset + n > size for offset, n in self.index.values()):  # tarfile reads past the end
             raise tarfile.ReadError(f"truncated: {size} bytes, its members need more")
-        self._fd: int | None = None
+        self._fd: RangeReader | None = None
         self._pid = -1
 
     def __contains__(self, key: str) -> bool:
@@ -70,9 +86,9 @@ class PackReader:
     def read(self, key: str) -> bytes:
         """The original bytes of the image with this key."""
         if self._fd is None or self._pid != os.getpid():  # one descriptor per (worker) process
-            self._fd, self._pid = os.open(self.path, os.O_RDONLY), os.getpid()
+            self._fd, self._pid = location(self.path).open_reader(self.path), os.getpid()
         offset, size = self.index[key]
-        return os.pread(self._fd, size, offset)
+        return self._fd.read(offset, size)
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_fd": None, "_pid": -1}

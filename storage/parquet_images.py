@@ -20,6 +20,7 @@ from pathlib import Path
 
 from storage.atomic import read_json, write_json_atomic
 from storage.errors import UserError
+from storage.locations import StoragePath, as_path
 
 ADDRESS = re.compile(r"^(?P<file>.+\.parquet)#(?P<row>\d+)$", re.IGNORECASE)
 MAGIC = b"PAR1"
@@ -113,9 +114,9 @@ class ParquetSource:
         return cls(**{**d, "row_groups": tuple(d["row_groups"])})
 
 
-def index_path(run_root: Path) -> Path:
+def index_path(run_root: StoragePath | str) -> StoragePath:
     """`RUN/parquet.json`: the parquet files of the run's manifest."""
-    return Path(run_root) / "parquet.json"
+    return as_path(run_root) / "parquet.json"
 
 
 def read_index(run_root: Path) -> dict[str, ParquetSource]:

@@ -45,8 +45,9 @@ ZSTD_LEVEL = 1
 def zarr_store(path: StoragePath) -> Any:
     """What zarr-python opens for `path`: the local path, or an fsspec store for a URL (each
     process opens its own)."""
-    if is_remote(path):
-        return zarr.storage.FsspecStore.from_url(str(path), storage_options=storage_options(path.protocol))
+    if is_remote(path):  # fsspec's instance cache is per process and thread: one client each
+        options = {k: v for k, v in storage_options(path.protocol).items() if k != "skip_instance_cache"}
+        return zarr.storage.FsspecStore.from_url(str(path), storage_options=options)
     return path
 
 

@@ -20,6 +20,7 @@ from storage.cache_folder import FeatureCache
 from storage.checkpoint_file import read_state_dict
 from storage.errors import UserError
 from storage.feature_dataset import CacheDataset, CacheIndex
+from storage.locations import as_path
 
 
 class CheckpointError(UserError, RuntimeError):
@@ -90,7 +91,7 @@ def random_flip(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 def load_checkpoint(path: Path | str) -> tuple[nn.Module, dict]:
     """The detector of a checkpoint (ours or the reference's) and its metadata (may be empty)."""
-    path = Path(path)
+    path = as_path(path)
     state, meta = read_state_dict(path, CheckpointError)
     if set(state) == {"weight", "bias"}:  # UnivFD's released fc_weights.pth: nn.Linear(768, 1)
         state = {f"fc.{k}": v for k, v in state.items()}

@@ -5,6 +5,7 @@ between the two (`storage.locations.base.Location`); a new kind is one file and 
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Union
 
@@ -49,3 +50,8 @@ def location(path: StoragePath) -> Location:
 def is_remote(path: StoragePath | str) -> bool:
     """True for a path on object storage."""
     return location(as_path(path)).remote
+
+
+def staged(folder: StoragePath) -> AbstractContextManager[Path]:
+    """A local folder for files written with ordinary file APIs into `folder` (see `Location.staged`)."""
+    return location(folder).staged(folder)

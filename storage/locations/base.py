@@ -8,6 +8,7 @@ the ones whose meaning differs between a POSIX filesystem and an object store.""
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from contextlib import AbstractContextManager
 from typing import Any
 
 
@@ -37,6 +38,12 @@ class Location(ABC):
     def create_exclusive(self, path: Any, data: bytes) -> bool:
         """Create `path` holding `data` only if it does not exist; True when this call created it
         (or a retry of it did: an existing object with exactly `data` counts as ours), else False."""
+
+    @abstractmethod
+    def staged(self, folder: Any) -> AbstractContextManager[Any]:
+        """A local folder standing for `folder` while a block writes files into it with ordinary
+        file APIs (plots, CSVs): `folder` itself on a filesystem; on object storage a temporary
+        folder whose files are uploaded to `folder` when the block ends without an error."""
 
     @abstractmethod
     def open_reader(self, path: Any) -> RangeReader:

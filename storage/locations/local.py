@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from storage.locations.base import Location, RangeReader
@@ -70,6 +72,11 @@ class LocalLocation(Location):
             Path(tmp).unlink(missing_ok=True)
         fsync_dir(path.parent)
         return True
+
+    @contextmanager
+    def staged(self, folder: Path) -> Iterator[Path]:
+        folder.mkdir(parents=True, exist_ok=True)
+        yield folder
 
     def open_reader(self, path: Path) -> FileReader:
         return FileReader(path)

@@ -13,8 +13,12 @@ from __future__ import annotations
 
 import os
 import posixpath
+import tempfile
 import time
 from collections import namedtuple
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import fsspec
@@ -231,6 +235,14 @@ class ObjectLocation(Location):
             except FileNotFoundError:  # deleted since (a released claim): not ours either way
                 time.sleep(0.05)
         return False
+
+    @contextmanager
+    def staged(self, folder: ObjectPath) -> Iterator[Path]:
+        with tempfile.TemporaryDirectory(prefix="dnf-staged-") as tmp:
+            yield Path(tmp)
+            for file in sorted(Path(tmp).rglob("*")):
+                if file.is_file():
+                    (folder / file.relative_to(tmp).as_posix()).write_bytes(file.read_bytes())
 
     def open_reader(self, path: ObjectPath) -> ObjectReader:
         return ObjectReader(path)
