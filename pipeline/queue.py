@@ -34,6 +34,7 @@ from pathlib import Path
 from storage.atomic import create_exclusive, write_bytes_atomic
 from storage.errors import OptionError
 from storage.locations import StoragePath, as_path, is_remote
+from storage.lock_holder import holder_gone
 
 HEARTBEAT_S = 10.0
 STALE_S = 120.0
@@ -60,18 +61,6 @@ def read_record(path: StoragePath) -> dict | None:
     except ValueError:
         pass
     return {"owner": f"unreadable:{mtime}", "host": "?", "pid": 0, "heartbeat": mtime}
-
-
-def _process_gone(rec: dict) -> bool:
-    if rec.get("host") != socket.gethostname() or not rec.get("pid"):
-        return False
-    try:
-        os.kill(int(rec["pid"]), 0)
-    except ProcessLookupError:
-        return True
-    except (PermissionError, ValueError, OverflowError):
-        return False
-    return False
 
 
 class Claim:
@@ -193,7 +182,7 @@ class ShardQueue:
 
     def is_stale(self, rec: dict) -> bool:
         """A claim record whose heartbeat is too old, or whose process on this host is gone."""
-        return time.time() - float(rec.get("heartbeat", 0)) > self.stale_s or _process_gone(rec)
+        return time.time() - float(rec.get("heartbeat", 0)) > self.stale_s or holder_gone(rec)
 
     def _take_over(self, shard_id: int) -> Claim | None:
         path = self.lock_path(shard_id)

@@ -14,6 +14,7 @@ import fcntl
 import hashlib
 import json
 import os
+import socket
 import time
 import uuid
 from abc import ABC, abstractmethod
@@ -28,6 +29,7 @@ from storage.atomic import create_exclusive, dumps_json, encode_text, read_json,
 from storage.cache_config import CacheConfig, DoneMarker, ManifestRef
 from storage.errors import UserError
 from storage.locations import StoragePath, as_path, is_remote
+from storage.lock_holder import holder_gone
 
 NOT_CACHED = -1  # label of a row whose image was rejected at extract time
 
@@ -55,17 +57,19 @@ LOCK_STALE_S = 120.0  # an object lock older than this is a dead holder's: taken
 def object_lock(path: StoragePath, stale_s: float = LOCK_STALE_S) -> Iterator[None]:
     """An exclusive lock on object storage: the object `path`, created with a conditional PUT and
     deleted at the end. A lock left by a dead holder (older than `stale_s`) is removed by the one
-    waiter that creates its takeover marker first."""
-    token = json.dumps({"owner": uuid.uuid4().hex, "since": time.time()}).encode()
+    waiter that creates its takeover marker first; so is one whose holder, a process on this host,
+    is gone."""
+    token = json.dumps({"owner": uuid.uuid4().hex, "host": socket.gethostname(), "pid": os.getpid(),
+                        "since": time.time()}).encode()
     while not create_exclusive(path, token):
         try:
             held = path.read_bytes()
-            age = time.time() - json.loads(held).get("since", 0)
+            rec = json.loads(held)
         except FileNotFoundError:
             continue  # released meanwhile
         except ValueError:
-            held, age = b"", stale_s + 1
-        if age > stale_s:
+            held, rec = b"", {}
+        if time.time() - rec.get("since", 0) > stale_s or holder_gone(rec):
             marker = path.with_name(f"{path.name}.takeover-{hashlib.sha256(held).hexdigest()[:16]}")
             if create_exclusive(marker, token):
                 path.unlink(missing_ok=True)
