@@ -50,6 +50,7 @@ from storage.parquet_images import (
     ParquetSource,
     address,
     footer_signature,
+    open_parquet,
     path_order,
     read_column,
     split_address,
@@ -106,7 +107,7 @@ def _walk_objects(root: ObjectPath, layout: str = "auto") -> list[Candidate]:
     a folder of images on object storage."""
     out = []
     for obj, _ in root.walk_files():
-        rel_dirs = obj.relative_to(root).split("/")[:-1]
+        rel_dirs = list(obj.relative_to(root).parts[:-1])
         label, source, split = infer_from_layout(rel_dirs, root.name, layout)
         out.append(Candidate(str(obj), label, source, split))
     return out
@@ -157,7 +158,6 @@ def parse_split_map(pairs: list[str] | None) -> dict[str, str]:
 def _parquet_input(inp: Path, columns: ColumnOptions, found: Collected) -> list[Candidate]:
     """A candidate per row of a parquet file or dataset folder; its files are added to `found`."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     files, how = dataset_files(inp)
     if not files:
@@ -166,7 +166,7 @@ def _parquet_input(inp: Path, columns: ColumnOptions, found: Collected) -> list[
     for file, file_split in files:
         try:
             size, footer = footer_signature(str(file))
-            meta = pq.ParquetFile(file).metadata
+            meta = open_parquet(str(file)).metadata
             cols = infer_columns(meta.schema.to_arrow_schema(), columns, file)
             rows = list(read_rows(file, cols, columns))
         except (ParquetError, ParquetInputError) as e:  # one bad file is a reject, the others are read
@@ -218,7 +218,7 @@ def collect(inputs: list[Path], label: str | None = None, source: str | None = N
     for inp in inputs:
         inp = as_path(inp)
         if isinstance(inp, ObjectPath):
-            found_c += _object_input(inp, layout)
+            found_c += _object_input(inp, layout, columns or ColumnOptions(), found)
             continue
         if not os.path.lexists(inp):
             raise ShardError(f"{inp}: no such file or folder")
@@ -244,11 +244,13 @@ def collect(inputs: list[Path], label: str | None = None, source: str | None = N
     ]
 
 
-def _object_input(inp: ObjectPath, layout: str) -> list[Candidate]:
+def _object_input(inp: ObjectPath, layout: str, columns: ColumnOptions, found: Collected) -> list[Candidate]:
     """Candidates of an input on object storage: a prefix of images, or one image object."""
-    if inp.suffix.lower() in (".parquet", *LIST_SUFFIXES):
-        raise ShardError(f"{inp}: parquet files and list files on object storage are not read yet; "
-                         f"give a prefix of image files, or copy the file to a local disk")
+    if inp.suffix.lower() in LIST_SUFFIXES:
+        raise ShardError(f"{inp}: list files on object storage are not read; give a prefix of image "
+                         f"files or parquet files, or a local list file naming s3:// paths")
+    if inp.suffix.lower() == ".parquet" or (inp.is_dir() and is_parquet_dataset(inp)):
+        return _parquet_input(inp, columns, found)
     if inp.is_dir():
         return _walk_objects(inp, layout)
     if not inp.exists():

@@ -13,14 +13,14 @@ from __future__ import annotations
 import bisect
 import functools
 import hashlib
-import os
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from storage.atomic import read_json, write_json_atomic
 from storage.errors import UserError
-from storage.locations import StoragePath, as_path
+from storage.locations import StoragePath, as_path, is_remote, location
 
 ADDRESS = re.compile(r"^(?P<file>.+\.parquet)#(?P<row>\d+)$", re.IGNORECASE)
 MAGIC = b"PAR1"
@@ -50,18 +50,20 @@ def path_order(path: str) -> tuple[str, int]:
 def footer_signature(file: str) -> tuple[int, str]:
     """(size, sha256 of the footer) of a parquet file, read without pyarrow: the footer holds the
     schema and every row group's offsets, so a rewritten file has another one."""
+    path = as_path(file)
     try:
-        with open(file, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
+        f = location(path).open_reader(path)  # two ranged reads on object storage
+        try:
+            size = f.size
             if size < 12:
                 raise ParquetError(f"{file}: not a parquet file ({size} bytes)")
-            f.seek(size - 8)
-            tail = f.read(8)
+            tail = f.read(size - 8, 8)
             length = int.from_bytes(tail[:4], "little")
             if tail[4:] != MAGIC or length + 12 > size:
                 raise ParquetError(f"{file}: not a parquet file, or truncated (no footer at its end)")
-            f.seek(size - 8 - length)
-            footer = f.read(length)
+            footer = f.read(size - 8 - length, length)
+        finally:
+            f.close()
     except OSError as e:
         raise ParquetError(f"{file}: unreadable: {e.strerror or e}") from e
     return size, hashlib.sha256(footer).hexdigest()
@@ -134,12 +136,19 @@ def write_index(run_root: Path, sources: dict[str, ParquetSource]) -> None:
                       {"files": {f: merged[f].to_json() for f in sorted(merged)}})
 
 
-def read_column(file: str, row_group: int, column: str) -> list[bytes | None]:
-    """One row group's image bytes (None where null), reading that column only."""
+def open_parquet(file: str | StoragePath) -> Any:
+    """`pyarrow.parquet.ParquetFile` of a local file, or of an object read through fsspec (the
+    footer, then each column chunk asked for, by ranged reads)."""
     import pyarrow.parquet as pq  # imported here: only processes that read parquet load pyarrow
 
+    path = as_path(file)
+    return pq.ParquetFile(path.open("rb") if is_remote(path) else file)
+
+
+def read_column(file: str, row_group: int, column: str) -> list[bytes | None]:
+    """One row group's image bytes (None where null), reading that column only."""
     try:
-        table = pq.ParquetFile(file).read_row_group(row_group, columns=[column], use_threads=False)
+        table = open_parquet(file).read_row_group(row_group, columns=[column], use_threads=False)
     except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid / ArrowIOError are among these
         raise ParquetError(f"{file}: row group {row_group} unreadable: {e}") from e
     col = table.column(0)

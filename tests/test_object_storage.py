@@ -13,7 +13,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, cli, make_dataset
+from conftest import ROOT, cli, make_dataset, make_openfake
 from s3_server import ACCESS_KEY, SECRET_KEY, FaultPlan, FaultProxy, MotoServer
 
 SHARD = 4
@@ -189,3 +189,24 @@ def test_injected_faults_and_lost_answers_change_no_byte(s3, bucket, reference, 
     s3.proxy.plan = FaultPlan()
     assert s3_checksums(s3, bucket) == expected
     s3_cli(s3, "verify", "--run", run)
+
+
+def test_parquet_dataset_on_s3_is_read_in_place_as_locally(s3, bucket, tiny_model, tmp_path):
+    """OpenFake's layout (README configs, parquet files) under an s3:// prefix: the same manifest
+    rows and feature bytes as the same files on a local disk."""
+    data = make_openfake(tmp_path / "openfake", rows=32, files=1, row_group_size=6)
+    local = tmp_path / "local"
+    cli("shard", data, "--run", local, "--shard-size", 8)
+    cli("extract", "--run", local, "--model", tiny_model, *EXTRACT)
+    upload(s3, bucket, data, "openfake")
+    run = f"s3://{bucket}/runs/r1"
+    s3_cli(s3, "shard", f"s3://{bucket}/openfake", "--run", run, "--shard-size", 8)
+    s3_cli(s3, "extract", "--run", run, "--model", tiny_model, *EXTRACT)
+    stored = objects(s3, bucket, "runs/r1/")
+    rows = [json.loads(line) for k in sorted(stored) if "/shards/" in k for line in stored[k].splitlines()]
+    local_rows = [json.loads(line) for f in sorted((local / "shards").glob("*.jsonl"))
+                  for line in f.read_text().splitlines()]
+    assert [(r["key"], r["label"], r["split"], r["source"]) for r in rows] == \
+        [(r["key"], r["label"], r["split"], r["source"]) for r in local_rows]
+    assert all(r["path"].startswith(f"s3://{bucket}/openfake/data/") for r in rows)
+    assert s3_checksums(s3, bucket) == local_checksums(local)

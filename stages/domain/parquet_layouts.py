@@ -21,6 +21,8 @@ from pathlib import Path
 
 from stages.domain.layouts import SPLIT_NAMES, parse_label
 from storage.errors import UserError
+from storage.locations import ObjectPath, as_path
+from storage.parquet_images import open_parquet
 
 IMAGE_NAMES = ("image", "image_data", "img", "image_bytes", "jpg", "png", "bytes")
 LABEL_NAMES = ("label", "labels", "is_fake", "fake", "class", "target")
@@ -78,7 +80,10 @@ def is_parquet_dataset(folder: Path) -> bool:
     metadata beside them."""
     if read_configs(folder):
         return True
-    files = [p for p in folder.rglob("*") if p.is_file() and ".git" not in p.parts]
+    if isinstance(folder, ObjectPath):  # one listing
+        files = [p for p, _ in folder.walk_files() if ".git" not in p.parts]
+    else:
+        files = [p for p in folder.rglob("*") if p.is_file() and ".git" not in p.parts]
     parquet = [p for p in files if p.suffix.lower() == ".parquet"]
     return bool(parquet) and all(p.suffix.lower() == ".parquet" or p.name.lower() in METADATA_FILES
                                  for p in files)
@@ -137,19 +142,25 @@ def split_of_name(file: Path, root: Path) -> str | None:
 def dataset_files(inp: Path) -> tuple[list[tuple[Path, str | None]], str]:
     """(file, split) of every parquet file of an input (a file, a folder, a dataset repository),
     sorted by path, and how the splits were found."""
+    def absolute(p: Path | ObjectPath) -> Path | ObjectPath:
+        return p if isinstance(p, ObjectPath) else Path(os.path.abspath(p))
+
     if inp.is_file():
-        return [(Path(os.path.abspath(inp)), split_of_name(inp, inp.parent))], "file name"
+        return [(absolute(inp), split_of_name(inp, inp.parent))], "file name"
     configs = read_configs(inp)
     found: dict[Path, str] = {}
     for config in configs:
         for split, pattern in _config_globs(config):
             for p in sorted(inp.glob(pattern)):
                 if p.is_file() and p.suffix.lower() == ".parquet":
-                    found.setdefault(Path(os.path.abspath(p)), split)  # a hub snapshot's links are kept
+                    found.setdefault(absolute(p), split)  # a hub snapshot's links are kept
     if found:
         return sorted(found.items()), "README.md configs"
-    files = sorted(p for p in inp.rglob("*.parquet") if p.is_file())
-    return [(Path(os.path.abspath(p)), split_of_name(p, inp)) for p in files], "file names"
+    if isinstance(inp, ObjectPath):
+        files = [p for p, _ in inp.walk_files() if p.suffix.lower() == ".parquet"]
+    else:
+        files = sorted(p for p in inp.rglob("*.parquet") if p.is_file())
+    return [(absolute(p), split_of_name(p, inp)) for p in files], "file names"
 
 
 def _pick(schema, given: str | None, names: tuple[str, ...], what: str, flag: str, file: Path) -> str | None:
@@ -247,10 +258,9 @@ class Row:
 
 def read_rows(file: Path, columns: Columns, opts: ColumnOptions) -> Iterator[Row]:
     """Every row of a file, one row group at a time, reading the label/source/split columns only."""
-    import pyarrow.parquet as pq
 
     wanted = [c for c in (columns.label, columns.source, columns.split) if c]
-    pf = pq.ParquetFile(file)
+    pf = open_parquet(str(file))
     row = 0
     for rg in range(pf.metadata.num_row_groups):
         n = pf.metadata.row_group(rg).num_rows
@@ -272,11 +282,9 @@ def image_bytes_at(path: str) -> bytes:
 
     parts = split_address(path)
     if parts is None:
-        return Path(path).read_bytes()
-    import pyarrow.parquet as pq
-
+        return as_path(path).read_bytes()
     file, row = parts
-    meta = pq.ParquetFile(file).metadata
+    meta = open_parquet(file).metadata
     column = image_column(meta.schema.to_arrow_schema(), None, Path(file))
     first = 0
     for rg in range(meta.num_row_groups):

@@ -18,7 +18,7 @@ import time
 from collections import namedtuple
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import fsspec
@@ -117,11 +117,11 @@ class ObjectPath:
     def with_suffix(self, suffix: str) -> ObjectPath:
         return self.parent / (posixpath.splitext(self.name)[0] + suffix)
 
-    def relative_to(self, other: ObjectPath | str) -> str:
+    def relative_to(self, other: ObjectPath | str) -> PurePosixPath:
         base = str(other).rstrip("/") + "/"
         if not str(self).startswith(base):
             raise ValueError(f"{self} is not under {other}")
-        return str(self)[len(base):]
+        return PurePosixPath(str(self)[len(base):])
 
     def resolve(self) -> ObjectPath:
         return self
@@ -150,8 +150,8 @@ class ObjectPath:
     def read_bytes(self) -> bytes:
         return self.fs.cat_file(self.key)
 
-    def read_text(self, encoding: str = "utf-8") -> str:
-        return self.read_bytes().decode(encoding)
+    def read_text(self, encoding: str = "utf-8", errors: str = "strict") -> str:
+        return self.read_bytes().decode(encoding, errors)
 
     def open(self, mode: str = "rb", **kwargs: Any) -> Any:
         return self.fs.open(self.key, mode, **kwargs)
