@@ -17,7 +17,7 @@ NAME       ?= default
 SHARD_ARGS   ?=
 EXTRACT_ARGS ?=
 
-.PHONY: install test test-long lint quickstart shard extract status train eval bench bench-host bench-gpu bench-scaling bench-shard bench-kinds bench-decoders bench-bootstrap bench-demo-models clean \
+.PHONY: install test test-long lint quickstart shard extract status train eval bench bench-host bench-gpu bench-scaling bench-shard bench-kinds bench-decoders bench-s3 bench-bootstrap bench-demo-models clean \
 	demo demo-seeds demo-dire demo-compare demo-install demo-system-libs demo-data demo-model
 
 install: $(STAMP)
@@ -131,6 +131,11 @@ bench-kinds: $(STAMP)
 
 bench-shard: $(STAMP)
 	$(BIN)/python benchmarks/bench_shard.py $(BENCH_ARGS)
+
+# Extract host ceiling with inputs, run and cache on a local S3 server (moto) beside the local disk,
+# and the S3 requests per shard (options: benchmarks/bench_s3.py).
+bench-s3: $(STAMP)
+	$(BIN)/python benchmarks/bench_s3.py $(BENCH_ARGS)
 
 # Extract images/s with 1 vs 2 workers sharing one run's queue (options: benchmarks/scaling.py).
 bench-scaling: $(STAMP)

@@ -148,7 +148,9 @@ class ObjectPath:
                           modified.timestamp() if hasattr(modified, "timestamp") else float(modified or 0))
 
     def read_bytes(self) -> bytes:
-        return self.fs.cat_file(self.key)
+        """The whole object in one GET (s3fs would first ask its size to split a large one)."""
+        one_request = {"max_concurrency": 1} if self.protocol in ("s3", "s3a") else {}
+        return self.fs.cat_file(self.key, **one_request)
 
     def read_text(self, encoding: str = "utf-8", errors: str = "strict") -> str:
         return self.read_bytes().decode(encoding, errors)
