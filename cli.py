@@ -126,7 +126,7 @@ def shard(
             typer.echo(f"  {row['split']:>5} {row['label']:>4} {row['source']}: {row['images']}")
         if summary["rejects"]:
             typer.echo(f"rejected files (and conflicts) are listed with their reason in "
-                       f"{run / 'rejects.jsonl'}")
+                       f"{run.rstrip('/')}/rejects.jsonl")
         if summary["images"]:
             from stages.audit import format_audit, run_audit
 

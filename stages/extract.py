@@ -46,18 +46,23 @@ from storage.cache_config import PREPROCESSING, CacheConfig, DoneMarker, Feature
 from storage.cache_folder import NOT_CACHED, CacheError, FeatureCache, shard_checksum
 from storage.caches import folder_name, new_cache
 from storage.errors import OptionError
-from storage.locations import as_path
+from storage.locations import as_path, is_url
+from storage.locations.object_store import read_objects
 from storage.packed_images import PackReader, pack_path
 from storage.parquet_images import ParquetError, RowGroupReader, read_index, read_units, split_address
 from storage.run import Entry, Run, RunError, within_roots
 
 
-def read_checked(entry: Entry, roots: list[str] | None = None) -> bytes:
-    """The image's bytes, refusing a file outside the run's inputs or changed since `shard`."""
+def read_checked(entry: Entry, roots: list[str] | None = None,
+                 fetched: bytes | BaseException | None = None) -> bytes:
+    """The image's bytes (`fetched` when they were read already), refusing a file outside the
+    run's inputs or changed since `shard`."""
     if roots is not None and not within_roots(entry.path, roots):
         raise DecodeError("outside the run's input folders: the manifest path was edited (../?)")
     try:
-        data = as_path(entry.path).read_bytes()  # a local file, or an object on object storage
+        if isinstance(fetched, BaseException):
+            raise fetched
+        data = fetched if fetched is not None else as_path(entry.path).read_bytes()  # file or object
     except FileNotFoundError as e:
         raise DecodeError("missing: the file was removed after `shard`") from e
     except OSError as e:
@@ -119,7 +124,21 @@ class ShardImages(Dataset):
     def __len__(self) -> int:
         return len(self.entries)
 
+    def __getitems__(self, indices: list[int]) -> list[tuple[int, torch.Tensor | None, str | None]]:
+        """A batch: the images on object storage fetched concurrently first (their latency
+        overlapped), then each decoded as `__getitem__` does."""
+        remote = [i for i in indices if is_url(self.entries[i].path)
+                  and not (self.pack is not None and self.entries[i].key in self.pack)]
+        fetched = read_objects([self.entries[i].path for i in remote]) if len(remote) > 1 else {}
+        return [self.item(i, fetched.get(self.entries[i].path)) for i in indices]
+
     def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str | None]:
+        return self.item(i)
+
+    def item(self, i: int, fetched: bytes | BaseException | None = None,
+             ) -> tuple[int, torch.Tensor | None, str | None]:
+        """(index, tensor, None), or (index, raw JPEG bytes, "jpeg") for the GPU decoder, or
+        (index, None, reason) when the image cannot be used."""
         try:
             entry = self.entries[i]
             if self.pack is not None and entry.key in self.pack:
@@ -129,7 +148,7 @@ class ShardImages(Dataset):
             elif self.parquet is not None and split_address(entry.path):
                 data = read_parquet_row(self.parquet, entry)
             else:
-                data = read_checked(entry, self.roots)
+                data = read_checked(entry, self.roots, fetched)
             if self.gpu_jpeg and data[:3] == b"\xff\xd8\xff":
                 check_header(data, self.max_pixels)  # the same limit and reasons as decode_rgb
                 return i, torch.frombuffer(bytearray(data), dtype=torch.uint8), "jpeg"

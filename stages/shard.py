@@ -44,6 +44,7 @@ from stages.domain.parquet_layouts import (
 from storage.atomic import read_jsonl, write_jsonl_atomic
 from storage.errors import UserError
 from storage.locations import ObjectPath, as_path, is_url
+from storage.locations.object_store import read_objects
 from storage.packed_images import pack_path, write_pack
 from storage.parquet_images import (
     ParquetError,
@@ -294,10 +295,27 @@ def probe_file(path: str, max_pixels: int = DEFAULT_MAX_PIXELS,
     return probe_bytes(data, max_pixels, max_bytes)
 
 
-def _probe_object(url: str, max_pixels: int, max_bytes: int) -> dict:
-    """`probe_file` of an object on object storage (read whole: one GET)."""
+OBJECTS_AT_ONCE = 64  # objects fetched concurrently by one probe task: latency overlapped, memory bounded
+
+
+def _probe_objects(paths: list[str], max_pixels: int, max_bytes: int) -> list[dict]:
+    """`probe_file` of each path, the objects on object storage fetched concurrently in groups."""
+    out = []
+    for k in range(0, len(paths), OBJECTS_AT_ONCE):
+        part = paths[k:k + OBJECTS_AT_ONCE]
+        got = read_objects([p for p in part if is_url(p)])
+        out += [_probe_object(p, max_pixels, max_bytes, got[p]) if is_url(p) else
+                probe_file(p, max_pixels, max_bytes) for p in part]
+    return out
+
+
+def _probe_object(url: str, max_pixels: int, max_bytes: int, fetched: bytes | BaseException | None = None,
+                  ) -> dict:
+    """`probe_file` of an object on object storage (read whole: one GET), or of its bytes fetched."""
     try:
-        data = as_path(url).read_bytes()
+        if isinstance(fetched, BaseException):
+            raise fetched
+        data = fetched if fetched is not None else as_path(url).read_bytes()
     except FileNotFoundError:
         return {"reason": "missing: no such object"}
     except OSError as e:
@@ -349,6 +367,8 @@ def check_image_bytes(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tupl
 def _probe_batch(args: tuple) -> tuple[int, list[dict]]:
     b, paths, max_pixels, max_bytes, group = args
     if group is None:
+        if any(is_url(p) for p in paths):
+            return b, _probe_objects(paths, max_pixels, max_bytes)
         return b, [probe_file(p, max_pixels, max_bytes) for p in paths]
     source, row_group, first = group  # one row group of a parquet file: its image column read once
     try:

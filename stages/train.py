@@ -473,8 +473,9 @@ def run_train_seeds(run_dir: Path, opts: TrainOptions, seeds: list[int], resume:
     if len(set(seeds)) != len(seeds) or not seeds:
         raise TrainError(f"--seeds {','.join(map(str, seeds))}: give distinct seeds, e.g. 0,1,2")
     out = {}
+    root = Run(run_dir).root
     for seed in seeds:
         one = replace(opts, name=f"{opts.name}/seed-{seed}", seed=seed)
-        started = (Path(run_dir) / "train" / one.name / "last.pt").exists()
+        started = (root / "train" / one.name / "last.pt").exists()
         out[f"seed-{seed}"] = run_train(run_dir, one, resume=resume and started)
-    return {"out": str(Path(run_dir) / "train" / opts.name), "seeds": out}
+    return {"out": str(root / "train" / opts.name), "seeds": out}

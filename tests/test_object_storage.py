@@ -97,7 +97,12 @@ def sharded(s3, bucket: str, reference, via_proxy: bool = False) -> str:
 def test_whole_flow_on_s3_gives_the_local_bytes_and_writes_no_credentials(s3, bucket, reference,
                                                                           tiny_model, tmp_path):
     _, local_run, expected = reference
+    s3.client().put_object(Bucket=bucket, Key="data/train/progan/1_fake/broken.png", Body=b"not an image")
     run = sharded(s3, bucket, reference)
+    stored = objects(s3, bucket, "runs/r1/rejects.jsonl")
+    rejects = [json.loads(line) for line in stored["runs/r1/rejects.jsonl"].splitlines()]
+    assert [r["path"] for r in rejects] == [f"s3://{bucket}/data/train/progan/1_fake/broken.png"]
+    assert "not an image" in rejects[0]["reason"]
     outs = [s3_cli(s3, "extract", "--run", run, "--model", tiny_model, *EXTRACT)]
     assert s3_checksums(s3, bucket) == expected
     stored = objects(s3, bucket, "runs/r1/")
