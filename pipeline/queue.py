@@ -33,7 +33,7 @@ from pathlib import Path
 
 from storage.atomic import create_exclusive, write_bytes_atomic
 from storage.errors import OptionError
-from storage.locations import StoragePath, as_path, is_remote
+from storage.locations import STORAGE_ERRORS, StoragePath, as_path, is_remote
 from storage.lock_holder import holder_gone
 
 HEARTBEAT_S = 10.0
@@ -81,8 +81,8 @@ class Claim:
         while not self._stop.wait(self.queue.heartbeat_s):
             try:
                 self.refresh()
-            except OSError:
-                pass  # a brief filesystem hiccup; the next beat tries again
+            except STORAGE_ERRORS:  # a filesystem or object-store hiccup (network, expired
+                pass  # credentials): the next beat tries again; a claim left stale is taken over
 
     def refresh(self) -> None:
         """Write a fresh heartbeat; in heartbeat mode, notice when another worker took over."""

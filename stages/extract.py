@@ -46,7 +46,7 @@ from storage.cache_config import PREPROCESSING, CacheConfig, DoneMarker, Feature
 from storage.cache_folder import NOT_CACHED, CacheError, FeatureCache, shard_checksum
 from storage.caches import folder_name, new_cache
 from storage.errors import OptionError
-from storage.locations import as_path, is_url
+from storage.locations import STORAGE_ERRORS, as_path, is_url
 from storage.locations.object_store import read_objects
 from storage.packed_images import PackReader, pack_path
 from storage.parquet_images import ParquetError, RowGroupReader, read_index, read_units, split_address
@@ -396,9 +396,10 @@ class ShardWriter:
                          f"one's heartbeat went stale; that worker marks it done, this one moves on")
                 return
             self.cache.mark_done(marker)
-        except OSError as e:
+        except STORAGE_ERRORS as e:  # a full disk, or object storage refusing after its retries
+            why = getattr(e, "strerror", None) or e
             self.error = CacheError(
-                f"shard {shard_id:05d}: writing to {self.cache.root} failed: {e.strerror or e}. "
+                f"shard {shard_id:05d}: writing to {self.cache.root} failed: {why}. "
                 f"Shards finished before are kept and this one is not marked done; "
                 f"free space (or fix the folder) and run `extract` again to resume")
         except BaseException as e:  # surfaced in the main thread by wait()

@@ -13,6 +13,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+import test_claims
 from conftest import ROOT, cli, make_dataset, make_openfake
 from s3_server import ACCESS_KEY, SECRET_KEY, FaultPlan, FaultProxy, MotoServer
 
@@ -215,3 +216,33 @@ def test_parquet_dataset_on_s3_is_read_in_place_as_locally(s3, bucket, tiny_mode
         [(r["key"], r["label"], r["split"], r["source"]) for r in local_rows]
     assert all(r["path"].startswith(f"s3://{bucket}/openfake/data/") for r in rows)
     assert s3_checksums(s3, bucket) == local_checksums(local)
+
+
+@pytest.fixture()
+def in_process(s3, bucket, monkeypatch):
+    """This process's clients pointed at the server (the pipeline's own code, no subprocess)."""
+    from storage.locations import as_path, object_store
+
+    for k, v in s3.env().items():
+        monkeypatch.setenv(k, v)
+    object_store._FILESYSTEMS.clear()
+    yield as_path(f"s3://{bucket}")
+    object_store._FILESYSTEMS.clear()
+
+
+@pytest.mark.parametrize("check", [test_claims.test_heartbeat_claim_is_exclusive_and_refreshed,
+                                   test_claims.test_stale_claim_is_taken_over_by_exactly_one_worker,
+                                   test_claims.test_owner_that_was_taken_over_notices_and_keeps_off],
+                         ids=lambda f: f.__name__.removeprefix("test_"))
+def test_claims_on_s3_follow_the_heartbeat_protocol(in_process, check):
+    """The claim tests of the local heartbeat mode, with the claims on S3 (conditional creates)."""
+    check(in_process)
+
+
+def test_claims_on_s3_refuse_flock(in_process):
+    from pipeline.queue import ShardQueue
+    from storage.errors import OptionError
+
+    with pytest.raises(OptionError, match="object storage"):
+        ShardQueue(in_process / "claims", 4, lambda s: False, mode="flock")
+    assert ShardQueue(in_process / "claims", 4, lambda s: False).mode == "heartbeat"

@@ -15,6 +15,13 @@ from storage.locations.object_store import ObjectLocation, ObjectPath
 
 StoragePath = Union[Path, ObjectPath]  # noqa: UP007 (a runtime alias)
 
+try:  # what a storage call raises besides OSError: the S3 client's own errors
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    STORAGE_ERRORS: tuple[type[BaseException], ...] = (OSError, BotoCoreError, ClientError)
+except ImportError:
+    STORAGE_ERRORS = (OSError,)
+
 LOCATIONS: dict[type, Location] = {
     Path: LocalLocation(),
     ObjectPath: ObjectLocation(),
