@@ -246,3 +246,25 @@ def test_claims_on_s3_refuse_flock(in_process):
     with pytest.raises(OptionError, match="object storage"):
         ShardQueue(in_process / "claims", 4, lambda s: False, mode="flock")
     assert ShardQueue(in_process / "claims", 4, lambda s: False).mode == "heartbeat"
+
+
+def test_packed_tars_and_a_webdataset_cache_on_s3(s3, bucket, reference, tiny_model):
+    """`shard --pack` writes the tars to S3, extract reads the images from them (no GET of an image
+    object), into a WebDataset cache on S3 (tars through fsspec files) with the local checksums,
+    and train streams it."""
+    data, _, expected = reference
+    upload(s3, bucket, data, "data")
+    run = f"s3://{bucket}/runs/r1"
+    s3_cli(s3, "shard", f"s3://{bucket}/data", "--run", run, "--shard-size", SHARD, "--pack")
+    packed = [k for k in objects(s3, bucket, "runs/r1/packed/")]
+    assert len(packed) == len(expected)
+    s3.proxy.plan = FaultPlan()
+    s3_cli(s3, "extract", "--run", run, "--model", tiny_model, *EXTRACT, "--backend", "webdataset",
+           via_proxy=True)
+    assert not [p for m, p, _, _ in s3.proxy.plan.log if m == "GET" and "/data/" in p]
+    stored = objects(s3, bucket, "runs/r1/cache/")
+    assert len([k for k in stored if k.endswith(".tar")]) == len(expected)
+    assert s3_checksums(s3, bucket) == expected
+    s3_cli(s3, "train", "--run", run, "--epochs", 1, "--batch-size", 4, "--workers", 1, "--device", "cpu",
+           "--head", "linear", "--shuffle-buffer", 8)
+    assert "runs/r1/train/default/best.pt" in objects(s3, bucket, "runs/r1/train/")
