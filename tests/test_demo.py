@@ -247,6 +247,7 @@ def test_the_demo_ddpm_saves_the_average_of_its_weights(tmp_path):
     assert 0 < distance(saved[0.5]) < distance(saved[0.0])
 
 
+@pytest.mark.slow  # a third whole demo run (52 s): in make test-long, to keep make test under 20 min
 def test_a_run_folder_of_older_demo_data_is_made_again(demo_runs, tmp_path):
     """Upgrading the demo changes its data: the old run (its manifest, caches and checkpoint)
     must not block `shard` nor mix with the new data."""

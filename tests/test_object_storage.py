@@ -197,6 +197,7 @@ def test_injected_faults_and_lost_answers_change_no_byte(s3, bucket, reference, 
     s3_cli(s3, "verify", "--run", run)
 
 
+@pytest.mark.slow  # make test-long: the same location layer as the flow tests, other writers
 def test_parquet_dataset_on_s3_is_read_in_place_as_locally(s3, bucket, tiny_model, tmp_path):
     """OpenFake's layout (README configs, parquet files) under an s3:// prefix: the same manifest
     rows and feature bytes as the same files on a local disk."""
@@ -248,6 +249,7 @@ def test_claims_on_s3_refuse_flock(in_process):
     assert ShardQueue(in_process / "claims", 4, lambda s: False).mode == "heartbeat"
 
 
+@pytest.mark.slow  # make test-long: the same location layer as the flow tests, other writers
 def test_packed_tars_and_a_webdataset_cache_on_s3(s3, bucket, reference, tiny_model):
     """`shard --pack` writes the tars to S3, extract reads the images from them (no GET of an image
     object), into a WebDataset cache on S3 (tars through fsspec files) with the local checksums,
