@@ -70,44 +70,6 @@ class S3Server:
         self.proc.wait()
 
 
-def serve_delay_proxy(port: int, target: int, delay_ms: float) -> None:
-    """An HTTP proxy on `port` to the server on `target` that holds each request `delay_ms` first:
-    object storage's latency per request, which loopback lacks (run in its own process)."""
-    import http.client
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def log_message(self, *args) -> None:
-            pass
-
-        def _any(self) -> None:
-            body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-            time.sleep(delay_ms / 1000)
-            conn = http.client.HTTPConnection("127.0.0.1", target, timeout=60)
-            headers = {k: v for k, v in self.headers.items()
-                       if k.lower() not in ("connection", "transfer-encoding")}
-            conn.request(self.command, self.path, body=body, headers=headers)
-            resp = conn.getresponse()
-            data = resp.read()
-            self.send_response(resp.status)
-            for k, v in resp.getheaders():
-                if k.lower() not in ("connection", "transfer-encoding", "content-length", "server", "date"):
-                    self.send_header(k, v)
-            self.send_header("Content-Length", resp.getheader("Content-Length", "0") if self.command == "HEAD"
-                             else str(len(data)))
-            self.end_headers()
-            if self.command != "HEAD":
-                self.wfile.write(data)
-
-        do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _any  # noqa: N815
-
-    server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
-    server.daemon_threads = True
-    server.serve_forever()
-
-
 def extract_once(run: str, model: Path, cache: str, workers: int, size: int, endpoint: str,
                  one_at_a_time: bool = False) -> float:
     """images/s of one extract with the no-op UNet (`one_at_a_time`: each loader worker reads its
@@ -144,19 +106,15 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--latency-ms", type=float, default=20.0, help="Added to each request (latency rows).")
     ap.add_argument("--out", default=None)
-    ap.add_argument("--serve-delay-proxy", nargs=3, type=float, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.serve_delay_proxy:
-        port, target, delay = args.serve_delay_proxy
-        return serve_delay_proxy(int(port), int(target), delay)
 
     scratch = scratch_dir("bench-s3-")
     server = S3Server(scratch / "moto.log")
     os.environ.update(CREDENTIALS, AWS_ENDPOINT_URL=server.url)
     port = free_port()
     delayed = f"http://127.0.0.1:{port}"
-    proxy = subprocess.Popen([sys.executable, __file__, "--serve-delay-proxy", str(port), str(server.port),
-                              str(args.latency_ms)])
+    proxy = subprocess.Popen([sys.executable, str(ROOT / "tests" / "s3_server.py"), str(port),
+                              str(server.port), str(args.latency_ms)])  # the tests' proxy, delay alone
     try:
         result = measure(args, scratch, server, {False: "", True: server.url, "delay": delayed})
     finally:

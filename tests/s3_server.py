@@ -1,6 +1,8 @@
 """A real S3 server on loopback for the object-storage tests: moto's server mode on a free port
 (as zarr-python and s3fs test themselves), and `FaultProxy`, an HTTP proxy in front of it that
-fails a share of requests, loses answers, counts requests or kills a process at the n-th write."""
+fails a share of requests, loses answers, delays each request, counts requests or kills a process at
+the n-th write. `python tests/s3_server.py PORT TARGET_PORT DELAY_MS` serves the proxy with a delay
+alone, in its own process (what `make bench-s3` uses for its latency rows)."""
 
 from __future__ import annotations
 
@@ -9,7 +11,9 @@ import logging
 import os
 import signal
 import socket
+import sys
 import threading
+import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -60,6 +64,7 @@ class FaultPlan:
 
     fail_every: int = 0
     lose_every: int = 0
+    delay_s: float = 0.0  # held before forwarding: object storage's latency per request
     kill_at: int = 0
     kill_pid: int = 0
     requests: int = 0
@@ -71,8 +76,8 @@ class FaultPlan:
 class FaultProxy:
     """An HTTP proxy to `target` that applies a `FaultPlan` (set `plan` between runs)."""
 
-    def __init__(self, target_port: int):
-        self.plan = FaultPlan()
+    def __init__(self, target_port: int, port: int = 0, plan: FaultPlan | None = None):
+        self.plan = plan or FaultPlan()
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -86,7 +91,7 @@ class FaultProxy:
 
             do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _any  # noqa: N815
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
+        self.server = ThreadingHTTPServer(("127.0.0.1", port or free_port()), Handler)
         self.server.daemon_threads = True
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
@@ -104,6 +109,8 @@ class FaultProxy:
             os.kill(plan.kill_pid, signal.SIGKILL)
             h.close_connection = True
             return
+        if plan.delay_s:
+            time.sleep(plan.delay_s)
         if plan.fail_every and n % plan.fail_every == 0:
             self._reply(h, 503, b"<Error><Code>ServiceUnavailable</Code><Message>injected</Message></Error>")
             return
@@ -153,3 +160,8 @@ class FaultProxy:
     def stop(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+if __name__ == "__main__":
+    port, target, delay_ms = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
+    FaultProxy(target, port, FaultPlan(delay_s=delay_ms / 1000)).thread.join()
