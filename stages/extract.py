@@ -539,10 +539,10 @@ def run_extract(run_dir: Path, opts: ExtractOptions) -> dict:
     model.check_size(opts.size)
     batch_size = resolve_batch_size(run, model, opts)
     cache, feature = open_cache(run, model, opts, batch_size)
-    queue = ShardQueue(cache.claims_dir, info.num_shards, lambda s: cache.done_path(s).exists(),
-                       mode=opts.claims)
+    queue = ShardQueue(cache.claims_dir, info.num_shards, cache.is_done, mode=opts.claims)
     forget_done(cache, queue, opts.redo)
-    pending = queue.pending()
+    done_before = cache.done_shards()  # one listing, not a request per shard (object storage)
+    pending = [s for s in range(info.num_shards) if s not in done_before]
     # totals from run.json: no need to parse every pending manifest shard twice
     progress = Progress(sum(run.shard_len(s) for s in pending), f"extract {feature.feature_id}")
     todo = iter(my_order(pending, worker, workers_total))
@@ -552,7 +552,7 @@ def run_extract(run_dir: Path, opts: ExtractOptions) -> dict:
     def next_job() -> ShardJob | None:
         for shard_id in todo:
             claim = queue.claim(shard_id)
-            if claim is None or cache.done_path(shard_id).exists():
+            if claim is None or cache.is_done(shard_id):
                 if claim is not None:
                     claim.release()
                 skipped.append(shard_id)

@@ -195,7 +195,14 @@ class FeatureCache(ABC):
     def done_marker(self, shard_id: int) -> DoneMarker | None:
         """The shard's done marker, or None while it is not done."""
         path = self.done_path(shard_id)
-        return DoneMarker.read(read_json(path), str(path)) if path.exists() else None
+        try:  # one request on object storage (not an existence check, then a read)
+            return DoneMarker.read(read_json(path), str(path))
+        except FileNotFoundError:
+            return None
+
+    def is_done(self, shard_id: int) -> bool:
+        """Whether the shard has its done marker (read now: another worker may just have made it)."""
+        return self.done_marker(shard_id) is not None
 
     def done_shards(self) -> set[int]:
         """Ids of the shards with a done marker."""

@@ -318,7 +318,7 @@ class ZarrCache(FeatureCache):
     def _grow(self, config: CacheConfig, vocabulary: dict[str, list[str]]) -> None:
         """Longer arrays, the appended names after the others (only zarr.json files change: shard
         files keep their bytes)."""
-        group = zarr.open_group(zarr_store(self.zarr_path), mode="r+")
+        group = zarr.open_group(zarr_store(self.zarr_path), mode="r+", zarr_format=3)
         for name in ("dnf", "label", "split", "source", "key"):
             array = group[name]
             array.resize((config.manifest.row_count, *array.shape[1:]))
@@ -339,7 +339,7 @@ class ZarrCache(FeatureCache):
         names = list(group[name].attrs.get("names", []))
         if set(values) - set(names):
             with self.lock():
-                array = zarr.open_array(zarr_store(self.zarr_path / name), mode="r+")
+                array = zarr.open_array(zarr_store(self.zarr_path / name), mode="r+", zarr_format=3)
                 names = list(array.attrs.get("names", []))
                 names += sorted(set(values) - set(names))
                 array.attrs["names"] = names
@@ -357,7 +357,7 @@ class ZarrCache(FeatureCache):
         end = start + len(dnf)
         shard = start // self.config().shard_size
         self._clear_partial(shard)
-        group = zarr.open_group(zarr_store(self.zarr_path), mode="r+")
+        group = zarr.open_group(zarr_store(self.zarr_path), mode="r+", zarr_format=3)
         layout = self._dnf_layout()
         synced = ["label", "key", "split", "source"]  # write_row_shard syncs its own file
         if layout is not None and start % layout.rows_per_shard == 0 and len(dnf) <= layout.rows_per_shard:
@@ -392,7 +392,7 @@ class ZarrCache(FeatureCache):
             return None
 
     def open_read(self) -> zarr.Group:
-        return zarr.open_group(zarr_store(self.zarr_path), mode="r")
+        return zarr.open_group(zarr_store(self.zarr_path), mode="r", zarr_format=3)
 
     def _strings(self, group: zarr.Group, name: str, start: int = 0, end: int | None = None) -> np.ndarray:
         """key, split or source of rows [start, end) as an object array of str, in either format."""
