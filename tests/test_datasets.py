@@ -117,7 +117,7 @@ def dataset(root: Path, seeds: range, source: str, split: str = "train") -> Path
     return root
 
 
-@pytest.mark.parametrize("backend", ["zarr", "webdataset"])
+@pytest.mark.parametrize("backend", ["zarr", pytest.param("webdataset", marks=pytest.mark.slow)])
 def test_append_grows_a_run_and_computes_only_new_shards(tmp_path, tiny_model, backend):
     run = tmp_path / "run"
     first = dataset(tmp_path / "a", range(5), "progan")

@@ -111,6 +111,7 @@ def test_dire_matches_an_independent_reimplementation(adm, tmp_path):
     assert np.array_equal(encode(net.dire(x, 20), "reference", kind="dire").numpy(), own)
 
 
+@pytest.mark.slow  # 58 s: make test-long (DIRE's maths stay in make test: the reimplementation test)
 def test_dire_and_dnf_caches_live_side_by_side_and_train(adm, tmp_path):
     _, model = adm
     data = make_dataset(tmp_path / "data", per_class=1)
