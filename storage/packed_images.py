@@ -13,7 +13,7 @@ import tarfile
 from pathlib import Path
 from typing import BinaryIO
 
-from storage.locations import StoragePath, as_path, is_remote, location
+from storage.locations import StoragePath, as_path, location
 from storage.locations.base import RangeReader
 from storage.run import Entry
 
@@ -46,24 +46,7 @@ def write_pack(path: StoragePath, entries: list[Entry]) -> int:
     """Write the entries' original bytes into the tar at `path`; return its size in bytes.
     A file whose bytes no longer match its key raises ValueError naming it. On object storage the
     tar goes through an fsspec file, which creates the object whole when it is closed."""
-    if is_remote(path):
-        f = path.open("wb")
-        try:
-            _write_members(f, entries)
-        except BaseException:
-            f.discard() if hasattr(f, "discard") else None  # abort the upload: no partial object
-            raise
-        f.close()
-        return path.stat().st_size
-    path.parent.mkdir(parents=True, exist_ok=True)
-    for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a killed `shard --pack`
-        stale.unlink(missing_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        _write_members(f, entries)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    location(path).write_streamed(path, lambda f: _write_members(f, entries))
     return path.stat().st_size
 
 

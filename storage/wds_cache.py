@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,10 +26,9 @@ from typing import BinaryIO
 
 import numpy as np
 
-from storage.atomic import fsync_dir
 from storage.cache_config import CacheConfig, DoneMarker
 from storage.cache_folder import NOT_CACHED, CacheError, FeatureCache, RowReader
-from storage.locations import StoragePath, is_remote, location
+from storage.locations import StoragePath, location
 from storage.locations.base import RangeReader
 
 
@@ -99,24 +97,8 @@ class WdsCache(FeatureCache):
         shard_id = start // self.config().shard_size
         final = self.shard_file(shard_id)
         offset, size = [-1] * len(dnf), [0] * len(dnf)  # of each row's .dnf.npy data; -1: no member
-        if is_remote(final):  # an fsspec file: the object appears whole when it is closed, never before
-            f = final.open("wb")
-            try:
-                _write_tar(f, start, dnf, label, split, source, key, offset, size)
-            except BaseException:
-                f.discard() if hasattr(f, "discard") else None  # abort the upload: no partial object
-                raise
-            f.close()
-        else:
-            for stale in final.parent.glob(f".{final.name}.*.tmp"):  # left by a killed writer
-                stale.unlink(missing_ok=True)  # (this worker holds the shard's claim)
-            tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
-            with open(tmp, "wb") as f:
-                _write_tar(f, start, dnf, label, split, source, key, offset, size)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, final)
-            fsync_dir(final.parent)
+        location(final).write_streamed(  # temporary name + rename, or an upload that appears whole
+            final, lambda f: _write_tar(f, start, dnf, label, split, source, key, offset, size))
         index = {"key": list(key), "label": [int(v) for v in label], "split": list(split),
                  "source": list(source), "offset": offset, "size": size}
         self._written[shard_id] = index

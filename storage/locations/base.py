@@ -8,8 +8,9 @@ the ones whose meaning differs between a POSIX filesystem and an object store.""
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from contextlib import AbstractContextManager
-from typing import Any
+from typing import Any, BinaryIO
 
 
 class RangeReader(ABC):
@@ -33,6 +34,11 @@ class Location(ABC):
     @abstractmethod
     def write_whole(self, path: Any, data: bytes) -> None:
         """Replace `path` with `data` so that a reader sees the old object or the new one whole."""
+
+    @abstractmethod
+    def write_streamed(self, path: Any, fill: Callable[[BinaryIO], None]) -> None:
+        """Write `path` from `fill(file)` (a tar, say) so that no reader sees it before it is
+        complete; an error in `fill` leaves no new file behind."""
 
     @abstractmethod
     def create_exclusive(self, path: Any, data: bytes) -> bool:

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import BinaryIO
 
 from storage.locations.base import Location, RangeReader
 
@@ -59,6 +60,18 @@ class LocalLocation(Location):
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+        fsync_dir(path.parent)
+
+    def write_streamed(self, path: Path, fill: Callable[[BinaryIO], None]) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a killed writer (the
+            stale.unlink(missing_ok=True)  # caller holds the shard's claim)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        with open(tmp, "wb") as f:
+            fill(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
         fsync_dir(path.parent)
 
     def create_exclusive(self, path: Path, data: bytes) -> bool:

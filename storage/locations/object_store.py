@@ -16,10 +16,10 @@ import posixpath
 import tempfile
 import time
 from collections import namedtuple
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, BinaryIO
 
 import fsspec
 
@@ -241,6 +241,16 @@ class ObjectLocation(Location):
 
     def write_whole(self, path: ObjectPath, data: bytes) -> None:
         path.write_bytes(data)
+
+    def write_streamed(self, path: ObjectPath, fill: Callable[[BinaryIO], None]) -> None:
+        f = path.open("wb")  # an upload that appears whole when closed, never before
+        try:
+            fill(f)
+        except BaseException:
+            if hasattr(f, "discard"):
+                f.discard()  # abort the upload: no partial object
+            raise
+        f.close()
 
     def create_exclusive(self, path: ObjectPath, data: bytes) -> bool:
         try:
