@@ -17,7 +17,7 @@ NAME       ?= default
 SHARD_ARGS   ?=
 EXTRACT_ARGS ?=
 
-.PHONY: install test test-long lint quickstart shard extract status train eval bench bench-host bench-gpu bench-scaling bench-shard bench-kinds bench-decoders bench-s3 bench-bootstrap bench-demo-models clean \
+.PHONY: install test test-long lint quickstart shard extract status train eval bench bench-host bench-gpu bench-scaling bench-shard bench-kinds bench-decoders bench-s3 bench-bootstrap bench-demo-models clean docs docs-serve \
 	demo demo-seeds demo-dire demo-compare demo-install demo-system-libs demo-data demo-model
 
 install: $(STAMP)
@@ -144,6 +144,15 @@ bench-scaling: $(STAMP)
 # After `make demo`: each variant of the demo's DDPM -> DNF -> detector, AUC per test generator.
 bench-demo-models: demo
 	$(BIN)/python benchmarks/demo_noise_models.py $(BENCH_ARGS)
+
+# The docs site (MkDocs + Material) into site/; the CLI reference is generated from the typer app first.
+docs: $(STAMP)
+	$(BIN)/python scripts/cli_reference.py
+	$(BIN)/mkdocs build --strict --site-dir site
+
+docs-serve: $(STAMP)
+	$(BIN)/python scripts/cli_reference.py
+	$(BIN)/mkdocs serve
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache
