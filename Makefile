@@ -17,7 +17,7 @@ NAME       ?= default
 SHARD_ARGS   ?=
 EXTRACT_ARGS ?=
 
-.PHONY: install test test-long lint quickstart shard extract status train eval bench bench-host bench-gpu bench-scaling bench-shard bench-kinds bench-decoders bench-s3 bench-bootstrap bench-demo-models clean docs docs-serve \
+.PHONY: install test test-long lint quickstart shard extract status train eval bench bench-host bench-gpu gpu-wheels bench-scaling bench-shard bench-kinds bench-decoders bench-s3 bench-bootstrap bench-demo-models clean docs docs-serve \
 	demo demo-seeds demo-dire demo-compare demo-install demo-system-libs demo-data demo-model
 
 install: $(STAMP)
@@ -117,6 +117,20 @@ bench-host: $(STAMP)
 # On a CUDA box: the bedroom UNet at fp32/bf16/fp16, compile on/off, batch 16-256, nvJPEG on/off
 bench-gpu: $(STAMP)
 	$(BIN)/python benchmarks/bench_gpu.py $(BENCH_ARGS)
+
+# Wheels the device tool's H200 machine lacks (it has torch, transformers, numpy...; benchmarks/GPU.md),
+# at this venv's versions, for its Python: carried as .whl/ and installed by benchmarks/gpu_run.sh.
+# GPU_PYTHON=3.11 adds this machine's builds for the CPU check (`gpu_run.sh --device cpu --quick`).
+GPU_PYTHON ?= 3.12
+GPU_WHEELS := diffusers importlib_metadata lazy_importer zipp zarr donfig google_crc32c numcodecs \
+	simplejpeg pyspng webdataset braceexpand
+gpu-wheels: $(STAMP)
+	$(BIN)/python -m pip download --quiet --no-deps --only-binary=:all: --python-version $(GPU_PYTHON) \
+	  --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 \
+	  --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux1_x86_64 \
+	  -d .whl $$($(BIN)/python -c "import importlib.metadata as m; \
+	    print(*(f'{n}=={m.version(n)}' for n in '$(GPU_WHEELS)'.split()))")
+	@du -sh .whl; ls .whl
 
 # shard files/s and peak RSS at 200,000 small files and 2,000 photos; status/verify over 100,000 rows
 # Seconds the 95 % bootstrap intervals add to an eval report at 10,000 and 100,000 rows.
