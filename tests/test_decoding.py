@@ -110,3 +110,18 @@ def test_fast_decode_is_recorded_and_changes_only_jpeg_features(tmp_path, tiny_m
     for e in Run(run).entries():
         same = np.array_equal(rows[False][e.key], rows[True][e.key])
         assert same == e.path.endswith(".png")  # PNGs decode as before; JPEGs from the 1/8 scale differ
+
+
+@pytest.mark.parametrize("h, w", [(300, 300), (380, 400), (260, 511), (511, 511), (512, 520), (257, 1000),
+                                  (1100, 700), (33, 40)])
+def test_fast_decode_scales_by_powers_of_two_only_as_pillows_draft_does(h, w):
+    """Sides between S and 2S decode whole (libjpeg's 7/8, 3/4, 5/8 scales are never taken), larger
+    ones at 1/2, 1/4 or 1/8: the same shape and pixels as Pillow's DCT-domain draft, which uses only
+    those scales (JPEG's own power-of-two IDCT reductions)."""
+    data = saved(Image.fromarray(photo(h, w)), "JPEG", quality=90)
+    with Image.open(io.BytesIO(data)) as im:
+        im.draft("RGB", (256, 256))
+        pil = np.asarray(im.convert("RGB"))
+    got = decode_rgb(data, draft=256).permute(1, 2, 0).numpy()
+    assert got.shape == pil.shape
+    assert np.array_equal(got, pil)

@@ -5,7 +5,8 @@ dropped, EXIF orientation is ignored. Formats torchvision cannot read fall back 
 go through simplejpeg and 8-bit RGB / RGBA PNGs through pyspng first: the same libjpeg-turbo and
 the same pixels (tested), 1.3-1.5x faster (`make bench-decoders`); anything they refuse goes the
 torchvision way. `draft` (`extract --fast-decode`) decodes a JPEG at the smallest DCT scale
-(1/2, 1/4, 1/8) that keeps both sides at least that many pixels: other pixels, opt-in.
+(1/2, 1/4, 1/8 only, as Pillow's `draft`) that keeps both sides at least that many pixels: other
+pixels, opt-in.
 """
 
 from __future__ import annotations
@@ -38,6 +39,15 @@ def _pillow_rgb(data: bytes) -> torch.Tensor:
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
+def dct_scale(width: int, height: int, draft: int) -> int:
+    """The DCT downscale `--fast-decode` uses for a JPEG: the largest of 8, 4, 2 with both sides
+    >= k * draft, else 1 (a full decode; also when draft is 0). Pillow's `draft` chooses the same."""
+    for k in (8, 4, 2):
+        if draft > 0 and width >= k * draft and height >= k * draft:
+            return k
+    return 1
+
+
 def _fast_decode(data: bytes, draft: int = 0) -> torch.Tensor | None:
     """(3, H, W) uint8 (HWC memory) from simplejpeg or pyspng, None where they do not apply or
     refuse the file (CMYK JPEGs, grey or 16-bit or palette PNGs, damaged files)."""
@@ -45,10 +55,14 @@ def _fast_decode(data: bytes, draft: int = 0) -> torch.Tensor | None:
         if data[:3] == b"\xff\xd8\xff":
             import simplejpeg
 
-            if simplejpeg.decode_jpeg_header(data)[2] not in ("YCbCr", "Gray"):  # CMYK, YCCK: libjpeg's way
+            height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
+            if colorspace not in ("YCbCr", "Gray"):  # CMYK, YCCK: libjpeg's way
                 return None
-            arr = simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=draft, min_width=draft,
-                                         min_factor=1)
+            k = dct_scale(width, height, draft)
+            # min sizes of exactly ceil(side / k) with min_factor k leave libjpeg one choice, 1/k:
+            # left free it picks any M/8 (7/8, 3/4, ...), slower than a full decode and other pixels
+            arr = simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=-(-height // k),
+                                         min_width=-(-width // k), min_factor=k)
         elif data[:8] == PNG_MAGIC and data[12:16] == b"IHDR" and data[24] == 8 and data[25] in (2, 6):
             import pyspng
 
