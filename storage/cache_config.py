@@ -13,6 +13,7 @@ from storage.errors import OptionError, RecordError
 
 # Bump when decoding or resizing changes in a way that changes DNF values.
 PREPROCESS_VERSION = "rgb-bicubic-aa-float-v1"
+FAST_DECODE = "dct-1/2-1/4-1/8"  # --fast-decode's scales, recorded in the feature id
 # DIRE's own preprocessing (its compute_dire.py): centre crop to a square, then the same resize
 PREPROCESS_CROP = "rgb-centercrop-bicubic-aa-float-v1"
 # `--geometry crop`: the central window at native resolution (images under the size upscaled first)
@@ -74,6 +75,8 @@ class FeatureConfig:
 
     @classmethod
     def from_json(cls, d: dict) -> FeatureConfig:
+        if "fast_decode" in d:  # FAST_DECODE, or true from before the scales were powers of two
+            d = {**d, "fast_decode": bool(d["fast_decode"])}
         return cls(**d)
 
     def to_json(self) -> dict:
@@ -85,6 +88,8 @@ class FeatureConfig:
             del d["decoder"]  # likewise: ids as before --gpu-decode was recorded
         if not self.fast_decode:
             del d["fast_decode"]  # likewise: ids as before --fast-decode existed
+        else:  # caches of the older M/8 scales (recorded as true) keep their own ids, never mixed
+            d["fast_decode"] = FAST_DECODE
         return d
 
     @property

@@ -125,3 +125,20 @@ def test_fast_decode_scales_by_powers_of_two_only_as_pillows_draft_does(h, w):
     got = decode_rgb(data, draft=256).permute(1, 2, 0).numpy()
     assert got.shape == pil.shape
     assert np.array_equal(got, pil)
+
+
+def test_fast_decode_caches_of_the_older_scales_keep_their_own_id():
+    """Caches made when --fast-decode took any M/8 scale hold other pixels: a new extract must not
+    resume into them, so the recorded value (and the id) changed; the old config still reads."""
+    from storage.cache_config import FeatureConfig
+
+    new = FeatureConfig("f" * 64, fast_decode=True)
+    old_json = {**new.to_json(), "fast_decode": True}
+    assert new.to_json()["fast_decode"] != True  # noqa: E712
+    assert FeatureConfig.from_json(old_json).fast_decode is True
+    assert FeatureConfig.from_json(new.to_json()) == new
+    legacy_id = __import__("hashlib").sha256(__import__("json").dumps(old_json, sort_keys=True)
+                                             .encode()).hexdigest()[:16]
+    assert new.feature_id != legacy_id
+    plain = FeatureConfig("f" * 64)
+    assert FeatureConfig.from_json(plain.to_json()).feature_id == plain.feature_id
