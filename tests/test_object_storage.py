@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import test_claims
-from conftest import ROOT, cli, make_dataset, make_openfake
+from conftest import ROOT, cli, image_bytes, make_dataset, make_openfake
 from s3_server import ACCESS_KEY, SECRET_KEY, FaultPlan, FaultProxy, MotoServer
 
 SHARD = 4
@@ -270,3 +270,58 @@ def test_packed_tars_and_a_webdataset_cache_on_s3(s3, bucket, reference, tiny_mo
     s3_cli(s3, "train", "--run", run, "--epochs", 1, "--batch-size", 4, "--workers", 1, "--device", "cpu",
            "--head", "linear", "--shuffle-buffer", 8)
     assert "runs/r1/train/default/best.pt" in objects(s3, bucket, "runs/r1/train/")
+
+
+# Every printable ASCII character but the separator `/` (S3's "safe" ones, those "that might need
+# special handling" and those "to avoid"), then non-ASCII UTF-8: S3 takes any UTF-8 key.
+KEY_CHARS = "".join(chr(c) for c in range(0x20, 0x7F) if chr(c) != "/") + "éü日本語ß€"
+
+
+def test_object_keys_with_every_character_s3_allows_go_through_shard_and_extract(in_process, tiny_model,
+                                                                                tmp_path):
+    """File names and prefixes holding glob characters (`[ ] * ? { } !`), spaces, `%`, `#`, quotes
+    and UTF-8: every image is indexed, read back and cached, none 'missing'; the run's own prefix
+    holds them too (its listings, globs and deletes must not expand them)."""
+    from stages.extract import ExtractOptions, run_extract
+    from stages.shard import run_shard
+    from stages.verify import run_verify
+
+    bucket = in_process
+    names = [KEY_CHARS[i:i + 12] for i in range(0, len(KEY_CHARS), 12)]  # a few characters per name
+    names += ["[ab]", "a*", "?", "{a,b}", "x%20y", "%", "#frag", " lead and trail ", "[!x]", "**"]
+    prefix = "da[ta] {x}*?"
+    client_keys = []
+    for i, name in enumerate(names):
+        label = ("0_real", "1_fake")[i % 2]
+        data = image_bytes(700 + i)  # noise: distinct bytes for every seed
+        key = f"{prefix}/train/progan/{label}/{name}.png"
+        (bucket / key).write_bytes(data)
+        client_keys.append(key)
+    # decoys that a glob of the names above would also match: they must not be read instead
+    (bucket / f"{prefix}/train/progan/0_real/b.png").write_bytes(b"decoy, not an image")
+    run = bucket / "runs/r[1] {a}*"
+    summary = run_shard([str(bucket / prefix)], str(run), shard_size=8)
+    rows = [json.loads(line) for p in sorted((run / "shards").glob("*.jsonl"))
+            for line in p.read_text().splitlines()]
+    assert sorted(r["path"] for r in rows) == sorted(str(bucket / k) for k in client_keys), summary
+    result = run_extract(str(run), ExtractOptions(model=tiny_model, size=32, workers=0, batch_size=4,
+                                                  device="cpu"))
+    assert result["rejected"] == 0 and result["images"] == len(names), result
+    report = run_verify(str(run))
+    assert report["ok"] and report["caches"][0]["shards_checked"] == summary["num_shards"], report
+
+
+def test_listing_globbing_and_deleting_a_prefix_take_its_key_literally(in_process):
+    """A prefix named `p[1]` is not the pattern `p[1]` (which matches `p1`): `glob` lists under it
+    alone, `rmtree` deletes it alone (fsspec's `rm` would delete `p1`, another run's objects)."""
+    bucket = in_process
+    for key in ("p[1]/a.json", "p[1]/b.txt", "p[1]/sub/c.json", "p1/a.json", "p*x/a.json", "pyx/a.json"):
+        (bucket / key).write_bytes(key.encode())
+    assert [p.name for p in (bucket / "p[1]").glob("*.json")] == ["a.json"]
+    assert [p.key.split("/", 1)[1] for p in (bucket / "p[1]").rglob("*.json")] == ["p[1]/a.json",
+                                                                                  "p[1]/sub/c.json"]
+    assert [p.name for p in (bucket / "p*x").glob("*")] == ["a.json"]
+    (bucket / "p[1]").rmtree()
+    (bucket / "p*x").rmtree()
+    left = sorted(p.key.split("/", 1)[1] for p, _ in bucket.walk_files())
+    assert left == ["p1/a.json", "pyx/a.json"]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import posixpath
+import re
 import tempfile
 import time
 from collections import namedtuple
@@ -65,11 +66,20 @@ def read_objects(urls: list[str]) -> dict[str, bytes | BaseException]:
         path = ObjectPath(url)
         by_protocol.setdefault(path.protocol, []).append(path)
     for protocol, paths in by_protocol.items():
-        got = filesystem(protocol).cat([p.key for p in paths], on_error="return", **_one_request(protocol))
-        for p in paths:
-            value = got.get(p.key, FileNotFoundError(str(p)))
+        # cat_ranges, not cat: `cat` glob-expands a key holding `[`, `*` or `?` (S3 allows them)
+        got = filesystem(protocol).cat_ranges([p.key for p in paths], None, None, on_error="return",
+                                              **_one_request(protocol))
+        for p, value in zip(paths, got, strict=True):
+            if isinstance(value, BaseException) and not isinstance(value, OSError):
+                value = OSError(f"{p}: {value}")  # a client error, said as a read that failed
             out[str(p)] = value if isinstance(value, (bytes, BaseException)) else bytes(value)
     return out
+
+
+def _is_pattern(key: str) -> bool:
+    """Whether fsspec's calls that expand paths (`rm`, `cat`, `glob`, `expand_path`) would take
+    `key` as a glob pattern rather than a name."""
+    return any(c in key for c in "*?[")
 
 
 class ObjectPath:
@@ -186,7 +196,19 @@ class ObjectPath:
                 if k.strip("/") != self.key]
 
     def glob(self, pattern: str) -> list[ObjectPath]:
-        return [ObjectPath(f"{self.protocol}://{k}") for k in sorted(self.fs.glob(f"{self.key}/{pattern}"))]
+        """Objects and prefixes under this one whose relative path matches `pattern` (pathlib's
+        syntax: `*`, `?`, `[...]`, `**`). Only the pattern is a pattern: this prefix is matched
+        literally, whatever characters its key holds (fsspec's glob would expand them too)."""
+        deep = "**" in pattern
+        depth = None if deep else pattern.count("/") + 1
+        try:
+            found = self.fs.find(self.key, maxdepth=depth, withdirs=True)
+        except FileNotFoundError:
+            return []
+        base = self.key + "/"
+        regex = re.compile(fsspec.utils.glob_translate(pattern))
+        rels = {k[len(base):].rstrip("/") for k in found if k.startswith(base)}
+        return [ObjectPath(f"{self.protocol}://{base}{r}") for r in sorted(rels) if r and regex.fullmatch(r)]
 
     def rglob(self, pattern: str) -> list[ObjectPath]:
         return self.glob(f"**/{pattern}")
@@ -217,8 +239,13 @@ class ObjectPath:
 
     def rmtree(self) -> None:
         """Delete every object under this prefix."""
-        if self.fs.exists(self.key):
-            self.fs.rm(self.key, recursive=True)
+        keys = [p.key for p, _ in self.walk_files()]
+        plain = [k for k in keys if not _is_pattern(k)]
+        if plain:  # one bulk delete
+            self.fs.rm(plain)
+        for key in keys:  # fsspec's rm would expand a key holding `[`, `*` or `?`: one by one
+            if _is_pattern(key):
+                self.fs.rm_file(key)
 
 
 class ObjectReader(RangeReader):
