@@ -162,11 +162,11 @@ bench-demo-models: demo
 # The docs site (MkDocs + Material) into site/; the CLI reference is generated from the typer app first.
 docs: $(STAMP)
 	$(BIN)/python scripts/cli_reference.py
-	$(BIN)/mkdocs build --strict --site-dir site
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
 
 docs-serve: $(STAMP)
 	$(BIN)/python scripts/cli_reference.py
-	$(BIN)/mkdocs serve
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache
