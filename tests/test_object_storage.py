@@ -325,3 +325,22 @@ def test_listing_globbing_and_deleting_a_prefix_take_its_key_literally(in_proces
     (bucket / "p*x").rmtree()
     left = sorted(p.key.split("/", 1)[1] for p, _ in bucket.walk_files())
     assert left == ["p1/a.json", "pyx/a.json"]
+
+
+def test_shard_into_a_bucket_that_does_not_exist_stops_before_any_image_work(in_process, monkeypatch):
+    """The output bucket is checked up front: a clear error naming the URL, no image read or decoded
+    (it used to decode the first 1,024 images, then end in a traceback at the first checkpoint)."""
+    import stages.shard
+    from storage.errors import UserError
+
+    bucket = in_process
+    (bucket / "data/train/progan/0_real/a.png").write_bytes(image_bytes(1))
+    (bucket / "data/train/progan/1_fake/b.png").write_bytes(image_bytes(2))
+
+    def no_image_work(*args, **kwargs):
+        raise AssertionError("an image was probed before the output location was checked")
+
+    monkeypatch.setattr(stages.shard, "_probe_batch", no_image_work)  # reads and decodes a batch
+    missing = f"s3://no-such-bucket-{uuid.uuid4().hex[:12]}/runs/r1"
+    with pytest.raises(UserError, match=f"{missing}.*(does not exist|no such bucket)"):
+        stages.shard.run_shard([str(bucket / "data")], missing, shard_size=4)

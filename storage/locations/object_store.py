@@ -24,12 +24,34 @@ from typing import Any, BinaryIO
 
 import fsspec
 
-from storage.errors import OptionError
+from storage.errors import OptionError, UserError
 from storage.locations.base import Location, RangeReader
 
 RETRY_ATTEMPTS = 10  # botocore's standard mode: exponential backoff with jitter, up to ~20 s apart
 _FILESYSTEMS: dict[tuple[int, str], Any] = {}
+_BUCKETS_SEEN: set[tuple[int, str]] = set()  # (pid, bucket URL) of the buckets found to exist
 ObjectStat = namedtuple("ObjectStat", "st_size st_mtime")
+
+
+class StoreError(UserError, RuntimeError):
+    """Object storage that cannot hold what is asked of it (a bucket that does not exist, a
+    server that ignores conditional writes); the message names the bucket's URL."""
+
+
+def check_bucket(path: ObjectPath) -> None:
+    """Refuse, naming the URL, a path whose bucket does not exist (asked once per process and
+    bucket; an answer other than 'not found', such as access denied, is left to the writes)."""
+    bucket = f"{path.protocol}://{path.key.split('/', 1)[0]}"
+    if (os.getpid(), bucket) in _BUCKETS_SEEN:
+        return
+    try:
+        path.fs.info(path.key.split("/", 1)[0])
+    except FileNotFoundError:
+        raise StoreError(f"{path}: the bucket {bucket} does not exist (or is not visible with these "
+                         f"credentials); create it, or give a URL in an existing bucket") from None
+    except Exception:  # noqa: BLE001 (access denied to HEAD, a server without it: the writes tell)
+        pass
+    _BUCKETS_SEEN.add((os.getpid(), bucket))
 
 
 def storage_options(protocol: str) -> dict:
@@ -221,10 +243,16 @@ class ObjectPath:
 
     # -- writing -----------------------------------------------------------------------------
     def mkdir(self, parents: bool = False, exist_ok: bool = False) -> None:
-        """Nothing to do: an object store has no folders."""
+        """An object store has no folders: only checks that the bucket exists (what an output
+        folder is made for is written next; a missing bucket is said before any work)."""
+        check_bucket(self)
 
     def write_bytes(self, data: bytes) -> int:
-        self.fs.pipe_file(self.key, bytes(data))
+        try:
+            self.fs.pipe_file(self.key, bytes(data))
+        except FileNotFoundError:  # a PUT finds no object missing, only a bucket
+            check_bucket(self)
+            raise
         return len(data)
 
     def write_text(self, text: str, encoding: str = "utf-8") -> int:
@@ -285,6 +313,9 @@ class ObjectLocation(Location):
             return True
         except FileExistsError:
             pass
+        except FileNotFoundError:  # a PUT finds no object missing, only a bucket
+            check_bucket(path)
+            raise
         except OSError as e:  # a server that names the failed condition otherwise (412)
             if "412" not in str(e) and "Precondition" not in str(e):
                 raise
