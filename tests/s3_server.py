@@ -1,7 +1,8 @@
 """A real S3 server on loopback for the object-storage tests: moto's server mode on a free port
 (as zarr-python and s3fs test themselves), and `FaultProxy`, an HTTP proxy in front of it that
-fails a share of requests, loses answers, delays each request, counts requests or kills a process at
-the n-th write. `python tests/s3_server.py PORT TARGET_PORT DELAY_MS` serves the proxy with a delay
+fails a share of requests, loses answers, delays each request, counts requests, drops the headers
+of conditional writes (as S3-compatible servers that ignore them do) or kills a process at the n-th
+write. `python tests/s3_server.py PORT TARGET_PORT DELAY_MS` serves the proxy with a delay
 alone, in its own process (what `make bench-s3` uses for its latency rows)."""
 
 from __future__ import annotations
@@ -67,6 +68,7 @@ class FaultPlan:
     delay_s: float = 0.0  # held before forwarding: object storage's latency per request
     kill_at: int = 0
     kill_pid: int = 0
+    drop_conditional: bool = False  # forward writes without If-None-Match / If-Match (as some servers)
     requests: int = 0
     writes: int = 0
     log: list[tuple[str, str, int, bool]] = field(default_factory=list)  # method, path, status, conditional
@@ -117,10 +119,12 @@ class FaultProxy:
         conn = http.client.HTTPConnection("127.0.0.1", target_port, timeout=60)
         headers = {k: v for k, v in h.headers.items() if k.lower() not in ("connection", "transfer-encoding")}
         headers["Content-Length"] = str(len(body))
+        conditional = "if-none-match" in {k.lower() for k in headers}  # what the client asked for
+        if plan.drop_conditional:
+            headers = {k: v for k, v in headers.items() if k.lower() not in ("if-none-match", "if-match")}
         conn.request(h.command, h.path, body=body, headers=headers)
         resp = conn.getresponse()
         data = resp.read()
-        conditional = "if-none-match" in {k.lower() for k in headers}
         with plan.lock:
             plan.log.append((h.command, h.path.split("?")[0], resp.status, conditional))
         if write and plan.lose_every and w % plan.lose_every == 0 and resp.status < 300:

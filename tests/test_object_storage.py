@@ -344,3 +344,37 @@ def test_shard_into_a_bucket_that_does_not_exist_stops_before_any_image_work(in_
     missing = f"s3://no-such-bucket-{uuid.uuid4().hex[:12]}/runs/r1"
     with pytest.raises(UserError, match=f"{missing}.*(does not exist|no such bucket)"):
         stages.shard.run_shard([str(bucket / "data")], missing, shard_size=4)
+
+
+def test_a_store_that_ignores_conditional_writes_is_refused_before_any_claim(s3, bucket, monkeypatch):
+    """A server that drops If-None-Match (several S3-compatible ones ignore it) would let two workers
+    create one claim, one lock, one done marker: the first exclusive create of a process probes the
+    store (a create of one probe object twice: the second must fail) and refuses with the bucket's
+    URL and what to do, no credentials; the same store honouring the header is used as before."""
+    from pipeline.queue import ShardQueue
+    from storage.cache_folder import object_lock
+    from storage.locations import as_path, object_store
+    from storage.locations.object_store import StoreError
+
+    def through_proxy(plan: FaultPlan) -> None:
+        s3.proxy.plan = plan
+        object_store._FILESYSTEMS.clear()
+        object_store._CONDITIONAL_OK.clear()
+
+    for k, v in s3.env(s3.proxy.url).items():
+        monkeypatch.setenv(k, v)
+    through_proxy(FaultPlan(drop_conditional=True))
+    run = as_path(f"s3://{bucket}/runs/r1")
+    queue = ShardQueue(run / "cache/f.claims", 4, lambda s: False)
+    with pytest.raises(StoreError, match=rf"s3://{bucket}\b.*If-None-Match.*--claims") as refused:
+        queue.claim(0)
+    with pytest.raises(StoreError, match=rf"s3://{bucket}\b"):
+        with object_lock(run / "cache/f.lock"):
+            pass
+    assert ACCESS_KEY not in str(refused.value) and SECRET_KEY not in str(refused.value)
+    assert objects(s3, bucket) == {}  # no claim, no lock, no probe left behind
+    through_proxy(FaultPlan())
+    claim = queue.claim(0)
+    assert claim is not None and ShardQueue(run / "cache/f.claims", 4, lambda s: False).claim(0) is None
+    claim.release()
+    object_store._FILESYSTEMS.clear()

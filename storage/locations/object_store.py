@@ -16,6 +16,7 @@ import posixpath
 import re
 import tempfile
 import time
+import uuid
 from collections import namedtuple
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -30,6 +31,8 @@ from storage.locations.base import Location, RangeReader
 RETRY_ATTEMPTS = 10  # botocore's standard mode: exponential backoff with jitter, up to ~20 s apart
 _FILESYSTEMS: dict[tuple[int, str], Any] = {}
 _BUCKETS_SEEN: set[tuple[int, str]] = set()  # (pid, bucket URL) of the buckets found to exist
+_CONDITIONAL_OK: set[tuple[int, str]] = set()  # (pid, bucket URL) of the stores that honour If-None-Match
+CLAIM_CHOICES = ("auto", "flock", "heartbeat")  # pipeline.queue.CLAIM_MODES, named in a refusal
 ObjectStat = namedtuple("ObjectStat", "st_size st_mtime")
 
 
@@ -289,6 +292,48 @@ class ObjectReader(RangeReader):
         return self.path.fs.cat_file(self.path.key, start=offset, end=offset + size)
 
 
+def _put_if_absent(path: ObjectPath, data: bytes) -> bool:
+    """One conditional PUT (`If-None-Match: *`): True when it created the object, False when the
+    server refused because the key exists (412)."""
+    try:
+        path.fs.pipe_file(path.key, bytes(data), mode="create")
+        return True
+    except FileExistsError:
+        return False
+    except FileNotFoundError:  # a PUT finds no object missing, only a bucket
+        check_bucket(path)
+        raise
+    except OSError as e:  # a server that names the failed condition otherwise (412)
+        if "412" not in str(e) and "Precondition" not in str(e):
+            raise
+        return False
+
+
+def check_conditional_writes(path: ObjectPath) -> None:
+    """Refuse a store that ignores conditional creates before relying on them (once per process
+    and bucket): a probe object beside `path` is created twice, and the second must fail."""
+    bucket = f"{path.protocol}://{path.key.split('/', 1)[0]}"
+    if (os.getpid(), bucket) in _CONDITIONAL_OK:
+        return
+    probe = path.parent / f".conditional-write-probe-{uuid.uuid4().hex}"
+    try:
+        _put_if_absent(probe, b"1")  # False only when a retry of a lost answer met this very PUT
+        honoured = not _put_if_absent(probe, b"2")
+    finally:
+        try:
+            probe.unlink(missing_ok=True)
+        except OSError:  # a store that lets this writer create but not delete: the probe stays
+            pass
+    if not honoured:
+        raise StoreError(
+            f"{bucket}: this object store ignores conditional writes (If-None-Match: *): a second "
+            f"create of the probe object {probe} succeeded. Several workers on one run rely on "
+            f"them to claim each shard once (--claims {', '.join(CLAIM_CHOICES)}: on object storage "
+            f"every choice does; flock needs a filesystem). Use a server that supports them (AWS S3 "
+            f"does), or put the run on a local or shared filesystem.")
+    _CONDITIONAL_OK.add((os.getpid(), bucket))
+
+
 class ObjectLocation(Location):
     """Objects through fsspec: a PUT is atomic, so a whole write needs no temporary name."""
 
@@ -308,17 +353,9 @@ class ObjectLocation(Location):
         f.close()
 
     def create_exclusive(self, path: ObjectPath, data: bytes) -> bool:
-        try:
-            path.fs.pipe_file(path.key, bytes(data), mode="create")
+        check_conditional_writes(path)
+        if _put_if_absent(path, data):
             return True
-        except FileExistsError:
-            pass
-        except FileNotFoundError:  # a PUT finds no object missing, only a bucket
-            check_bucket(path)
-            raise
-        except OSError as e:  # a server that names the failed condition otherwise (412)
-            if "412" not in str(e) and "Precondition" not in str(e):
-                raise
         # A retried PUT whose first answer was lost meets its own object: the same bytes are ours.
         for _ in range(3):
             try:
