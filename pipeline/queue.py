@@ -8,8 +8,9 @@ heartbeat) that a background thread refreshes every `HEARTBEAT_S` seconds. Two w
   kernel drops when its process dies (even by SIGKILL), so a dead worker's shard is free at once;
 - `heartbeat` (for filesystems without working `flock`, chosen by `--claims heartbeat` or when
   flock fails, and always on object storage): the file is created exclusively (a conditional PUT,
-  `If-None-Match: *`, on object storage); a claim whose owner is a dead process on this
-  host, or whose heartbeat is older than `stale_s`, is taken over by exactly one worker (it
+  `If-None-Match: *`, on object storage); a claim whose owner is a dead process of this host,
+  boot and PID namespace (`storage.lock_holder`: a pid of another container means nothing
+  here), or whose heartbeat is older than `stale_s`, is taken over by exactly one worker (it
   creates a takeover marker for that owner exclusively first). An owner that finds its claim
   taken over marks it lost and does not mark the shard done.
 
@@ -34,7 +35,7 @@ from pathlib import Path
 from storage.atomic import create_exclusive, write_bytes_atomic
 from storage.errors import OptionError
 from storage.locations import STORAGE_ERRORS, StoragePath, as_path, is_remote
-from storage.lock_holder import holder_gone
+from storage.lock_holder import holder_fields, holder_gone
 
 HEARTBEAT_S = 10.0
 STALE_S = 120.0
@@ -43,7 +44,7 @@ _NO_FLOCK = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
 
 
 def _record(owner: str, since: float, mode: str) -> bytes:
-    return json.dumps({"owner": owner, "host": socket.gethostname(), "pid": os.getpid(), "mode": mode,
+    return json.dumps({"owner": owner, **holder_fields(), "mode": mode,
                        "since": since, "heartbeat": time.time()}).encode() + b"\n"
 
 

@@ -109,3 +109,38 @@ def test_heartbeat_workers_take_over_and_make_the_same_cache(clean, tmp_path, ti
     assert sum(json.loads(o)["shards_done_now"] for o, _ in outs) == 1
     assert cache_files(only_cache(run)) == clean["files"]
     assert not list(claims.glob("*.lock")) and not list(claims.glob("*.takeover-*"))
+
+
+def _unused_pid() -> int:
+    """A pid no process of this namespace has (what a live worker's pid in another one looks like)."""
+    import os
+
+    for pid in range(4_000_000, 3_000_000, -7919):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return pid
+        except PermissionError:
+            continue
+    raise RuntimeError("no free pid found")
+
+
+def test_live_claim_of_another_pid_namespace_on_the_same_host_name_is_left_alone(tmp_path):
+    """Two containers with host networking (Kubernetes hostNetwork pods) share a host name but not a
+    PID namespace: a fresh claim whose pid does not exist here is not a dead process's; only its
+    heartbeat's age says it is stale. Records of an older version (no host identity) likewise."""
+    import socket
+
+    q = queue(tmp_path, stale_s=60)
+    pid = _unused_pid()
+    other = {"owner": f"{socket.gethostname()}:{pid}:ns2", "host": socket.gethostname(), "pid": pid,
+             "mode": "heartbeat", "since": 0, "heartbeat": time.time()}
+    for rec in ({**other, "hostid": "boot-of-this-host/pidns:4026532999"}, other):
+        q.claims_dir.mkdir(parents=True, exist_ok=True)
+        q.lock_path(0).write_text(json.dumps(rec))
+        assert q.claim(0) is None, rec  # alive in its own namespace: not seized
+        assert "stale" not in q.holder(0)
+        q.lock_path(0).write_text(json.dumps({**rec, "heartbeat": time.time() - 600}))
+        claim = q.claim(0)  # its heartbeat long stale: taken over
+        assert claim is not None
+        claim.release()
