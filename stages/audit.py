@@ -9,6 +9,7 @@ before that, or with `reread`, the headers are read again (never a full decode).
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,7 @@ from stages.domain.confounds import ADVICE, CATEGORICAL, score_all
 from stages.domain.image_facts import FACTS, read_facts
 from stages.domain.pairing import source_groups
 from stages.domain.parquet_layouts import image_bytes_at
-from storage.parquet_images import split_address
+from storage.parquet_images import ParquetSource, read_index, split_address
 from storage.run import Entry, Run
 
 DEFAULT_THRESHOLD = 0.8
@@ -26,13 +27,15 @@ SCORE = ("balanced accuracy of the best single rule on the property alone (a thr
 HEADER_BYTES = 1 << 18  # enough for any header, its quantisation tables and EXIF
 
 
-def file_facts(entry: Entry, reread: bool = False) -> dict:
-    """An entry's header facts (and size), from the manifest or, failing that, from its header."""
+def file_facts(entry: Entry, reread: bool = False,
+               sources: Mapping[str, ParquetSource] | None = None) -> dict:
+    """An entry's header facts (and size), from the manifest or, failing that, from its header
+    (a parquet row's from the column recorded in `sources`, the run's parquet.json)."""
     facts = {k: getattr(entry, k) for k in FACTS}
     if reread or entry.format is None:
         try:
             if split_address(entry.path):  # a parquet row: its row group is read for it
-                head = image_bytes_at(entry.path)[:HEADER_BYTES]
+                head = image_bytes_at(entry.path, sources or {}, entry.key)[:HEADER_BYTES]
             else:
                 with open(entry.path, "rb") as f:
                     head = f.read(HEADER_BYTES)
@@ -65,7 +68,8 @@ def run_audit(run_dir: Path, threshold: float = DEFAULT_THRESHOLD, reread: bool 
     t0 = time.perf_counter()
     run = Run(run_dir)
     entries = run.entries()
-    facts = [file_facts(e, reread) for e in entries]
+    sources = read_index(run.root) if reread or any(e.format is None for e in entries) else {}
+    facts = [file_facts(e, reread, sources) for e in entries]
     sources: dict[str, dict] = {}
     for split in sorted({e.split for e in entries}):
         idx = [i for i, e in enumerate(entries) if e.split == split]

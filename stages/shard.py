@@ -36,6 +36,7 @@ from stages.domain.parquet_layouts import (
     ColumnOptions,
     ParquetInputError,
     dataset_files,
+    describe_label,
     infer_columns,
     is_parquet_dataset,
     read_rows,
@@ -157,14 +158,16 @@ def parse_split_map(pairs: list[str] | None) -> dict[str, str]:
 
 
 def _parquet_input(inp: Path, columns: ColumnOptions, found: Collected) -> list[Candidate]:
-    """A candidate per row of a parquet file or dataset folder; its files are added to `found`."""
+    """A candidate per row of a parquet file or dataset folder; its files are added to `found`, the
+    files the dataset's conventions leave out to its rejects, and files in no split to its notes."""
     import pyarrow as pa
 
-    files, how = dataset_files(inp)
-    if not files:
-        raise ShardError(f"{inp}: no .parquet files")
+    listing = dataset_files(inp)
+    found.rejects += [{"path": str(p), "stage": "shard", "reason": why} for p, why in listing.left_out]
+    if not listing.files:
+        raise ShardError(f"{inp}: no .parquet files" + (" to read (see rejects)" if listing.left_out else ""))
     out = []
-    for file, file_split in files:
+    for file, file_split in listing.files:
         try:
             size, footer = footer_signature(str(file))
             meta = open_parquet(str(file)).metadata
@@ -179,17 +182,34 @@ def _parquet_input(inp: Path, columns: ColumnOptions, found: Collected) -> list[
             continue
         found.parquet[str(file)] = ParquetSource(str(file), size, footer, tuple(
             meta.row_group(i).num_rows for i in range(meta.num_row_groups)), cols.image)
-        found.inferred.append({"file": str(file), "rows": meta.num_rows, "split": file_split,
-                               "splits_from": how, "columns": cols.describe()})
+        unsplit = file_split is None and cols.split is None
+        if unsplit:
+            found.unsplit.append(str(file))
+        found.inferred.append({"file": str(file), "rows": meta.num_rows,
+                               "split": "train" if unsplit else file_split,
+                               "splits_from": listing.how, "columns": cols.describe()})
         for r in rows:
             reason = None
             if r.label is None and r.raw_label is not None:
-                reason = (f"label {r.raw_label!r} is neither real nor fake (name its values with "
-                          f"--real-values / --fake-values)")
+                reason = (f"label {describe_label(r.raw_label, cols)} is neither real nor fake (name its "
+                          f"values with --real-values / --fake-values: the value"
+                          f"{' or its class name' if cols.class_names else ''})")
             split = r.split or file_split
             out.append(Candidate(address(str(file), r.row), r.label, r.source or file.parent.name,
                                  SPLIT_NAMES.get(split.lower(), split) if split else None, reason))
     return out
+
+
+def unsplit_note(found: Collected, split: str | None) -> dict:
+    """`{"note": ...}` saying that parquet files no name gave a split are `train` (nothing when
+    --split chose, or when every file has a split): a default that changes a result is printed."""
+    if split or not found.unsplit:
+        return {}
+    n = len(found.unsplit)
+    return {"note": f"{n} parquet file{'s' if n != 1 else ''} (e.g. {found.unsplit[0]}) in no split: no "
+                    f"README configs, no split folder or file name (train/validation/test as Hugging Face "
+                    f"names them), no split column; {'their' if n != 1 else 'its'} rows are in train. Give "
+                    f"--split (or --split-map train=test) to choose"}
 
 
 @dataclass
@@ -198,6 +218,7 @@ class Collected:
 
     parquet: dict[str, ParquetSource] = field(default_factory=dict)
     inferred: list[dict] = field(default_factory=list)  # per parquet file: columns, split, rows
+    unsplit: list[str] = field(default_factory=list)  # parquet files no name or column gave a split
     rejects: list[dict] = field(default_factory=list)
 
 
@@ -642,9 +663,10 @@ def run_shard(inputs: list[Path], run_dir: Path, shard_size: int = 1024, label: 
     found = Collected()
     candidates = collect(inputs, label, source, split, layout, parse_split_map(split_map), opts.columns,
                          found)
+    note = unsplit_note(found, split)
     if dry_run:
         return {"dry_run": True, "files": len(candidates), "table": layout_table(candidates),
-                "parquet": found.inferred, "refused": found.rejects}
+                "parquet": found.inferred, "refused": found.rejects, **note}
     if pack and found.parquet:
         raise ShardError("--pack: parquet inputs are read in place, a row group at a time (already large "
                          "sequential reads); pack folders of image files only")
@@ -674,7 +696,7 @@ def run_shard(inputs: list[Path], run_dir: Path, shard_size: int = 1024, label: 
     info = (write_append if append else write_first)(run, inputs, opts, candidates,
                                                      (entries, rejects, duplicates, conflicts))
     clear_progress(checkpoints)
-    extra: dict = {"appended_now": len(entries)} if append else {}
+    extra: dict = {**({"appended_now": len(entries)} if append else {}), **note}
     if pack:
         extra.update(pack_shards(run, [entries[i:i + shard_size] for i in range(0, len(entries), shard_size)],
                                  first))

@@ -10,6 +10,7 @@ from stages.domain.gallery import sheet, tile
 from storage.cache_folder import NOT_CACHED
 from storage.caches import find_cache
 from storage.errors import UserError
+from storage.parquet_images import read_index
 from storage.run import Run
 
 
@@ -35,8 +36,9 @@ def run_show(run_dir: Path, wanted: list[str], out: Path, feature_id: str | None
                             f"at extract)")
         chosen.append(entry)
     reader = cache.row_reader()
+    sources = read_index(run.root)  # a parquet row is read from the column shard recorded
     tiles = [tile(e.path, reader[row_of[e.key]], [f"{'fake' if e.label else 'real'} {e.split}", e.source,
-                                                  Path(e.path).name]) for e in chosen]
+                                                  Path(e.path).name], sources, e.key) for e in chosen]
     reader.close()
     sheet(tiles, Path(out))
     return {"out": str(out), "images": len(tiles), "cache": str(cache.root)}

@@ -5,6 +5,7 @@ stored uint8 map / 255 (reference encoding), or raw eps clipped to [0, 1], first
 from __future__ import annotations
 
 import io
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from stages.domain.parquet_layouts import image_bytes_at
 from storage.atomic import readable
+from storage.parquet_images import ParquetSource
 
 PANEL = 128  # pixels of each image in a tile
 PAD = 4
@@ -29,19 +31,23 @@ def dnf_view(dnf: np.ndarray) -> Image.Image:
     return Image.fromarray(np.ascontiguousarray(x.transpose(1, 2, 0)), "RGB")
 
 
-def original_view(path: str) -> Image.Image:
-    """The original image as RGB, or a grey panel when it can no longer be read."""
+def original_view(path: str, sources: Mapping[str, ParquetSource] | None = None,
+                  key: str | None = None) -> Image.Image:
+    """The original image as RGB (a parquet row from the column recorded in `sources`, the run's
+    parquet.json; checked against its manifest `key`), or a grey panel when it can no longer be read."""
     try:
-        with Image.open(io.BytesIO(image_bytes_at(path))) as im:  # a file, or a parquet row
+        with Image.open(io.BytesIO(image_bytes_at(path, sources or {}, key))) as im:
             return im.convert("RGB")
     except (OSError, ValueError, SyntaxError):
         return Image.new("RGB", (PANEL, PANEL), (96, 96, 96))
 
 
-def tile(path: str, dnf: np.ndarray, caption: list[str]) -> Image.Image:
-    """The image and its DNF side by side, with up to three caption lines below."""
+def tile(path: str, dnf: np.ndarray, caption: list[str], sources: Mapping[str, ParquetSource] | None = None,
+         key: str | None = None) -> Image.Image:
+    """The image and its DNF side by side, with up to three caption lines below (`sources`, `key`:
+    as `original_view` takes them)."""
     out = Image.new("RGB", (TILE_W, TILE_H), (255, 255, 255))
-    out.paste(original_view(path).resize((PANEL, PANEL), Image.BICUBIC), (PAD, PAD))
+    out.paste(original_view(path, sources, key).resize((PANEL, PANEL), Image.BICUBIC), (PAD, PAD))
     out.paste(dnf_view(dnf).resize((PANEL, PANEL), Image.NEAREST), (2 * PAD + PANEL, PAD))
     draw, font = ImageDraw.Draw(out), ImageFont.load_default()
     for i, text in enumerate(caption[:LINES]):

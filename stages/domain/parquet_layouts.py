@@ -1,9 +1,15 @@
 """Hugging Face parquet datasets as `shard` inputs: which files, which split each belongs to, which
 columns hold the image, label, source and split, and what the label values mean.
 
-Splits come from the dataset README's `configs:` YAML (`data_files` as split/path-glob pairs, a
-glob or a list of globs), else from file names `<split>-NNNNN-of-NNNNN.parquet` or a split folder
-(`data/train/x.parquet`). Columns are found by type and name: an Image-feature struct with a
+Splits follow the `datasets` library's rules (`datasets/data_files.py`; `load_dataset` gives the same
+splits, tested against it): the dataset README's `configs:` YAML (`data_files` as split/path-glob
+pairs, a glob or a list of globs, under an optional `data_dir`), else `data/<split>-NNNNN-of-NNNNN.*`
+files (then no other file is data), else a split keyword as a folder name (`train/`, `data/dev/`,
+`my-test/`), else as a file name or its part between separators (`train.parquet`, `test-00000.parquet`,
+`x.eval.parquet`); the keywords are train/training, validation/valid/val/dev and
+test/testing/eval/evaluation, the separators `-._`, a space or a digit, case as written. Files those
+rules leave out are refused with the reason; when no name gives a split, every file is `train`, said
+so. `validation` is this project's `val`. Columns are found by type and name: an Image-feature struct with a
 `bytes` field or a binary column for the image (OpenFake `image`, Community Forensics
 `image_data`); `label` / `is_fake`; `model` / `model_name` / `generator` / `source`; `split`.
 Labels: ClassLabel names from the schema's `huggingface` metadata, 0/1, booleans, real/fake
@@ -15,21 +21,31 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
+from collections import Counter
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
 
-from stages.domain.layouts import SPLIT_NAMES, parse_label
+from stages.domain.layouts import parse_label
 from storage.errors import UserError
 from storage.locations import ObjectPath, as_path
-from storage.parquet_images import open_parquet
+from storage.parquet_images import ParquetError, ParquetSource, open_parquet
 
 IMAGE_NAMES = ("image", "image_data", "img", "image_bytes", "jpg", "png", "bytes")
 LABEL_NAMES = ("label", "labels", "is_fake", "fake", "class", "target")
 SOURCE_NAMES = ("model", "model_name", "generator", "source", "generator_name")
 SPLIT_COLUMN_NAMES = ("split",)
-SHARD_NAME = re.compile(r"^(?P<split>[A-Za-z][\w]*?)-\d{5}-of-\d{5}")
-METADATA_FILES = {"readme.md", ".gitattributes", "dataset_infos.json", "dataset_info.json"}
+# datasets' data_files conventions: `data/{split}-NNNNN-of-NNNNN*.*` (any split name), else these
+# keywords in a folder name or a file name, between separators (start or end of a folder name too)
+SHARD_NAME = re.compile(r"^(?P<split>.+)-\d{5}-of-\d{5}[^/]*\.[^/]*$")
+HUB_SPLIT_KEYWORDS = {"train": ("train", "training"), "validation": ("validation", "valid", "dev", "val"),
+                      "test": ("test", "testing", "eval", "evaluation")}
+_SEP = "[-._ 0-9]"
+_IN_FOLDER = {s: re.compile(rf"(?:^|{_SEP})(?:{'|'.join(w)})(?:{_SEP}|$)")
+              for s, w in HUB_SPLIT_KEYWORDS.items()}
+_IN_FILE = {s: re.compile(rf"(?:^|{_SEP})(?:{'|'.join(w)}){_SEP}") for s, w in HUB_SPLIT_KEYWORDS.items()}
+# an image folder's metadata table (datasets' imagefolder) is not a parquet dataset's data
+METADATA_TABLES = {"metadata.parquet", "metadata.csv", "metadata.jsonl"}
 
 
 class ParquetInputError(UserError, ValueError):
@@ -75,18 +91,33 @@ class Columns:
                 f"source={self.source or '-'} split={self.split or '-'}")
 
 
+def _listing(folder: Path) -> list[Path]:
+    """Every file below a folder (one listing on object storage), `.git` left out."""
+    if isinstance(folder, ObjectPath):
+        return [p for p, _ in folder.walk_files() if ".git" not in p.relative_to(folder).parts]
+    return sorted(p for p in folder.rglob("*") if p.is_file() and ".git" not in p.relative_to(folder).parts)
+
+
+def _hidden(rel: PurePosixPath) -> bool:
+    """A path datasets skips: a part starting with `.` or `__` (`.cache/`, `__pycache__/`)."""
+    return any(part.startswith((".", "__")) for part in rel.parts)
+
+
 def is_parquet_dataset(folder: Path) -> bool:
-    """A folder that is a parquet dataset: a README with `configs`, or parquet files and only
-    metadata beside them."""
+    """A folder that is a parquet dataset: a README with `configs`, or, as `load_dataset` chooses its
+    reader by the most common file type, parquet files at least as many as the files of any one
+    image type (a LICENSE, `.gitattributes`, a README or a preview picture beside them change nothing;
+    an image folder with a `metadata.parquet` stays an image folder)."""
     if read_configs(folder):
         return True
-    if isinstance(folder, ObjectPath):  # one listing
-        files = [p for p, _ in folder.walk_files() if ".git" not in p.parts]
-    else:
-        files = [p for p in folder.rglob("*") if p.is_file() and ".git" not in p.parts]
-    parquet = [p for p in files if p.suffix.lower() == ".parquet"]
-    return bool(parquet) and all(p.suffix.lower() == ".parquet" or p.name.lower() in METADATA_FILES
-                                 for p in files)
+    from PIL import Image
+
+    image_suffixes = set(Image.registered_extensions())
+    counts = Counter(p.suffix.lower() for p in _listing(folder)
+                     if not _hidden(PurePosixPath(*p.relative_to(folder).parts))
+                     and p.name.lower() not in METADATA_TABLES)
+    images = max((n for suffix, n in counts.items() if suffix in image_suffixes), default=0)
+    return counts[".parquet"] > 0 and counts[".parquet"] >= images
 
 
 def read_configs(folder: Path) -> list[dict]:
@@ -128,39 +159,99 @@ def _config_globs(config: dict) -> list[tuple[str, str]]:
     return out
 
 
-def split_of_name(file: Path, root: Path) -> str | None:
-    """The split a file's name (`test-00001-of-00004.parquet`) or folder (`data/val/`) says."""
+def hub_splits(files: list[PurePosixPath]) -> tuple[dict[PurePosixPath, str], str]:
+    """The split of each data file (paths relative to the dataset's folder) by datasets' rules, and
+    which rule gave them; ({}, "") when no name gives a split (then all are `train`). A file the
+    rule that applies does not match is left out of the dict (load_dataset does not read it); one
+    that two splits match is in the first (train, validation, test), where load_dataset reads it twice."""
+    sharded = {f: m["split"] for f in files
+               if len(f.parts) == 2 and f.parts[0] == "data" and (m := SHARD_NAME.match(f.name))}
+    if sharded:
+        return sharded, "file names data/<split>-NNNNN-of-NNNNN"
+    for how, rules, part in (("split folder names", _IN_FOLDER, lambda f: f.parts[:-1]),
+                             ("split keywords in file names", _IN_FILE, lambda f: (f.name,))):
+        found = {f: next(s for s, rx in rules.items() if any(rx.search(p) for p in part(f)))
+                 for f in files if any(rx.search(p) for rx in rules.values() for p in part(f))}
+        if found:
+            return found, how
+    return {}, ""
+
+
+def split_of_name(file: Path) -> str | None:
+    """The split a single file's name says (`test-00001-of-00004.parquet`, `validation.parquet`)."""
     m = SHARD_NAME.match(file.name)
     if m:
         return m["split"]
-    for part in reversed(file.relative_to(root).parts[:-1]):
-        if part.lower() in SPLIT_NAMES:
-            return part
-    return None
+    return next((s for s, rx in _IN_FILE.items() if rx.search(file.name)), None)
 
 
-def dataset_files(inp: Path) -> tuple[list[tuple[Path, str | None]], str]:
-    """(file, split) of every parquet file of an input (a file, a folder, a dataset repository),
-    sorted by path, and how the splits were found."""
-    def absolute(p: Path | ObjectPath) -> Path | ObjectPath:
-        return p if isinstance(p, ObjectPath) else Path(os.path.abspath(p))
+DEFAULT_SPLIT_HOW = "default: no README configs, split folder or split file name"
 
+
+@dataclass
+class DatasetFiles:
+    """The parquet files of an input with their splits (None: no name gives one, so `train` by the
+    stated default), how the splits were found, and the files left out with the reason."""
+
+    files: list[tuple[Path, str | None]]
+    how: str
+    left_out: list[tuple[Path, str]] = field(default_factory=list)
+
+
+def _absolute(p: Path | ObjectPath) -> Path | ObjectPath:
+    return p if isinstance(p, ObjectPath) else Path(os.path.abspath(p))
+
+
+def _by_names(base: Path, parquet: list[Path]) -> DatasetFiles:
+    """The files below `base` with their splits by datasets' file and folder name rules."""
+    rel = {p: PurePosixPath(*p.relative_to(base).parts) for p in parquet}
+    out = DatasetFiles([], "", [(p, "hidden (a name starting with . or __): load_dataset skips it; give "
+                                 "the file as its own input to take it") for p in parquet if _hidden(rel[p])])
+    shown = [p for p in parquet if not _hidden(rel[p])]
+    splits, how = hub_splits([rel[p] for p in shown])
+    if not splits:
+        out.files, out.how = [(_absolute(p), None) for p in shown], DEFAULT_SPLIT_HOW
+        return out
+    out.how = how
+    for p in shown:
+        if rel[p] in splits:
+            out.files.append((_absolute(p), splits[rel[p]]))
+        else:
+            out.left_out.append((p, f"not a data file by the Hugging Face conventions the other files follow "
+                                    f"({how}): load_dataset does not read it either; give it as its own "
+                                    f"input (with --split) to take it"))
+    return out
+
+
+def dataset_files(inp: Path) -> DatasetFiles:
+    """The parquet files of an input (a file, a folder, a dataset repository) with their splits,
+    sorted by path, as `load_dataset` finds them."""
     if inp.is_file():
-        return [(absolute(inp), split_of_name(inp, inp.parent))], "file name"
-    configs = read_configs(inp)
+        split = split_of_name(inp)
+        return DatasetFiles([(_absolute(inp), split)], "file name" if split else DEFAULT_SPLIT_HOW)
+    parquet = [p for p in _listing(inp) if p.suffix.lower() == ".parquet"]
     found: dict[Path, str] = {}
-    for config in configs:
+    for config in read_configs(inp):
+        base = inp / str(config["data_dir"]) if config.get("data_dir") else inp
+        if not config.get("data_files"):
+            if config.get("data_dir"):  # a data_dir alone: its files by the name rules
+                below = _by_names(base, [p for p in parquet if str(p).startswith(str(base) + "/")])
+                for p, split in below.files:
+                    found.setdefault(p, split or "train")
+            continue
         for split, pattern in _config_globs(config):
-            for p in sorted(inp.glob(pattern)):
+            for p in sorted(base.glob(pattern)):
                 if p.is_file() and p.suffix.lower() == ".parquet":
-                    found.setdefault(absolute(p), split)  # a hub snapshot's links are kept
+                    found.setdefault(_absolute(p), split)  # a hub snapshot's links are kept
     if found:
-        return sorted(found.items()), "README.md configs"
-    if isinstance(inp, ObjectPath):
-        files = [p for p, _ in inp.walk_files() if p.suffix.lower() == ".parquet"]
-    else:
-        files = sorted(p for p in inp.rglob("*.parquet") if p.is_file())
-    return [(absolute(p), split_of_name(p, inp)) for p in files], "file names"
+        taken = {str(p) for p in found}
+        why = ("not in the README's configs data_files: load_dataset does not read it either; give it as "
+               "its own input (with --split) to take it")
+        return DatasetFiles(sorted(found.items()), "README.md configs",
+                            [(p, why) for p in parquet if str(_absolute(p)) not in taken])
+    out = _by_names(inp, parquet)
+    out.files.sort()
+    return out
 
 
 def _pick(schema, given: str | None, names: tuple[str, ...], what: str, flag: str, file: Path) -> str | None:
@@ -230,19 +321,33 @@ def infer_columns(schema, opts: ColumnOptions, file: Path) -> Columns:
 
 
 def label_value(value: object, columns: Columns, opts: ColumnOptions) -> int | None:
-    """0 (real) / 1 (fake) of a label cell, None when it says neither."""
+    """0 (real) / 1 (fake) of a label cell, None when it says neither. A ClassLabel value is named by
+    `--real-values` / `--fake-values` as its integer or its class name."""
     if value is None:
         return None
     if isinstance(value, bool):
         return int(value)
+    texts = [str(value).strip().lower()]
     if columns.class_names and isinstance(value, int) and 0 <= value < len(columns.class_names):
-        value = columns.class_names[value]
-    text = str(value).strip().lower()
-    if text in {v.lower() for v in opts.real_values}:
-        return 0
-    if text in {v.lower() for v in opts.fake_values}:
-        return 1
-    return parse_label(text)
+        texts.insert(0, columns.class_names[value].strip().lower())  # the name first, then the integer
+    real = {v.strip().lower() for v in opts.real_values}
+    fake = {v.strip().lower() for v in opts.fake_values}
+    for text in texts:
+        if text in real:
+            return 0
+        if text in fake:
+            return 1
+    return parse_label(texts[0])
+
+
+def describe_label(value: object, columns: Columns) -> str:
+    """A label cell as a message shows it: a ClassLabel's integer with its class name."""
+    if columns.class_names and isinstance(value, int) and not isinstance(value, bool):
+        if 0 <= value < len(columns.class_names):
+            return f"{value} (ClassLabel {columns.class_names[value]!r})"
+        return (f"{value} (no class of the ClassLabel {'/'.join(columns.class_names)}; -1 is datasets' "
+                f"no label)")
+    return repr(value)
 
 
 @dataclass(frozen=True)
@@ -275,27 +380,28 @@ def read_rows(file: Path, columns: Columns, opts: ColumnOptions) -> Iterator[Row
         row += n
 
 
-def image_bytes_at(path: str) -> bytes:
-    """The bytes of a manifest path: a file's, or a parquet row's (its row group's image column
-    read for it; the column found as `shard` finds it). Raises OSError or ValueError."""
-    from storage.parquet_images import read_column, split_address
+def image_bytes_at(path: str, sources: Mapping[str, ParquetSource], key: str | None = None) -> bytes:
+    """The bytes of a manifest path: a file's, or a parquet row's, read from the column `shard`
+    recorded in `RUN/parquet.json` (`sources`, from `read_index`), never inferred again; with `key`,
+    checked against it. Raises OSError or ValueError (ParquetError) naming the path."""
+    import hashlib
+
+    from storage.parquet_images import RowGroupReader, split_address
 
     parts = split_address(path)
     if parts is None:
-        return as_path(path).read_bytes()
-    file, row = parts
-    meta = open_parquet(file).metadata
-    column = image_column(meta.schema.to_arrow_schema(), None, Path(file))
-    first = 0
-    for rg in range(meta.num_row_groups):
-        n = meta.row_group(rg).num_rows
-        if row < first + n:
-            data = read_column(file, rg, column)[row - first]
-            if data is None:
-                raise ValueError(f"{path}: null image bytes")
-            return data
-        first += n
-    raise ValueError(f"{path}: the file has {first} rows")
+        data = as_path(path).read_bytes()
+    else:
+        if parts[0] not in sources:
+            raise ParquetError(f"{path}: its file is not in the run's parquet.json (the image column "
+                               f"shard read is recorded there)")
+        sources[parts[0]].check_unchanged()
+        data = RowGroupReader({parts[0]: sources[parts[0]]}).read(path)
+        if data is None:
+            raise ParquetError(f"{path}: null image bytes in column {sources[parts[0]].column}")
+    if key is not None and hashlib.sha256(data).hexdigest() != key:
+        raise ValueError(f"{path}: its bytes' sha256 is not the manifest key {key} (changed since shard)")
+    return data
 
 
 def resolve_dataset(inp: Path, download: bool = False) -> Path:

@@ -1,0 +1,229 @@
+"""Parquet inputs against Hugging Face `datasets` itself: datasets written by its own writer
+(`Dataset.to_parquet`, an Image feature and a ClassLabel label), laid out by the hub's conventions
+(split file names, `data/<split>-NNNNN-of-NNNNN`, `data/<split>-NNNNN` without `-of-`, split folders,
+split keywords, a repository with a LICENSE, `.gitattributes` and a README with or without
+`configs`): the splits, labels and row counts `shard` gives equal `datasets.load_dataset`'s.
+Also the recorded image column read back (`show`, the eval gallery, `audit --reread`) and ClassLabel
+values named by integer. Everything offline (the caches under the test's tmp folder)."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import itertools
+import os
+from collections import Counter
+from pathlib import Path, PurePosixPath
+
+import pytest
+from conftest import _write_parquet, image_bytes
+from PIL import Image
+
+from stages.domain.parquet_layouts import ColumnOptions
+from stages.shard import run_shard
+from storage.parquet_images import read_index
+from storage.run import Run
+
+PROJECT_SPLIT = {"validation": "val"}  # the project's name of datasets' validation split
+_seeds = itertools.count(1)  # every image of the module distinct: no duplicates between files
+
+
+@pytest.fixture(scope="module")
+def hf(tmp_path_factory):
+    """The `datasets` module, offline, its caches (and modules folder) in a tmp folder."""
+    home = tmp_path_factory.mktemp("hf-home")
+    keep = {k: os.environ.get(k) for k in ("HF_HOME", "HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")}
+    os.environ.update(HF_HOME=str(home), HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1")
+    import datasets
+    import huggingface_hub.constants
+
+    saved = (datasets.config.HF_DATASETS_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE,
+             datasets.config.HF_MODULES_CACHE, datasets.config.HF_DATASETS_CACHE)
+    datasets.config.HF_DATASETS_OFFLINE = huggingface_hub.constants.HF_HUB_OFFLINE = True
+    datasets.config.HF_MODULES_CACHE = home / "modules"
+    datasets.config.HF_DATASETS_CACHE = home / "datasets"
+    datasets.disable_progress_bars()
+    yield datasets
+    (datasets.config.HF_DATASETS_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE,
+     datasets.config.HF_MODULES_CACHE, datasets.config.HF_DATASETS_CACHE) = saved
+    for k, v in keep.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def write_hf(hf, path: Path, labels: list[int], names: tuple[str, ...] = ("real", "fake")) -> None:
+    """A parquet file written by `datasets` itself: an Image feature and a ClassLabel label."""
+    features = hf.Features({"image": hf.Image(), "label": hf.ClassLabel(names=list(names))})
+    images = [{"bytes": image_bytes(next(_seeds), size=(8, 8)), "path": None} for _ in labels]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    hf.Dataset.from_dict({"image": images, "label": labels}, features=features).to_parquet(str(path))
+
+
+def theirs(hf, folder: Path, cache: Path, packaged: bool = True) -> Counter:
+    """(split, label) counts of `load_dataset("parquet", data_dir=folder)` (or `load_dataset(folder)`),
+    splits named as the project names them, labels 0 real / 1 fake by their ClassLabel names."""
+    dd = (hf.load_dataset("parquet", data_dir=str(folder), cache_dir=str(cache)) if packaged
+          else hf.load_dataset(str(folder), cache_dir=str(cache)))
+    out: Counter = Counter()
+    for split, ds in dd.items():
+        names = ds.features["label"].names
+        for y in ds["label"]:
+            out[(PROJECT_SPLIT.get(split, split), {"real": 0, "fake": 1}[names[y]])] += 1
+    return out
+
+
+def ours(folder: Path, run: Path, **kw) -> tuple[Counter, dict]:
+    """(split, label) counts of the manifest `shard` writes (run in-process), and its summary."""
+    summary = run_shard([folder], run, shard_size=64, workers=1, **kw)
+    return Counter((e.split, e.label) for e in Run(run).entries()), summary
+
+
+LAYOUTS = {  # what Dataset.to_parquet users and hub repositories name their files
+    "split file names": ["train.parquet", "validation.parquet", "test.parquet"],
+    "sharded": ["data/train-00000-of-00002.parquet", "data/train-00001-of-00002.parquet",
+                "data/validation-00000-of-00001.parquet", "data/test-00000-of-00001.parquet"],
+    "sharded without -of-": ["data/train-00000.parquet", "data/train-00001.parquet",
+                             "data/test-00000.parquet"],
+    "split folders": ["train/0000.parquet", "valid/0000.parquet", "test/part-0.parquet"],
+    "nested split folders": ["data/training/a.parquet", "data/dev/b.parquet", "data/testing/c.parquet"],
+    "keywords in file names": ["my-training.parquet", "dev_set.parquet", "x.eval.parquet"],
+}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_splits_labels_and_rows_equal_load_datasets(hf, tmp_path, layout):
+    folder = tmp_path / "ds"
+    for k, name in enumerate(LAYOUTS[layout]):
+        write_hf(hf, folder / name, [0, 1, 1, 0, 1][: 3 + k % 3])
+    got, summary = ours(folder, tmp_path / "run")
+    assert got == theirs(hf, folder, tmp_path / "cache")
+    assert len({s for s, _ in got}) >= 2  # not all in train
+    assert "note" not in summary  # nothing defaulted
+
+
+@pytest.mark.parametrize("readme", ["# A dataset card without YAML\n", "---\nlicense: mit\n---\n# Card\n"])
+def test_repository_with_extra_files_and_no_configs(hf, tmp_path, readme):
+    repo = tmp_path / "repo"
+    write_hf(hf, repo / "data/train-00000-of-00001.parquet", [0, 1, 0, 1])
+    write_hf(hf, repo / "data/test-00000-of-00001.parquet", [1, 0, 1])
+    (repo / "LICENSE").write_text("MIT License\n")
+    (repo / ".gitattributes").write_text("*.parquet filter=lfs diff=lfs merge=lfs -text\n")
+    (repo / "README.md").write_text(readme)
+    got, summary = ours(repo, tmp_path / "run")
+    assert got == theirs(hf, repo, tmp_path / "cache", packaged=False) == Counter(
+        {("train", 0): 2, ("train", 1): 2, ("test", 1): 2, ("test", 0): 1})
+    assert summary["rejects"] == 0
+
+
+def test_repository_with_readme_configs_and_extra_files(hf, tmp_path):
+    repo = tmp_path / "repo"
+    write_hf(hf, repo / "shards/a-0.parquet", [0, 1, 1])
+    write_hf(hf, repo / "shards/a-1.parquet", [0])
+    write_hf(hf, repo / "shards/b-0.parquet", [1, 0])
+    (repo / "LICENSE").write_text("MIT License\n")
+    (repo / ".gitattributes").write_text("*.parquet filter=lfs diff=lfs merge=lfs -text\n")
+    (repo / "README.md").write_text("---\nconfigs:\n- config_name: default\n  data_files:\n"
+                                    "  - split: train\n    path: shards/a-*.parquet\n"
+                                    "  - split: validation\n    path: shards/b-*.parquet\n---\n# Card\n")
+    got, _ = ours(repo, tmp_path / "run")
+    assert got == theirs(hf, repo, tmp_path / "cache", packaged=False)
+    assert {s for s, _ in got} == {"train", "val"}
+
+
+def test_a_file_load_dataset_leaves_out_is_a_reject_with_the_reason(hf, tmp_path):
+    """Beside `data/<split>-NNNNN-of-NNNNN` files, datasets reads no other file: neither does
+    `shard`, but it says so (nothing is lost without a word)."""
+    folder = tmp_path / "ds"
+    write_hf(hf, folder / "data/train-00000-of-00001.parquet", [0, 1])
+    write_hf(hf, folder / "data/test-00000-of-00001.parquet", [1])
+    write_hf(hf, folder / "data/extra.parquet", [0, 0, 1])
+    got, summary = ours(folder, tmp_path / "run")
+    assert got == theirs(hf, folder, tmp_path / "cache")
+    rejects = Run(tmp_path / "run").rejects()
+    assert [Path(r["path"]).name for r in rejects] == ["extra.parquet"]
+    assert "load_dataset" in rejects[0]["reason"]
+
+
+def test_no_split_in_any_name_is_train_by_an_explicit_printed_choice(hf, tmp_path):
+    folder = tmp_path / "ds"
+    write_hf(hf, folder / "images.parquet", [0, 1, 1])
+    got, summary = ours(folder, tmp_path / "run")
+    assert got == theirs(hf, folder, tmp_path / "cache") == Counter({("train", 0): 1, ("train", 1): 2})
+    assert "train" in summary["note"] and "--split" in summary["note"]
+    dry = run_shard([folder], tmp_path / "dry", dry_run=True)
+    assert "train" in dry["parquet"][0]["split"] and "default" in dry["parquet"][0]["splits_from"]
+    assert "note" in dry
+    _, forced = ours(folder, tmp_path / "run2", split="test")  # a split given: nothing to say
+    assert "note" not in forced
+
+
+def test_split_rules_equal_datasets_own_resolution(hf, tmp_path):
+    """`hub_splits` against datasets' own pattern resolution (`get_data_patterns`) on many trees."""
+    from datasets.data_files import DEFAULT_PATTERNS_ALL, DataFilesDict, get_data_patterns
+
+    from stages.domain.parquet_layouts import hub_splits
+
+    trees = [
+        ["Train/a.parquet", "x/test/b.parquet"], ["data/train-00000-of-00001.parquet", "test.parquet"],
+        ["a/my-train2/x.parquet", "b/dev/y.parquet", "c/z.parquet"], ["x/data/train-00000-of-00001.parquet"],
+        ["TEST.parquet", "pretrain.parquet", "val_x.parquet"], ["eval.parquet", "evaluation.parquet"],
+        ["data/holdout-00000-of-00003.parquet", "data/train-00002-of-00003.parquet"],
+        ["trainset.parquet", "train.0.parquet", "validation/test.parquet"], ["a b train c.parquet"],
+    ]
+    for k, files in enumerate(trees):
+        root = tmp_path / f"t{k}"
+        for f in files:
+            (root / f).parent.mkdir(parents=True, exist_ok=True)
+            (root / f).write_bytes(b"")
+        patterns = get_data_patterns(str(root))
+        resolved = DataFilesDict.from_patterns(patterns, str(root))
+        want: dict = {}
+        for split, found in resolved.items():
+            for f in found:
+                want.setdefault(PurePosixPath(os.path.relpath(f, root)), str(split))  # first split wins
+        splits, _ = hub_splits([PurePosixPath(f) for f in files])
+        assert splits == ({} if patterns == DEFAULT_PATTERNS_ALL else want), files  # {}: none named
+
+
+def test_classlabel_values_named_by_integer_or_class_name(hf, tmp_path):
+    folder = tmp_path / "ds"
+    write_hf(hf, folder / "train.parquet", [0, 1, 1, 0, 1], names=("camera", "diffusion"))
+    _, plain = ours(folder, tmp_path / "plain")
+    for k, (real, fake) in enumerate([("0", "1"), ("camera", "diffusion"), ("CAMERA", "1")]):
+        named = ColumnOptions(real_values=(real,), fake_values=(fake,))
+        got, _ = ours(folder, tmp_path / f"run{k}", columns=named)
+        assert got == Counter({("train", 0): 2, ("train", 1): 3}), (real, fake)
+    reasons = [r["reason"] for r in Run(tmp_path / "plain").rejects()]  # the class name is shown
+    assert len(reasons) == 5 and all("'camera'" in r or "'diffusion'" in r for r in reasons)
+
+
+def test_recorded_image_column_is_read_back_by_show_gallery_and_audit(tmp_path):
+    """With `--image-column edited`, every reader reads `edited` (the recorded column), not the
+    `image` column an inference would pick: the bytes' sha256 is the manifest key."""
+    from stages.audit import run_audit
+    from stages.domain.gallery import original_view
+    from stages.domain.parquet_layouts import image_bytes_at
+
+    n = 6
+    labels = ["real", "fake"] * (n // 2)
+    png = [image_bytes(100 + i, size=(16, 16), fmt="PNG" if y == "real" else "JPEG")
+           for i, y in enumerate(labels)]
+    edited = [image_bytes(200 + i, size=(24, 20), fmt="JPEG") for i in range(n)]
+    _write_parquet(tmp_path / "ds/train.parquet", {"image": png, "edited": edited, "label": labels}, 4)
+    run = tmp_path / "run"
+    run_shard([tmp_path / "ds"], run, workers=1, columns=ColumnOptions(image="edited"))
+    entries = Run(run).entries()
+    assert len(entries) == n
+    # audit --reread reads the same headers as shard recorded: the same verdicts
+    assert run_audit(run, reread=True)["sources"] == run_audit(run)["sources"]
+    sources = read_index(run)
+    for e in entries:
+        data = image_bytes_at(e.path, sources, e.key)
+        assert hashlib.sha256(data).hexdigest() == e.key
+        with Image.open(io.BytesIO(data)) as want:
+            assert original_view(e.path, sources, e.key).size == want.size == (24, 20)
+    # a key that does not match the bytes read is an error, not another picture
+    with pytest.raises(ValueError, match="sha256"):
+        image_bytes_at(entries[0].path, sources, entries[1].key)
