@@ -36,6 +36,7 @@ from storage.cache_folder import CacheError, FeatureCache
 from storage.caches import find_cache, perturbed_siblings
 from storage.feature_dataset import CacheIndex, cache_index
 from storage.locations import as_path, staged
+from storage.parquet_images import read_index
 from storage.run import Entry, Run
 
 METRIC_COLUMNS = ("n_real", "n_fake", "acc", "ap", "auc", "real_acc", "fake_acc")
@@ -198,7 +199,8 @@ def worst_errors(index: CacheIndex, probs: np.ndarray, n: int) -> list[dict]:
     return out
 
 
-def gallery_png(errors: list[dict], cache: FeatureCache, paths: dict[str, str], out: Path) -> Path:
+def gallery_png(errors: list[dict], cache: FeatureCache, paths: dict[str, str], out: Path,
+                sources: dict | None = None) -> Path:
     """gallery.png: a section per source and kind of mistake, a tile per image: the image, its DNF,
     probability and file name."""
     reader = cache.row_reader()
@@ -208,7 +210,8 @@ def gallery_png(errors: list[dict], cache: FeatureCache, paths: dict[str, str], 
         title = f"{e['source']}: {what}"
         sections.setdefault(title, []).append(
             tile(paths.get(e["key"], ""), reader[e["row"]],
-                 [f"{e['kind']} p={e['probability']:.3f}", Path(paths.get(e["key"], "?")).name]))
+                 [f"{e['kind']} p={e['probability']:.3f}", Path(paths.get(e["key"], "?")).name],
+                 sources, e["key"]))  # a parquet row from the column shard recorded, checked by its key
     reader.close()
     return section_sheet(sections, out)
 
@@ -374,7 +377,8 @@ def run_eval(run_dir: Path, checkpoint: Path, split: str = "test", name: str | N
         rep["plots"] = write_plots(rep, index, probs, out)
         if opts.gallery:
             rep["gallery"] = worst_errors(index, probs, opts.gallery)
-            rep["plots"]["gallery"] = gallery_png(rep["gallery"], cache, paths, out / "gallery.png").name
+            rep["plots"]["gallery"] = gallery_png(rep["gallery"], cache, paths, out / "gallery.png",
+                                                  read_index(run.root)).name
         write_report(out, rep, f"{name}: {as_path(checkpoint).name} on {split} ({config.feature_id})")
     return {"out": str(final), **{k: rep["overall"][k] for k in ("n", "acc", "ap", "auc")}, "note": note,
             "perturbations": list(rep["perturbations"])}
