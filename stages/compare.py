@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import csv
 import json
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 
 from stages.domain.bootstrap import bootstrap_samples, interval
-from stages.domain.metrics import binary_metrics
+from stages.domain.metrics import binary_metrics, logits_of
 from stages.domain.pairing import source_groups
 from storage.atomic import readable
 from storage.errors import UserError
@@ -36,8 +36,26 @@ def _delta(a, b) -> str:
     return "-" if a is None or b is None else f"{100 * (b - a):+.1f}"
 
 
+def _n(row: dict | None) -> str:
+    return "-" if not row or row.get("n") is None else str(row["n"])
+
+
+def table(rows: list[tuple[str, dict | None, dict | None]]) -> list[str]:
+    """The side-by-side rows: per row the images each side scored, then per metric A, B, B - A."""
+    head = ["source", "n A", "n B"] + [f"{m} {side}" for m in METRICS for side in ("A", "B", "delta")]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, ra, rb in rows:
+        cells = [_n(ra), _n(rb)]
+        for m in METRICS:
+            va, vb = (ra or {}).get(m), (rb or {}).get(m)
+            cells += [_pct(va), _pct(vb), _delta(va, vb)]
+        lines.append("| " + " | ".join([name, *cells]) + " |")
+    return lines
+
+
 def side_by_side(a_dir: Path, b_dir: Path, a: dict, b: dict) -> str:
-    """A table per metric group: rows are sources (and overall, and each perturbation's overall)."""
+    """A table per metric group: rows are sources (and overall, and each perturbation's overall),
+    each with the number of images behind it, from the two reports."""
     rows: list[tuple[str, dict | None, dict | None]] = []
     for src in sorted(set(a["sources"]) | set(b["sources"])):
         rows.append((src, a["sources"].get(src), b["sources"].get(src)))
@@ -45,53 +63,120 @@ def side_by_side(a_dir: Path, b_dir: Path, a: dict, b: dict) -> str:
     for spec in sorted(set(a.get("perturbations", {})) & set(b.get("perturbations", {}))):
         rows.append((f"**overall, {spec}**", a["perturbations"][spec]["overall"],
                      b["perturbations"][spec]["overall"]))
-    head = ["source"] + [f"{m} {side}" for m in METRICS for side in ("A", "B", "delta")]
-    lines = [f"A = {a_dir}", f"B = {b_dir}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for name, ra, rb in rows:
-        cells = []
-        for m in METRICS:
-            va, vb = (ra or {}).get(m), (rb or {}).get(m)
-            cells += [_pct(va), _pct(vb), _delta(va, vb)]
-        lines.append("| " + " | ".join([name, *cells]) + " |")
-    return "\n".join(lines) + "\n"
+    return "\n".join([f"A = {a_dir}", f"B = {b_dir}", "", *table(rows)]) + "\n"
 
 
-def read_predictions(folder: Path) -> tuple[dict[str, tuple[int, str]], list[dict[str, float]]]:
-    """(key -> (label, source), and one key -> probability map per seed) of an eval folder: its
-    predictions.csv, or each seed-K/predictions.csv of an evaluation over seeds."""
-    files = sorted(Path(folder).glob("seed-*/predictions.csv")) or [Path(folder) / "predictions.csv"]
-    if not files[0].exists():
-        raise UserError(f"{folder}: no predictions.csv (nor seed-K/predictions.csv) there; run `eval` first")
-    meta, probs = {}, []
+def common_side_by_side(a_dir: Path, b_dir: Path) -> str:
+    """When A and B scored different images (e.g. before and after `shard --append`): a warning
+    with the counts, and the table on the images both scored (paired, recomputed from their
+    logits, paired with reals as in `eval`; the mean over seeds for a side with several)."""
+    keys, y, sources, pa, pb, (n_a, n_b) = common_images(a_dir, b_dir)
+    groups = {**source_groups(sources, y), "**overall**": np.ones(len(keys), dtype=bool)}
+
+    def row(p: np.ndarray, m: np.ndarray) -> dict:
+        per_seed = [binary_metrics(y[m], s, threshold=0.0) for s in p[:, m]]
+        out = {k: (None if per_seed[0][k] is None else float(np.mean([r[k] for r in per_seed])))
+               for k in METRICS}
+        return {**out, "n": int(m.sum())}
+    rows = [(src, row(pa, m), row(pb, m)) for src, m in groups.items()]
+    warn = (f"**Different images**: A scored {n_a} images, B scored {n_b}, {len(keys)} of them both. "
+            f"The table compares those {len(keys)} images only (paired, recomputed from the predictions); "
+            f"each report's own figures cover all of its images, so their difference mixes the "
+            f"detectors with the change of images. Perturbation rows are left out.")
+    return "\n".join([f"A = {a_dir}", f"B = {b_dir}", "", warn, "", *table(rows)]) + "\n"
+
+
+def same_images(a_dir: Path, a: dict, b_dir: Path, b: dict) -> bool:
+    """Whether both evaluations scored the same images (by key, from their recorded predictions)."""
+    keys = [set(read_predictions(d, r)[0]) for d, r in ((a_dir, a), (b_dir, b))]
+    return keys[0] == keys[1]
+
+
+def prediction_files(folder: Path, rep: dict) -> list[Path]:
+    """The prediction files a report was made from, as report.json records them (`predictions`);
+    for a report written before that field, its recorded seeds' seed-K/predictions.csv (an
+    evaluation over seeds) or its predictions.csv. Never a listing of the folder: a folder may
+    hold files of an earlier evaluation under the same name."""
+    if "predictions" in rep:
+        names = list(rep["predictions"])
+    elif "spread" in rep:
+        names = [f"{seed}/predictions.csv" for seed in rep.get("seeds", [])]
+    else:
+        names = ["predictions.csv"]
+    files = []
+    for name in names:
+        rel = PurePosixPath(name)
+        if rel.is_absolute() or ".." in rel.parts:
+            raise UserError(f"{Path(folder) / 'report.json'}: prediction file {name!r} lies outside "
+                            f"the folder")
+        files.append(Path(folder) / rel)
+    if not files:
+        raise UserError(f"{Path(folder) / 'report.json'}: records no prediction files")
     for path in files:
-        with open(path, newline="", errors="surrogateescape") as f:
-            rows = list(csv.DictReader(f))
+        if not path.exists():
+            raise UserError(f"{path}: recorded in {Path(folder) / 'report.json'} but missing; run `eval` "
+                            f"again")
+    return files
+
+
+def read_logits(path: Path) -> list[dict]:
+    """The rows of a predictions.csv, each with its float64 `logit`: the column itself, or for a
+    file written before it, the logit of its (rounded) probability. A NaN score is an error."""
+    with open(path, newline="", errors="surrogateescape") as f:
+        rows = list(csv.DictReader(f))
+    if rows and "logit" not in rows[0]:
+        for r, z in zip(rows, logits_of(np.array([float(r["probability"]) for r in rows])), strict=True):
+            r["logit"] = z
+    for i, r in enumerate(rows):
+        r["logit"] = float(r["logit"])
+        if np.isnan(r["logit"]):
+            raise UserError(f"{path}: row {i + 2} (key {r['key']}) has a NaN score")
+    return rows
+
+
+def read_predictions(folder: Path, rep: dict | None = None) -> tuple[dict[str, tuple[int, str]],
+                                                                    list[dict[str, float]]]:
+    """(key -> (label, source), and one key -> logit map per seed) of an eval folder, from the
+    prediction files its report records."""
+    rep = load_report(folder) if rep is None else rep
+    meta, scores = {}, []
+    for path in prediction_files(folder, rep):
+        rows = read_logits(path)
         meta.update({r["key"]: (int(r["label"]), r["source"]) for r in rows})
-        probs.append({r["key"]: float(r["probability"]) for r in rows})
-    return meta, probs
+        scores.append({r["key"]: r["logit"] for r in rows})
+    return meta, scores
 
 
 def side_samples(y: np.ndarray, p: np.ndarray, n_boot: int, seed: int) -> dict[str, np.ndarray]:
     """Per metric, the values of one side on each resample of the images: each seed scored on the
     same resample (the same draws), and the seeds themselves resampled (mean over a draw of S
     seeds with replacement)."""
-    per_seed = [bootstrap_samples(y, row, n_boot, seed) for row in p]
+    per_seed = [bootstrap_samples(y, row, n_boot, seed, threshold=0.0) for row in p]
     pick = np.random.default_rng([seed, 1]).integers(0, len(p), size=(n_boot, len(p)))
     return {k: np.stack([s[k] for s in per_seed])[pick, np.arange(n_boot)[:, None]].mean(1) for k in PAIRED}
 
 
-def paired_differences(a_dir: Path, b_dir: Path, n_boot: int = 1000, seed: int = 0) -> dict:
-    """Per source (paired as in `eval`) and overall: B - A of AUC and AP (mean over seeds), the
-    95 % paired bootstrap interval, and whether it contains 0 ("within noise")."""
-    meta_a, probs_a = read_predictions(a_dir)
-    _, probs_b = read_predictions(b_dir)
-    keys = sorted(set(meta_a) & set.intersection(*(set(p) for p in probs_a + probs_b)))
+def common_images(a_dir: Path, b_dir: Path) -> tuple[list[str], np.ndarray, list[str], np.ndarray, np.ndarray,
+                                                        tuple[int, int]]:
+    """The images both sides scored (every seed of each): keys, labels, sources, (seeds x images)
+    logits of A and of B, and how many images each side scored."""
+    meta_a, scores_a = read_predictions(a_dir)
+    meta_b, scores_b = read_predictions(b_dir)
+    keys = sorted(set(meta_a) & set.intersection(*(set(p) for p in scores_a + scores_b)))
     if not keys:
         raise UserError(f"{a_dir} and {b_dir} share no scored image: compare evaluations of the same split")
     y = np.array([meta_a[k][0] for k in keys])
     sources = [meta_a[k][1] for k in keys]
-    pa = np.array([[p[k] for k in keys] for p in probs_a])
-    pb = np.array([[p[k] for k in keys] for p in probs_b])
+    pa = np.array([[p[k] for k in keys] for p in scores_a])
+    pb = np.array([[p[k] for k in keys] for p in scores_b])
+    return keys, y, sources, pa, pb, (len(meta_a), len(meta_b))
+
+
+def paired_differences(a_dir: Path, b_dir: Path, n_boot: int = 1000, seed: int = 0) -> dict:
+    """Per source (paired as in `eval`) and overall: B - A of AUC and AP (mean over seeds), the
+    95 % paired bootstrap interval, and whether it contains 0 ("within noise"), over the images
+    both sides scored, from their logits."""
+    keys, y, sources, pa, pb, _ = common_images(a_dir, b_dir)
     groups = {**source_groups(sources, y), "overall": np.ones(len(keys), dtype=bool)}
     out = {}
     for src, m in groups.items():
@@ -100,8 +185,8 @@ def paired_differences(a_dir: Path, b_dir: Path, n_boot: int = 1000, seed: int =
         sa, sb = side_samples(y[m], pa[:, m], n_boot, seed), side_samples(y[m], pb[:, m], n_boot, seed)
         row = {}
         for k in PAIRED:
-            point = (np.mean([binary_metrics(y[m], p)[k] for p in pb[:, m]])
-                     - np.mean([binary_metrics(y[m], p)[k] for p in pa[:, m]]))
+            point = (np.mean([binary_metrics(y[m], p, threshold=0.0)[k] for p in pb[:, m]])
+                     - np.mean([binary_metrics(y[m], p, threshold=0.0)[k] for p in pa[:, m]]))
             lo, hi = interval(sb[k] - sa[k])
             row[k] = {"delta": float(point), "ci": [lo, hi], "within_noise": bool(lo <= 0 <= hi)}
         out[src] = row
@@ -128,7 +213,9 @@ def paired_markdown(diff: dict) -> str:
 def compare_markdown(a_dir: Path, b_dir: Path, n_boot: int = 1000, seed: int = 0) -> str:
     """The side-by-side table, then (when both folders hold predictions) the paired differences."""
     a, b = load_report(a_dir), load_report(b_dir)
-    if "spread" in a or "spread" in b:  # evaluations over seeds: their per-seed folders hold the rows
+    if not same_images(a_dir, a, b_dir, b):
+        md = common_side_by_side(a_dir, b_dir)
+    elif "spread" in a or "spread" in b:  # evaluations over seeds: their per-seed folders hold the rows
         md = f"A = {a_dir}\nB = {b_dir}\n"
     else:
         md = side_by_side(a_dir, b_dir, a, b)

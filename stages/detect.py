@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from pipeline.device import resolve_device, resolve_precision
-from stages.domain.detector import Detector
+from stages.domain.detector import CheckpointError, Detector, head_of
 from stages.domain.feature_kinds import feature_kind
 from stages.domain.images import DecodeError, apply_geometry, decode_rgb, normalize_
 from stages.domain.noise_model import ModelError
@@ -31,13 +31,32 @@ def list_images(inputs: list[Path]) -> list[Path]:
     return out
 
 
+def recorded_feature(checkpoint: Path, detector: Detector) -> dict:
+    """The feature config `detect` recomputes: the one the checkpoint records, or for a checkpoint
+    without one, the DNF reference's (only a ResNet50 on 3 channels is the reference detector; any
+    other bare head, e.g. UnivFD's released linear probe, is refused: its features are unknown)."""
+    if "feature" in detector.meta:
+        return detector.meta["feature"]
+    head, width = head_of(detector.model)
+    if (head, width) != ("resnet50", 3):
+        what = f"a linear probe on {width} values (UnivFD's layout)" if head == "linear" else \
+            f"a ResNet50 on {width} channels"
+        raise CheckpointError(f"{checkpoint}: records no feature config and is {what}, not the DNF "
+                              f"reference detector; detect recomputes features from the config a "
+                              f"checkpoint records, so it cannot tell which to compute. Extract a cache of "
+                              f"its feature kind and use `eval` (e.g. --feature clip for UnivFD's probe), "
+                              f"or train one here (checkpoints of `train` record their features)")
+    return REFERENCE_FEATURE
+
+
 @torch.inference_mode()
 def run_detect(inputs: list[Path], model_path: Path | None, checkpoint: Path, device: str = "auto",
                batch_size: int = 16, threshold: float = 0.5, download: bool = False) -> list[dict]:
-    """One result per image: path, probability of being generated, verdict (or the error)."""
+    """One result per image: path, probability of being generated (float64 sigmoid of the logit,
+    also given), verdict (or the error)."""
     dev = resolve_device(device)
     detector = Detector.from_checkpoint(checkpoint, dev)
-    feature = detector.meta.get("feature", REFERENCE_FEATURE)
+    feature = recorded_feature(checkpoint, detector)
     kind = feature_kind(feature.get("kind", "dnf"))
     noise_model = kind.load(model_path, dev, resolve_precision(feature.get("precision", "fp32"), dev),
                             download=download)
@@ -53,9 +72,9 @@ def run_detect(inputs: list[Path], model_path: Path | None, checkpoint: Path, de
             return
         x = torch.stack([t for _, t in batch]).to(dev)
         dnf = kind.encode(noise_model.features(x, config), config.encoding)
-        probs = detector.probabilities(dnf).tolist()
-        for (res, _), p in zip(batch, probs, strict=True):
-            res.update(probability=round(p, 6), verdict="generated" if p > threshold else "real")
+        logits = detector.scores(dnf).double()
+        for (res, _), z, p in zip(batch, logits.tolist(), torch.sigmoid(logits).tolist(), strict=True):
+            res.update(probability=p, logit=z, verdict="generated" if p > threshold else "real")
         batch.clear()
 
     for path in list_images(inputs):

@@ -14,18 +14,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from torch import nn
 
 from pipeline.device import resolve_device
 from stages.domain.calibration import (
     apply_temperature,
-    balanced_threshold,
+    balanced_logit_threshold,
     brier_score,
     expected_calibration_error,
     fit_temperature,
 )
-from stages.domain.detector import Detector, predict
+from stages.domain.detector import CheckpointError, Detector, head_of, predict_logits
 from stages.domain.feature_kinds import feature_kind
 from stages.domain.gallery import section_sheet, tile
+from stages.domain.metrics import logits_of, ranks, sigmoid
 from stages.domain.pairing import source_groups
 from stages.domain.plots import curves_png, reliability_png, robustness_png
 from stages.domain.scoring import Scoring, mean_over_sources, score
@@ -42,17 +44,56 @@ from storage.run import Entry, Run
 METRIC_COLUMNS = ("n_real", "n_fake", "acc", "ap", "auc", "real_acc", "fake_acc")
 
 
-def check_feature_match(checkpoint: Path, meta: dict, cache_config: CacheConfig, cache_root: Path) -> str:
-    """Refuse a cache of other features than the checkpoint's; a note for reference checkpoints."""
+# what a checkpoint without a recorded feature config is, by its head: the released detectors of that
+# shape (DNF's reference ResNet50, UnivFD's linear probe); another kind is for the user to say
+BARE_KINDS = {"resnet50": ("dnf", "the DNF reference detector's"),
+              "linear": ("clip", "UnivFD's linear probe's")}
+
+
+def check_bare_checkpoint(checkpoint: Path, head: tuple[str, int], cache_config: CacheConfig,
+                          cache_root: Path, said: str | None = None) -> str:
+    """A checkpoint that records no feature kind: its kind is the one the user says (`said`), else
+    the one whose released detectors have its head; refused (naming both) on a cache of another kind,
+    or when its head cannot take the cache's rows."""
+    kind = cache_config.feature.kind
+    name, width = head
+    default, whose = BARE_KINDS[name]
+    taken = said or default
+    if taken != kind:
+        how = (f"said to be trained on {said!r} features" if said else
+               f"a {name} head of {whose} shape, so taken as a {default!r} detector")
+        raise CacheError(f"{checkpoint}: no recorded feature kind ({how}), but {cache_root} holds "
+                         f"{kind!r} features. Evaluate it on a {taken!r} cache (--feature-id), or, if it "
+                         f"was trained on {kind!r} features, say so (--checkpoint-kind {kind})")
+    size = cache_config.spatial or cache_config.feature.size
+    takes = cache_config.channels * size * size if name == "linear" else cache_config.channels
+    if name not in feature_kind(kind).heads or width != takes:
+        raise CacheError(f"{checkpoint}: its {name} head takes {width} "
+                         f"{'values' if name == 'linear' else 'channels'}, but the {kind!r} rows of "
+                         f"{cache_root} are {cache_config.channels} x {size} x {size}")
+    note = feature_kind(kind).bare_checkpoint_note
+    if said and said != default:
+        return f"no feature config recorded; trained on {said!r} features as the user said"
+    if note:  # e.g. UnivFD's released fc_weights.pth: a bare linear probe
+        return note
+    enc = cache_config.feature.encoding
+    if enc != "reference":
+        raise CacheError(f"{checkpoint} is a reference-format checkpoint (trained on the reference "
+                         f"encoding) but {cache_root} holds {enc!r} features")
+    return "reference checkpoint: no feature config recorded; assumes the reference encoding"
+
+
+def check_feature_match(checkpoint: Path, meta: dict, cache_config: CacheConfig, cache_root: Path,
+                        model: nn.Module | None = None, said: str | None = None) -> str:
+    """Refuse a cache of other features than the checkpoint's; a note for reference checkpoints
+    (`model`: the checkpoint's network, whose head tells what a bare checkpoint can be)."""
     if "feature" not in meta:
-        note = feature_kind(cache_config.feature.kind).bare_checkpoint_note
-        if note:  # e.g. UnivFD's released fc_weights.pth: a bare linear probe
-            return note
-        enc = cache_config.feature.encoding
-        if enc != "reference":
-            raise CacheError(f"{checkpoint} is a reference-format checkpoint (trained on the reference "
-                             f"encoding) but {cache_root} holds {enc!r} features")
-        return "reference checkpoint: no feature config recorded; assumes the reference encoding"
+        head = head_of(model) if model is not None else ("resnet50", 3)
+        return check_bare_checkpoint(checkpoint, head, cache_config, cache_root, said)
+    recorded = meta["feature"].get("kind", "dnf")
+    if said and said != recorded:
+        raise CacheError(f"{checkpoint} records that it was trained on {recorded!r} features; "
+                         f"--checkpoint-kind {said} contradicts it")
     diff = describe_differences(meta["feature"], cache_config.feature.to_json())
     if diff:
         raise CacheError(f"{checkpoint} was trained on other features than {cache_root} holds:\n  "
@@ -61,15 +102,15 @@ def check_feature_match(checkpoint: Path, meta: dict, cache_config: CacheConfig,
     return "feature config matches the checkpoint"
 
 
-def report(labels: np.ndarray, probs: np.ndarray, sources: list[str], how: Scoring = Scoring()) -> dict:
+def report(labels: np.ndarray, logits: np.ndarray, sources: list[str], how: Scoring = Scoring()) -> dict:
     """Per-source and overall rows (metrics, intervals, deployment metrics), and the mean over the
-    sources that hold generated images."""
+    sources that hold generated images, from the detector's logits."""
     groups = source_groups(sources, labels)
-    scored = {src: score(labels[m], probs[m], how) for src, m in groups.items()}
+    scored = {src: score(labels[m], logits[m], how) for src, m in groups.items()}
     rows = {src: r for src, (r, _) in scored.items()}
     generators = {src: r for src, r in rows.items() if r["n_fake"]}
     mean = mean_over_sources(generators, {src: scored[src][1] for src in generators})
-    return {"sources": rows, "overall": score(labels, probs, how)[0], "mean_over_sources": mean}
+    return {"sources": rows, "overall": score(labels, logits, how)[0], "mean_over_sources": mean}
 
 
 def _fmt(v) -> str:
@@ -130,41 +171,65 @@ def deployment_markdown(rep: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def predict_to_csv(detector: Detector, cache: FeatureCache, split: str, paths: dict[str, str],
-                   batch_size: int, workers: int, csv_path: Path) -> tuple[CacheIndex, np.ndarray]:
-    """Predict every cached sample of `split`, write the CSV; return (the rows, probabilities as
-    written) so metrics can be recomputed from the file."""
-    index = cache_index(cache, split)
-    if len(index) == 0:
-        raise CacheError(f"{cache.root}: no cached samples in split {split!r}")
-    probs = predict(detector, cache, index, batch_size, workers)
-    lines = [["key", "path", "source", "label", "probability"]]
-    lines += [[k, paths.get(k, ""), s, int(y), f"{p:.6f}"]
-              for k, s, y, p in zip(index.keys, index.sources, index.labels, probs, strict=True)]
+PREDICTION_COLUMNS = ["key", "path", "source", "label", "probability", "logit"]
+
+
+def scores_of(checkpoint: Path, detector: Detector, cache: FeatureCache, index: CacheIndex, split: str,
+              batch_size: int, workers: int) -> np.ndarray:
+    """The detector's logits for `index`; NaN scores (a broken detector) are an error naming the
+    checkpoint; +-inf are certain scores and kept (they rank above / below every finite one)."""
+    logits = predict_logits(detector, cache, index, batch_size, workers)
+    bad = np.flatnonzero(np.isnan(logits))
+    if len(bad):
+        raise CheckpointError(f"{checkpoint}: {len(bad)} of {len(logits)} scores on split {split!r} of "
+                              f"{cache.root} are NaN (not a number; first key {index.keys[bad[0]]}): the "
+                              f"detector's weights or its forward pass are broken; no report written")
+    return logits
+
+
+def write_predictions(csv_path: Path, index: CacheIndex, paths: dict[str, str], logits: np.ndarray) -> None:
+    """predictions.csv: per image its key, path, source, label, P(generated) and the logit it came
+    from, both at full precision (repr: the float64 read back is the same number)."""
+    lines = [PREDICTION_COLUMNS]
+    lines += [[k, paths.get(k, ""), s, int(y), repr(float(p)), repr(float(z))]
+              for k, s, y, p, z in zip(index.keys, index.sources, index.labels, sigmoid(logits), logits,
+                                       strict=True)]
     tmp = csv_path.with_suffix(".csv.tmp")
     # surrogateescape: file names with non-UTF-8 bytes are written back as their original bytes
     with open(tmp, "w", newline="", errors="surrogateescape") as f:
         csv.writer(f).writerows(lines)
     tmp.replace(csv_path)
-    return index, np.array([float(r[4]) for r in lines[1:]])
+
+
+def predict_to_csv(checkpoint: Path, detector: Detector, cache: FeatureCache, split: str,
+                   paths: dict[str, str], batch_size: int, workers: int,
+                   csv_path: Path) -> tuple[CacheIndex, np.ndarray]:
+    """Predict every cached sample of `split`, write the CSV; return (the rows, the logits, as
+    written exactly)."""
+    index = cache_index(cache, split)
+    if len(index) == 0:
+        raise CacheError(f"{cache.root}: no cached samples in split {split!r}")
+    logits = scores_of(checkpoint, detector, cache, index, split, batch_size, workers)
+    write_predictions(csv_path, index, paths, logits)
+    return index, logits
 
 
 QUALITY_BANDS = ((0, 70, "<= 70"), (71, 85, "71-85"), (86, 95, "86-95"), (96, 100, "96-100"))
 
 
-def format_breakdown(index: CacheIndex, probs: np.ndarray, entries: dict[str, Entry],
+def format_breakdown(index: CacheIndex, logits: np.ndarray, entries: dict[str, Entry],
                      how: Scoring = Scoring()) -> dict:
     """Metrics by the original file's format, and for JPEGs by quality band: a detector that learned
     the format instead of the generator shows here (real JPEGs right, real PNGs wrong, ...)."""
     found = [entries.get(k) for k in index.keys]
     fmt = np.array([(e.format if e and e.format else "unknown") for e in found])
     quality = np.array([e.quality if e and e.quality is not None else -1 for e in found])
-    by_format = {f: score(index.labels[fmt == f], probs[fmt == f], how)[0] for f in sorted(set(fmt))}
+    by_format = {f: score(index.labels[fmt == f], logits[fmt == f], how)[0] for f in sorted(set(fmt))}
     by_quality = {}
     for low, high, name in QUALITY_BANDS:
         m = (fmt == "JPEG") & (quality >= low) & (quality <= high)
         if m.any():
-            by_quality[name] = score(index.labels[m], probs[m], how)[0]
+            by_quality[name] = score(index.labels[m], logits[m], how)[0]
     return {"by_format": by_format, "by_jpeg_quality": by_quality}
 
 
@@ -182,19 +247,24 @@ def breakdown_markdown(rep: dict) -> str:
     return md
 
 
-def worst_errors(index: CacheIndex, probs: np.ndarray, n: int) -> list[dict]:
+def worst_errors(index: CacheIndex, scores: np.ndarray, n: int, logits: bool = False) -> list[dict]:
     """The `n` most confident mistakes of each source, each image once: false positives (real,
-    highest probability) under the real image's own source, false negatives (generated, lowest
-    probability) under their generator. (A real image is paired with several generators in the
-    report; here it is shown once.)"""
+    highest score) under the real image's own source, false negatives (generated, lowest score)
+    under their generator. Scores are probabilities (called generated above 0.5) or, with
+    `logits`, logits (above 0). (A real image is paired with several generators in the report;
+    here it is shown once.)"""
+    threshold = 0.0 if logits else 0.5
     sources = np.asarray(index.sources, dtype=object)
     out = []
     for src in sorted(set(index.sources)):
         rows = np.flatnonzero(sources == src)
-        fp = sorted((i for i in rows if index.labels[i] == 0 and probs[i] > 0.5), key=lambda i: -probs[i])
-        fn = sorted((i for i in rows if index.labels[i] == 1 and probs[i] <= 0.5), key=lambda i: probs[i])
+        fp = sorted((i for i in rows if index.labels[i] == 0 and scores[i] > threshold),
+                    key=lambda i: -scores[i])
+        fn = sorted((i for i in rows if index.labels[i] == 1 and scores[i] <= threshold),
+                    key=lambda i: scores[i])
         out += [{"source": src, "kind": kind, "key": index.keys[i], "row": int(index.rows[i]),
-                 "probability": round(float(probs[i]), 6)}
+                 "probability": float(sigmoid(scores[i]) if logits else scores[i]),
+                 **({"logit": float(scores[i])} if logits else {})}
                 for kind, picked in (("false positive", fp[:n]), ("false negative", fn[:n])) for i in picked]
     return out
 
@@ -299,36 +369,42 @@ class EvalOptions:
     temperature: bool = False
     gallery: int = 4
     pick: str = "best"  # with a folder of seeds: each seed's best.pt (best val accuracy) or last.pt
+    # the feature kind a checkpoint without a recorded one was trained on (None: by its head, the
+    # released detectors': a ResNet50 is DNF's reference, a linear probe UnivFD's)
+    checkpoint_kind: str | None = None
 
 
-def choose_threshold(detector: Detector, cache: FeatureCache, opts: EvalOptions, batch_size: int,
-                     workers: int) -> tuple[dict | None, tuple[np.ndarray, np.ndarray] | None]:
+def choose_threshold(checkpoint: Path, detector: Detector, cache: FeatureCache, opts: EvalOptions,
+                     batch_size: int, workers: int
+                     ) -> tuple[dict | None, tuple[np.ndarray, np.ndarray] | None]:
     """The decision threshold (maximal balanced accuracy) from `--calibrate-on SPLIT`, else the one
     the checkpoint recorded on val at training time, else None; and the calibration split's
-    (labels, probabilities) when it was predicted."""
+    (labels, logits) when it was predicted. The threshold is a logit (`logit`, what scores) and
+    its probability (`value`, for reading)."""
     if opts.calibrate_on:
         index = cache_index(cache, opts.calibrate_on)
         if len(index) == 0 or len(np.unique(index.labels)) < 2:
             raise CacheError(f"--calibrate-on {opts.calibrate_on}: {cache.root} has no cached real and "
                              f"fake images in that split")
-        probs = predict(detector, cache, index, batch_size, workers)
-        return ({"value": balanced_threshold(index.labels, probs), "split": opts.calibrate_on,
+        logits = scores_of(checkpoint, detector, cache, index, opts.calibrate_on, batch_size, workers)
+        t = balanced_logit_threshold(index.labels, logits)
+        return ({"value": float(sigmoid(t)), "logit": t, "split": opts.calibrate_on,
                  "from": f"chosen on the {opts.calibrate_on} split by eval --calibrate-on"},
-                (index.labels, probs))
+                (index.labels, logits))
     if opts.temperature:
         raise CacheError("--temperature is fitted on the --calibrate-on split: name one (e.g. val)")
     recorded = detector.meta.get("val_threshold")
     if recorded is None:
         return None, None
-    return {"value": float(recorded), "split": "val",
+    return {"value": float(recorded), "logit": float(logits_of(float(recorded))), "split": "val",
             "from": "chosen on val at training time (recorded in the checkpoint)"}, None
 
 
-def temperature_report(calib: tuple[np.ndarray, np.ndarray], labels: np.ndarray, probs: np.ndarray,
+def temperature_report(calib: tuple[np.ndarray, np.ndarray], labels: np.ndarray, logits: np.ndarray,
                        split: str) -> dict:
-    """Temperature scaling fitted on the calibration split, and the calibration it gives here."""
+    """Temperature scaling fitted on the calibration split's logits, and the calibration it gives here."""
     t = fit_temperature(*calib)
-    scaled = apply_temperature(probs, t)
+    scaled = apply_temperature(logits, t)
     return {"value": t, "split": split, "ece": expected_calibration_error(labels, scaled),
             "brier": brier_score(labels, scaled)}
 
@@ -346,37 +422,39 @@ def run_eval(run_dir: Path, checkpoint: Path, split: str = "test", name: str | N
     meta = detector.meta
     cache = find_cache(run.cache_root, feature_id or meta.get("feature_id"))
     config = cache.config()
-    note = check_feature_match(checkpoint, meta, config, cache.root)
+    note = check_feature_match(checkpoint, meta, config, cache.root, detector.model, opts.checkpoint_kind)
     entries = {e.key: e for e in run.entries()}
     paths = {k: e.path for k, e in entries.items()}
     name = name or f"{as_path(checkpoint).parent.name}-{split}"
     final = run.root / "eval" / name
     with staged(final) as out:  # on object storage: written locally, uploaded at the end
-        threshold, calib = choose_threshold(detector, cache, opts, batch_size, workers)
-        how = Scoring(opts.bootstrap, opts.seed, threshold["value"] if threshold else None)
-        index, probs = predict_to_csv(detector, cache, split, paths, batch_size, workers,
-                                      out / "predictions.csv")
+        threshold, calib = choose_threshold(checkpoint, detector, cache, opts, batch_size, workers)
+        how = Scoring(opts.bootstrap, opts.seed, threshold["logit"] if threshold else None)
+        index, logits = predict_to_csv(checkpoint, detector, cache, split, paths, batch_size, workers,
+                                       out / "predictions.csv")
         labels, sources = index.labels, index.sources
-        rep = report(labels, probs, sources, how)
-        rep.update(format_breakdown(index, probs, entries, how))
+        rep = report(labels, logits, sources, how)
+        rep.update(format_breakdown(index, logits, entries, how))
         rep["perturbations"] = {}
         for sibling in perturbed_siblings(run.cache_root, config.feature, cache.backend):
             spec = sibling.config().feature.perturb
             csv_path = out / f"predictions_{spec.replace(':', '_').replace('@', '_')}.csv"
-            sib_index, sib_probs = predict_to_csv(detector, sibling, split, paths, batch_size, workers,
-                                                  csv_path)
-            rep["perturbations"][spec] = report(sib_index.labels, sib_probs, sib_index.sources, how)
+            sib_index, sib_logits = predict_to_csv(checkpoint, detector, sibling, split, paths, batch_size,
+                                                   workers, csv_path)
+            rep["perturbations"][spec] = report(sib_index.labels, sib_logits, sib_index.sources, how)
+            rep["perturbations"][spec]["predictions"] = [csv_path.name]
         rep.update({"checkpoint": str(checkpoint), "split": split, "feature_id": config.feature_id,
-                    "note": note, "threshold": threshold,
+                    "note": note, "threshold": threshold, "predictions": ["predictions.csv"],
+                    "scores": {"from": "logits", "infinite": int(np.sum(np.isinf(logits)))},
                     "bootstrap": {"resamples": opts.bootstrap, "seed": opts.seed, "level": 0.95}})
         if opts.temperature and calib is not None:
-            rep["temperature"] = temperature_report(calib, labels, probs, threshold["split"])
+            rep["temperature"] = temperature_report(calib, labels, logits, threshold["split"])
         trained_on = (meta.get("train") or {}).get("options", {}).get("sources") or []
         if trained_on:
             rep["cross_generator"] = cross_generator(rep, trained_on)
-        rep["plots"] = write_plots(rep, index, probs, out)
+        rep["plots"] = write_plots(rep, index, logits, out)
         if opts.gallery:
-            rep["gallery"] = worst_errors(index, probs, opts.gallery)
+            rep["gallery"] = worst_errors(index, logits, opts.gallery, logits=True)
             rep["plots"]["gallery"] = gallery_png(rep["gallery"], cache, paths, out / "gallery.png",
                                                   read_index(run.root)).name
         write_report(out, rep, f"{name}: {as_path(checkpoint).name} on {split} ({config.feature_id})")
@@ -384,12 +462,15 @@ def run_eval(run_dir: Path, checkpoint: Path, split: str = "test", name: str | N
             "perturbations": list(rep["perturbations"])}
 
 
-def write_plots(rep: dict, index: CacheIndex, probs: np.ndarray, out: Path) -> dict:
-    """curves.png (ROC, PR per source), reliability.png, and robustness.png with perturbations."""
+def write_plots(rep: dict, index: CacheIndex, logits: np.ndarray, out: Path) -> dict:
+    """curves.png (ROC, PR per source: from the logits' ranks), reliability.png (their float64
+    sigmoid), and robustness.png with perturbations."""
     groups = source_groups(index.sources, index.labels)
-    per_source = {s: (index.labels[m], probs[m]) for s, m in groups.items()}
-    plots = {"curves": curves_png(per_source, out / "curves.png").name,
-             "reliability": reliability_png({"overall": (index.labels, probs), **per_source},
+    order, probs = ranks(logits), sigmoid(logits)
+    plots = {"curves": curves_png({s: (index.labels[m], order[m]) for s, m in groups.items()},
+                                  out / "curves.png").name,
+             "reliability": reliability_png({"overall": (index.labels, probs),
+                                             **{s: (index.labels[m], probs[m]) for s, m in groups.items()}},
                                             out / "reliability.png").name}
     if rep["perturbations"]:
         plots["robustness"] = robustness_png(rep["overall"]["acc"], rep["perturbations"],
@@ -429,7 +510,8 @@ def run_eval_seeds(run_dir: Path, folder: Path, split: str = "test", name: str |
     per_source = seed_spread(reports)
     rule = CHECKPOINT_RULES[opts.pick]
     write_json_atomic(out / "report.json", {"seeds": list(reports), "checkpoint_rule": rule, "split": split,
-                                            "folder": str(folder), "spread": per_source})
+                                            "folder": str(folder), "spread": per_source,
+                                            "predictions": [f"{seed}/predictions.csv" for seed in reports]})
     title = f"{name}: {as_path(folder).name} over seeds on {split}"
     md = seed_markdown(per_source, list(reports), title, rule)
     write_bytes_atomic(out / "report.md", readable(md).encode())

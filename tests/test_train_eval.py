@@ -86,7 +86,7 @@ def test_eval_report_matches_sklearn(cached_run):
     summary = run_eval(cached_run, cached_run / "train/full/best.pt", "test", "e1", workers=0, device="cpu")
     out = Path(summary["out"])
     rows = list(csv.DictReader(open(out / "predictions.csv")))
-    assert len(rows) == 16 and set(rows[0]) == {"key", "path", "source", "label", "probability"}
+    assert len(rows) == 16 and set(rows[0]) == {"key", "path", "source", "label", "probability", "logit"}
     assert all(os.path.exists(r["path"]) for r in rows)
     rep = json.loads((out / "report.json").read_text())
     y = np.array([int(r["label"]) for r in rows])

@@ -41,17 +41,18 @@ def ranking_metrics(pos: np.ndarray, neg: np.ndarray) -> tuple[np.ndarray, np.nd
     return auc, ap
 
 
-def bootstrap_samples(labels: np.ndarray, probs: np.ndarray, n_boot: int = 1000,
-                      seed: int = 0) -> dict[str, np.ndarray]:
+def bootstrap_samples(labels: np.ndarray, scores: np.ndarray, n_boot: int = 1000,
+                      seed: int = 0, threshold: float = 0.5) -> dict[str, np.ndarray]:
     """Each metric's value on each of `n_boot` stratified resamples (metrics a sample cannot have,
-    such as AUC without reals, are left out)."""
+    such as AUC without reals, are left out); accuracies at `threshold` (0.5 for probabilities, 0
+    for logits; +-inf logits are ordinary scores here)."""
     labels = np.asarray(labels).astype(int)
-    probs = np.asarray(probs, dtype=np.float64)
     rng = np.random.default_rng(seed)
-    scores, codes = np.unique(probs, return_inverse=True)
+    scores, codes = np.unique(np.asarray(scores, dtype=np.float64), return_inverse=True)
+    codes = codes.reshape(-1)
     n_codes = len(scores)
     real_codes, fake_codes = codes[labels == 0], codes[labels == 1]
-    above = scores > 0.5  # predicted fake at the 0.5 threshold, per distinct score
+    above = scores > threshold  # predicted fake, per distinct score
     out: dict[str, list[np.ndarray]] = {k: [] for k in METRICS}
     # chunks depend on the sample's size only: two detectors scored on the same images draw the
     # same resamples (a paired bootstrap, as `compare` needs)
@@ -82,7 +83,8 @@ def interval(samples: np.ndarray, level: float = 0.95) -> list[float]:
     return [float(lo), float(hi)]
 
 
-def bootstrap_metrics(labels: np.ndarray, probs: np.ndarray, n_boot: int = 1000, seed: int = 0,
-                      level: float = 0.95) -> dict[str, list[float]]:
+def bootstrap_metrics(labels: np.ndarray, scores: np.ndarray, n_boot: int = 1000, seed: int = 0,
+                      level: float = 0.95, threshold: float = 0.5) -> dict[str, list[float]]:
     """95 % (by default) stratified bootstrap intervals of acc, AP, AUC, real and fake accuracy."""
-    return {k: interval(v, level) for k, v in bootstrap_samples(labels, probs, n_boot, seed).items()}
+    samples = bootstrap_samples(labels, scores, n_boot, seed, threshold)
+    return {k: interval(v, level) for k, v in samples.items()}

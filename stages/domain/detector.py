@@ -148,16 +148,39 @@ class Detector:
             return (net or self.model)(x).float().squeeze(1)
 
     @torch.inference_mode()
-    def probabilities(self, dnf: torch.Tensor) -> torch.Tensor:
-        """P(generated) for a batch of stored features, on the CPU."""
+    def scores(self, dnf: torch.Tensor) -> torch.Tensor:
+        """The logits (float32, the network's own output) for a batch of stored features, on the CPU."""
         self.model.eval()
-        return torch.sigmoid(self.logits(self.inputs(dnf))).cpu()
+        return self.logits(self.inputs(dnf)).cpu()
+
+    def probabilities(self, dnf: torch.Tensor) -> torch.Tensor:
+        """P(generated) for a batch of stored features, on the CPU: float64 sigmoid of the logits
+        (a float32 sigmoid is exactly 1.0 beyond logit ~16.6)."""
+        return torch.sigmoid(self.scores(dnf).double())
+
+
+def head_of(model: nn.Module) -> tuple[str, int]:
+    """The head of a detector and the input it takes: ("linear", vector length) or ("resnet50",
+    input channels)."""
+    if isinstance(model, LinearProbe):
+        return "linear", int(model.fc.in_features)
+    return "resnet50", int(model.conv1.in_channels)
+
+
+def predict_logits(detector: Detector, cache: FeatureCache, index: CacheIndex, batch_size: int,
+                   workers: int) -> np.ndarray:
+    """The detector's logits for every row of a cache index, in order, as float64 (exactly the
+    float32 values the network gave)."""
+    loader = DataLoader(CacheDataset(cache, index), batch_size=batch_size, shuffle=False,
+                        num_workers=workers, pin_memory=detector.device.type == "cuda")
+    out = [detector.scores(x).numpy() for x, _ in loader]
+    return np.concatenate(out).astype(np.float64) if out else np.zeros(0, dtype=np.float64)
 
 
 def predict(detector: Detector, cache: FeatureCache, index: CacheIndex, batch_size: int,
             workers: int) -> np.ndarray:
-    """Probabilities of being generated for every row of a cache index, in order."""
-    loader = DataLoader(CacheDataset(cache, index), batch_size=batch_size, shuffle=False,
-                        num_workers=workers, pin_memory=detector.device.type == "cuda")
-    probs = [detector.probabilities(x).numpy() for x, _ in loader]
-    return np.concatenate(probs) if probs else np.zeros(0, dtype=np.float32)
+    """Probabilities of being generated for every row of a cache index, in order (float64 sigmoid
+    of `predict_logits`; metrics should take the logits themselves)."""
+    from scipy.special import expit
+
+    return expit(predict_logits(detector, cache, index, batch_size, workers))

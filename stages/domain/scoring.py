@@ -17,23 +17,24 @@ MEAN_METRICS = ("acc", "ap", "auc", "real_acc", "fake_acc")
 @dataclass(frozen=True)
 class Scoring:
     """How rows are scored: bootstrap resamples (0: no intervals) and their seed, and the
-    threshold chosen on validation data (None: only the 0.5 columns)."""
+    threshold chosen on validation data, as a logit (None: only the 0.5 columns)."""
 
     bootstrap: int = 1000
     seed: int = 0
     threshold: float | None = None
 
 
-def score(labels: np.ndarray, probs: np.ndarray, how: Scoring) -> tuple[dict, dict[str, np.ndarray]]:
-    """(the row, its bootstrap samples per metric for the mean over sources)."""
-    row = binary_metrics(labels, probs)
-    row.update(deployment_metrics(labels, probs))
+def score(labels: np.ndarray, logits: np.ndarray, how: Scoring) -> tuple[dict, dict[str, np.ndarray]]:
+    """(the row, its bootstrap samples per metric for the mean over sources), from the detector's
+    logits: accuracies at logit 0 (probability 0.5) and at the chosen threshold."""
+    row = binary_metrics(labels, logits, threshold=0.0)
+    row.update(deployment_metrics(labels, logits))
     samples: dict[str, np.ndarray] = {}
     if how.bootstrap and len(labels):
-        samples = bootstrap_samples(labels, probs, how.bootstrap, how.seed)
+        samples = bootstrap_samples(labels, logits, how.bootstrap, how.seed, threshold=0.0)
         row["ci"] = {k: interval(v) for k, v in samples.items()}
     if how.threshold is not None:
-        row["at_threshold"] = accuracy_at(labels, probs, how.threshold)
+        row["at_threshold"] = accuracy_at(labels, logits, how.threshold)
     return row, samples
 
 
