@@ -1,14 +1,19 @@
-"""`make bench-gpu`: the GPU figures, in one command on a CUDA box.
+"""`make bench-gpu` and benchmarks/gpu_run.sh: the GPU figures, in one command on a CUDA box.
 
-The bedroom-size UNet (the diffusers config of the LSUN-bedroom DDPM, random weights) at fp32, bf16
-and fp16, with and without `--compile`, at batch sizes 16 to 256, with `--gpu-decode` off and on:
-pipeline images/s (the real `extract` on 256x256 JPEGs), model-alone images/s on resident tensors,
-their ratio, peak GPU memory, and the reference-style loop for the speed-up; then DDP training
-throughput on 1 GPU (`torchrun --nproc-per-node 1 cli.py train`). Prints a markdown table and writes
-the rows to a JSON file. `--quick` runs a reduced grid (and is how the script is checked on a CPU:
-`--device cpu --quick --models tiny`).
+The bedroom-size UNet (the LSUN-bedroom DDPM's architecture, 114 M parameters, random weights) through
+the real `extract` pipeline with `--resize-on device`, at fp32 / bf16 / fp16, compile off/on, batch 64
+and 256, nvJPEG off/on, on 2,048 JPEGs of 256 and of 1024 px (made here); the authors' per-image
+loop (fp32, batch 16, read + resize in workers, one save_image PNG per image) for the speed-up; NPR
+and CLIP (ViT-L/14's architecture, random weights, built offline from a config); one training epoch
+under torchrun on one GPU. Each row is a JSON record in the results file, rewritten after every row
+(a run stopped half-way keeps its rows); rows go most important first, and with `--budget-s` a row
+whose estimate no longer fits is skipped with a note. BENCHMARKS/GPU.md says what each field means.
 
-    python benchmarks/bench_gpu.py [--images 2048] [--batches 16,64,256] [--quick] [--out results.json]
+`--quick` is the same code on a tiny grid (tiny UNet and CLIP, 16 JPEGs of 48 and 96 px): how the
+script is checked on a CPU (`--device cpu --quick`, tests/test_bench_gpu.py).
+
+    python benchmarks/bench_gpu.py [--quick] [--budget-s 420] [--out gpu_results.json]
+    python benchmarks/bench_gpu.py --table gpu_results.json   # the table of a results file
 """
 
 from __future__ import annotations
@@ -16,122 +21,471 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
+import shutil
+import signal
+import statistics
 import subprocess
 import sys
 import time
+import traceback
+from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.bench import make_jpegs, make_unet, model_bound, reference_loop, results_file, scratch_dir  # noqa: E402
+from benchmarks.bench import make_unet, reference_loop, results_file, scratch_dir  # noqa: E402
 from pipeline.device import resolve_device, resolve_precision  # noqa: E402
-from stages.domain.noise_model import load_noise_model  # noqa: E402
+from stages.domain.feature_kinds import feature_kind  # noqa: E402
 from stages.extract import ExtractOptions, run_extract  # noqa: E402
 from stages.shard import run_shard  # noqa: E402
 
-
-def peak_memory_gib(device: torch.device) -> float | None:
-    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-
-
-def one_config(tmp: Path, model_dir: Path, device: torch.device, precision: str, compile: bool, batch: int,
-               gpu_decode: bool, images: int, size: int) -> dict:
-    """Pipeline and model-alone images/s of one configuration, measured side by side."""
-    resolve_precision(precision, device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    model = load_noise_model(model_dir, device, precision, compile=compile)
-    bound = model_bound(model, images, batch, size)
-    tag = f"{model_dir.name}-{precision}-{int(compile)}-{batch}-{int(gpu_decode)}-{time.perf_counter_ns()}"
-    summary = run_extract(tmp / "run", ExtractOptions(
-        model_dir, size=size, batch_size=batch, device=str(device), precision=precision, compile=compile,
-        gpu_decode=gpu_decode, cache_dir=tmp / f"cache-{tag}"))
-    pipe = summary["images_per_s"]
-    return {"unet": model_dir.name.removeprefix("unet-"), "precision": precision, "compile": compile,
-            "batch": batch, "gpu_decode": gpu_decode, "pipeline_img_s": pipe,
-            "model_alone_img_s": round(bound, 1), "pipeline/model": round(pipe / bound, 3),
-            "peak_gpu_gib": peak_memory_gib(device)}
+# ViT-L/14's vision tower with its 768-d projection (openai/clip-vit-large-patch14), random weights
+CLIP_L14 = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                image_size=224, patch_size=14, projection_dim=768)
 
 
-def ddp_training(tmp: Path, device: torch.device, size: int) -> dict:
-    """Samples/s of `train` under torchrun with one process (DDP on one GPU), from a tiny-UNet cache."""
-    tiny = make_unet("tiny", tmp / "unet-train", size)
-    run_extract(tmp / "run", ExtractOptions(tiny, size=size, device=str(device), cache_dir=None))
-    torchrun = Path(sys.executable).with_name("torchrun")
-    workers = str(min(8, os.cpu_count() or 1))
-    cmd = [str(torchrun), "--nproc-per-node", "1", str(ROOT / "cli.py"), "train", "--run-dir",
-           str(tmp / "run"), "--name", "ddp", "--epochs", "1", "--batch-size", "64", "--workers", workers,
-           "--device", str(device.type)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode:
-        return {"error": proc.stderr[-1000:]}
-    line = json.loads((tmp / "run/train/ddp/metrics.jsonl").read_text().splitlines()[-1])
-    return {"train_samples_per_s": line["train_samples_per_s"],
-            "data_wait_fraction": line["data_wait_fraction"]}
+@dataclass(frozen=True)
+class Task:
+    """One row: an extract configuration (dnf, npr, clip), the reference loop, or a training epoch."""
+
+    kind: str
+    precision: str = "fp32"
+    compile: bool = False
+    batch: int = 256
+    jpeg: int = 256  # side of the input JPEGs
+    nvjpeg: bool = False
+    estimate_s: float = 20.0  # what the row takes on the H200 at most, about (the budget guard's figure)
+
+    @property
+    def name(self) -> str:
+        if self.kind == "reference":
+            return f"reference loop {self.jpeg}px"
+        if self.kind == "train":
+            return "train 1 epoch"
+        return (f"{self.kind} {self.precision} compile-{'on' if self.compile else 'off'} b{self.batch} "
+                f"{self.jpeg}px nvjpeg-{'on' if self.nvjpeg else 'off'}")
 
 
-def main() -> None:
+class Budget:
+    """Seconds left of a run's budget; a row runs only if its estimate fits (None: no budget)."""
+
+    def __init__(self, seconds: float | None, clock: Callable[[], float] = time.monotonic):
+        self.seconds, self.clock, self.start = seconds, clock, clock()
+
+    def left(self) -> float:
+        return float("inf") if self.seconds is None else self.seconds - (self.clock() - self.start)
+
+    def fits(self, task: Task) -> bool:
+        return self.left() >= task.estimate_s
+
+    def note(self, task: Task) -> str:
+        return f"skipped: budget ({max(0.0, self.left()):.0f} s left, the row needs about " \
+               f"{task.estimate_s:.0f} s)"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The options; --quick swaps in the tiny grid's sizes where an option was left at its default."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda")
-    ap.add_argument("--images", type=int, default=2048)
-    ap.add_argument("--size", type=int, default=256)
-    ap.add_argument("--models", default="bedroom")
-    ap.add_argument("--precisions", default="fp32,bf16,fp16")
-    ap.add_argument("--batches", default="16,32,64,128,256")
-    ap.add_argument("--quick", action="store_true", help="bf16 only, no compile, batches 64 and 256")
-    ap.add_argument("--out", type=Path, default=None,
-                    help="results JSON (default: runs/bench/bench_gpu.json)")
-    args = ap.parse_args()
+    ap.add_argument("--quick", action="store_true",
+                    help="tiny UNet and CLIP, 16 JPEGs of 48 and 96 px, batches 4 and 8, bf16 and fp32 "
+                         "(the check on a CPU)")
+    ap.add_argument("--images", type=int, default=None, help="JPEGs per input size (default 2048)")
+    ap.add_argument("--jpegs", default=None, help="input JPEG sides, first = the main one (256,1024)")
+    ap.add_argument("--batches", default=None, help="extract batch sizes (64,256)")
+    ap.add_argument("--precisions", default=None, help="fp32,bf16,fp16 (--quick: bf16,fp32)")
+    ap.add_argument("--no-compile", action="store_true", help="leave the torch.compile rows out")
+    ap.add_argument("--resize-on", default="device", choices=("device", "workers", "auto"))
+    ap.add_argument("--workers", type=int, default=-1, help="loader workers (-1: extract's auto)")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch CPU threads (0: torch's default; --quick on a CPU: 1, so a shared machine's "
+                         "cores are not oversubscribed)")
+    ap.add_argument("--reference-images", type=int, default=512, help="images the reference loop times")
+    ap.add_argument("--budget-s", type=float, default=None,
+                    help="seconds for all rows; a row whose estimate no longer fits is skipped with a note")
+    ap.add_argument("--out", type=Path, default=None, help="results JSON (runs/bench/gpu_results.json)")
+    ap.add_argument("--table", type=Path, default=None, help="print the table of this results file, exit")
+    args = ap.parse_args(argv)
+    quick = args.quick
+    args.images = args.images or (16 if quick else 2048)
+    args.jpeg_sizes = [int(s) for s in (args.jpegs or ("48,96" if quick else "256,1024")).split(",")]
+    args.batch_sizes = sorted({int(b) for b in (args.batches or ("4,8" if quick else "64,256")).split(",")})
+    args.precisions = args.precisions or ("bf16,fp32" if quick else "fp32,bf16,fp16")
+    args.size = 32 if quick else 256  # the DNF's side (the bedroom model's)
+    args.clip_size = 32 if quick else 224
+    args.repeats = 1 if quick else 3  # timed passes of the model alone (median)
+    return args
+
+
+def build_grid(args: argparse.Namespace, cuda: bool) -> list[Task]:
+    """The rows, most important first: the bf16 pipeline at the main JPEG size and largest batch (the
+    goal row, with its model-alone rate), the reference loop, then nvJPEG, the large JPEGs, the small
+    batch, the other precisions, training, NPR and CLIP, torch.compile, and the rest of the product."""
+    big, small = max(args.batch_sizes), min(args.batch_sizes)
+    main_px, *other_px = args.jpeg_sizes
+    precisions = args.precisions.split(",")
+    first = "bf16" if "bf16" in precisions else precisions[0]
+    decodes = (False, True) if cuda else (False,)  # nvJPEG is CUDA's
+    compiles = (False, True) if cuda and not args.no_compile else (False,)
+
+    def dnf(precision: str = first, compile: bool = False, batch: int = big, jpeg: int = main_px,
+            nvjpeg: bool = False) -> Task:
+        est = (30 if precision == "fp32" else 15) + (150 if compile else 0) + (10 if jpeg > 512 else 0)
+        return Task("dnf", precision, compile, batch, jpeg, nvjpeg, est)
+
+    rows = [dnf(), Task("reference", jpeg=main_px, batch=16, estimate_s=20)]
+    rows += [dnf(nvjpeg=True)] if cuda else []
+    rows += [dnf(jpeg=px, nvjpeg=nv) for px in other_px for nv in decodes]
+    rows += [dnf(batch=small, nvjpeg=nv) for nv in decodes]
+    rows += [dnf(precision=p) for p in sorted(precisions, key=lambda p: p == "fp32") if p != first]
+    rows += [Task("train", batch=64, jpeg=main_px, estimate_s=60),
+             Task("npr", "fp32", batch=big, jpeg=main_px, estimate_s=10),
+             Task("clip", first, batch=big, jpeg=main_px, estimate_s=45)]
+    rows += [dnf(compile=True)] if True in compiles else []
+    rows += [Task("reference", jpeg=px, batch=16, estimate_s=20) for px in other_px]
+    rows += [dnf(p, c, b, main_px, nv) for p in precisions for c in compiles for b in (big, small)
+             for nv in decodes]  # the whole product at the main size
+    rows += [dnf(first, c, b, px, nv) for px in other_px for c in compiles for b in (big, small)
+             for nv in decodes]  # the large JPEGs change the host's work, not the model's: first precision
+    seen, grid = set(), []
+    for t in rows:
+        if t.name not in seen:
+            seen.add(t.name)
+            grid.append(t)
+    return grid
+
+
+def _write_jpegs(folder: Path, start: int, stop: int, size: int) -> None:
+    """JPEGs start..stop-1: smooth structure plus grain (photo-like bytes per pixel), each unique."""
+    from PIL import Image
+
+    rng = np.random.default_rng(start)
+    yy, xx = (np.mgrid[0:size, 0:size] / size).astype(np.float32)
+    grain = rng.normal(0, 12, (size, size, 3)).astype(np.float32)
+    for i in range(start, stop):
+        base = np.stack([np.sin(xx * (3 + c + i % 5) + yy * (2 + i % 3)) for c in range(3)], -1)
+        arr = np.clip((base * 0.4 + 0.5) * 255 + np.roll(grain, 7 * i, axis=1), 0, 255).astype(np.uint8)
+        arr[:8, :8] = (i % 256, i // 256 % 256, 0)  # no two alike: shard would keep one of a duplicate
+        label = "0_real" if i % 2 else "1_fake"
+        path = folder / "train" / "bench" / label / f"{i:05d}.jpg"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(arr).save(path, quality=90)
+
+
+def make_jpegs_parallel(folder: Path, n: int, size: int) -> None:
+    """n JPEGs of size x size on all cores (2,048 of 1024 px: minutes on one core)."""
+    procs = max(1, min(os.cpu_count() or 1, 16, n // 16 or 1))
+    step = -(-n // procs)
+    if procs == 1:
+        _write_jpegs(folder, 0, n, size)
+        return
+    with ProcessPoolExecutor(procs) as pool:
+        list(pool.map(_write_jpegs, [folder] * procs, range(0, n, step),
+                      [min(n, s + step) for s in range(0, n, step)], [size] * procs))
+
+
+@contextmanager
+def preloaded(kind: str, model) -> Iterator[None]:
+    """extract takes this already loaded (and, with compile, already compiled) model instead of
+    loading its own: the pipeline row times the pipeline, not a model load or a compile."""
+    registered = feature_kind(kind)
+    registered.load = lambda *a, **k: model
+    try:
+        yield
+    finally:
+        del registered.load
+
+
+@contextmanager
+def timed_features(model) -> Iterator[list[float]]:
+    """Seconds the model computed during the block (CUDA events around each batch's forward), in the
+    list yielded, filled when the block ends: the rest of the wall time the GPU waited for data."""
+    spans, box = [], []
+    forward = model.features
+    cuda = model.device.type == "cuda"
+
+    def timed(x, feature):
+        if not cuda:
+            t0 = time.perf_counter()
+            out = forward(x, feature)
+            spans.append(time.perf_counter() - t0)
+            return out
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        out = forward(x, feature)
+        b.record()
+        spans.append((a, b))
+        return out
+    model.features = timed
+    try:
+        yield box
+    finally:
+        del model.features
+        if cuda:
+            torch.cuda.synchronize()
+            box.append(sum(a.elapsed_time(b) for a, b in spans) / 1000)
+        else:
+            box.append(sum(spans))
+
+
+class Bench:
+    """The run's shared pieces, each made when a row first needs it: JPEG runs, models, rates."""
+
+    def __init__(self, args: argparse.Namespace, device: torch.device, tmp: Path):
+        self.args, self.device, self.tmp = args, device, tmp
+        self.cuda = device.type == "cuda"
+        self.runs: dict[int, Path] = {}
+        self.dirs: dict[str, Path] = {}
+        self.models: dict[tuple, object] = {}
+        self.alone: dict[tuple, float] = {}
+        self.refs: dict[int, float] = {}
+        self.tf32 = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+
+    def workers(self) -> int:
+        return ExtractOptions(None, workers=self.args.workers).num_workers(self.device) or \
+            min(8, os.cpu_count() or 1)
+
+    def run_for(self, jpeg: int) -> Path:
+        if jpeg not in self.runs:
+            t0 = time.perf_counter()
+            data, run = self.tmp / f"jpegs-{jpeg}", self.tmp / f"run-{jpeg}"
+            make_jpegs_parallel(data, self.args.images, jpeg)
+            run_shard([data], run, shard_size=max(8, min(1024, self.args.images // 2)),
+                      workers=min(8, os.cpu_count() or 1))
+            print(f"{self.args.images} JPEGs of {jpeg} px made and sharded in "
+                  f"{time.perf_counter() - t0:.1f} s", flush=True)
+            self.runs[jpeg] = run
+        return self.runs[jpeg]
+
+    def model_dir(self, kind: str) -> Path | None:
+        if kind == "npr":
+            return None
+        if kind not in self.dirs:
+            out = self.tmp / f"model-{kind}"
+            if kind == "clip":
+                from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+                from stages.domain.feature_kinds.clip import make_test_clip
+
+                if self.args.quick:
+                    make_test_clip(out, image_size=self.args.clip_size)
+                else:
+                    torch.manual_seed(0)
+                    CLIPVisionModelWithProjection(CLIPVisionConfig(**CLIP_L14)).save_pretrained(out)
+            else:
+                make_unet("tiny" if self.args.quick else "bedroom", out, self.args.size)
+            self.dirs[kind] = out
+        return self.dirs[kind]
+
+    def size(self, kind: str) -> int:
+        return self.args.clip_size if kind == "clip" else self.args.size
+
+    def model(self, t: Task):
+        key = (t.kind, t.precision, t.compile)
+        if key not in self.models:
+            self.models.clear()  # one loaded at a time
+            if self.cuda:
+                torch.cuda.empty_cache()
+            self.models[key] = feature_kind(t.kind).load(self.model_dir(t.kind), self.device, t.precision,
+                                                         compile=t.compile)
+        return self.models[key]
+
+    def model_alone(self, model, t: Task) -> float:
+        """Images/s of the forward alone on a resident batch, the median of 3 timed passes (--quick: 1)
+        after warm-up batches (which also compile): the rate the pipeline should reach."""
+        key = (t.kind, t.precision, t.compile, t.batch)
+        if key not in self.alone:
+            size = self.size(t.kind)
+            x = torch.rand(t.batch, 3, size, size, device=self.device) * 2 - 1
+            steps = max(2, min(self.args.images, 1024) // t.batch)
+            for _ in range(2 if self.cuda else 1):
+                model.predict(x)
+            rates = []
+            for _ in range(self.args.repeats):
+                self.sync()
+                t0 = time.perf_counter()
+                for _ in range(steps):
+                    model.predict(x)
+                self.sync()
+                rates.append(steps * t.batch / (time.perf_counter() - t0))
+            self.alone[key] = statistics.median(rates)
+        return self.alone[key]
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+
+    def defaults(self) -> None:
+        """TF32 as torch has it by default (an fp32 row turns it off, as extract's fp32 does)."""
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = self.tf32
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def peak_gib(self) -> float | None:
+        return round(torch.cuda.max_memory_allocated(self.device) / 2**30, 2) if self.cuda else None
+
+
+def extract_row(b: Bench, t: Task) -> dict:
+    """The real extract over the run's JPEGs with this configuration, and the model alone beside it."""
+    run = b.run_for(t.jpeg)
+    model_dir = b.model_dir(t.kind)
+    resolve_precision(t.precision, b.device)
+    model = b.model(t)
+    alone = b.model_alone(model, t)
+    cache = b.tmp / f"cache-{t.name.replace(' ', '_')}"
+    with preloaded(t.kind, model), timed_features(model) as busy:
+        s = run_extract(run, ExtractOptions(
+            model_dir, size=b.size(t.kind), batch_size=t.batch, workers=b.args.workers, device=str(b.device),
+            precision=t.precision, compile=t.compile, gpu_decode=t.nvjpeg, resize_on=b.args.resize_on,
+            feature_kind=t.kind, cache_dir=cache))
+    shutil.rmtree(cache, ignore_errors=True)
+    pipe = s["images_per_s"]
+    return {"images": s["images"], "rejected": s["rejected"], "out_px": b.size(t.kind),
+            "resize_on": b.args.resize_on, "pipeline_img_s": pipe, "model_alone_img_s": round(alone, 1),
+            "pipeline_over_model": round(pipe / alone, 3),
+            "gpu_wait_fraction": round(max(0.0, 1 - busy[0] / s["seconds"]), 3) if s["seconds"] else None,
+            "peak_gpu_gib": b.peak_gib()}
+
+
+def reference_row(b: Bench, t: Task) -> dict:
+    """The authors' loop (benchmarks/bench.py's reference_loop) on the first N JPEGs of this size."""
+    run = b.run_for(t.jpeg)
+    files = sorted((run.parent / f"jpegs-{t.jpeg}").rglob("*.jpg"))[:b.args.reference_images]
+    rate = reference_loop(b.model_dir("dnf"), files, b.args.size, b.device, b.workers(),
+                          b.tmp / f"ref-{t.jpeg}")
+    shutil.rmtree(b.tmp / f"ref-{t.jpeg}", ignore_errors=True)
+    b.refs[t.jpeg] = rate
+    return {"images": len(files), "out_px": b.args.size, "reference_img_s": round(rate, 1),
+            "peak_gpu_gib": b.peak_gib()}
+
+
+def train_row(b: Bench, t: Task) -> dict:
+    """One epoch of `train` (ResNet50, batch 64, bf16 on CUDA) under torchrun with one process, on a
+    cache of the run's JPEGs (made with the tiny UNet: the cache's values do not change the speed)."""
+    run = b.run_for(t.jpeg)
+    tiny = make_unet("tiny", b.tmp / "model-train", b.args.size)
+    s = run_extract(run, ExtractOptions(tiny, size=b.args.size, batch_size=64, device=str(b.device),
+                                        workers=b.args.workers))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1",
+           str(ROOT / "cli.py"), "train", "--run-dir", str(run), "--name", "gpu-bench", "--epochs", "1",
+           "--batch-size", str(t.batch), "--workers", str(b.workers()), "--device", b.device.type,
+           "--feature-id", s["feature_id"], "--val-from", "train:0.1"]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    if proc.returncode:
+        raise RuntimeError(f"train exited {proc.returncode}: {proc.stderr[-2000:]}")
+    m = json.loads((run / "train/gpu-bench/metrics.jsonl").read_text().splitlines()[-1])
+    return {"images": round(s["images"] * 0.9), "train_samples_per_s": m["train_samples_per_s"],
+            "data_wait_fraction": m["data_wait_fraction"], "ranks": m.get("ranks"),
+            "command_s": round(time.perf_counter() - t0, 1)}
+
+
+ROWS = {"dnf": extract_row, "npr": extract_row, "clip": extract_row, "reference": reference_row,
+        "train": train_row}
+
+
+def with_speedups(rows: list[dict], refs: dict[int, float]) -> list[dict]:
+    """Each DNF row's images/s over the reference loop's on the same JPEGs (once that row ran)."""
+    for r in rows:
+        if r["kind"] == "dnf" and r["status"] == "ok" and refs.get(r["jpeg_px"]):
+            r["speedup_vs_reference"] = round(r["pipeline_img_s"] / refs[r["jpeg_px"]], 2)
+    return rows
+
+
+def environment(args: argparse.Namespace, device: torch.device) -> dict:
+    cuda = device.type == "cuda"
+    versions = {}
+    for name in ("diffusers", "transformers", "zarr", "numpy"):
+        try:
+            versions[name] = __import__(name).__version__
+        except ImportError:
+            versions[name] = None
+    return {"gpu": torch.cuda.get_device_name(device) if cuda else None,
+            "gpu_memory_gib": round(torch.cuda.get_device_properties(device).total_memory / 2**30, 1)
+            if cuda else None,
+            "torch": torch.__version__, "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(),
+            "python": platform.python_version(), "cpu_cores": os.cpu_count(), "device": str(device),
+            **versions, "quick": args.quick, "images": args.images, "jpeg_px": args.jpeg_sizes,
+            "out_px": args.size, "resize_on": args.resize_on, "budget_s": args.budget_s,
+            "torch_threads": torch.get_num_threads(),
+            "unet": "tiny" if args.quick else "bedroom (ch 128, mult 1,1,2,2,4,4, 2 res blocks, attn 16x16)"}
+
+
+def write_results(out: Path, env: dict, rows: list[dict], t0: float) -> None:
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps({"env": env, "elapsed_s": round(time.monotonic() - t0, 1), "rows": rows},
+                              indent=2))
+    tmp.replace(out)
+
+
+COLUMNS = [("row", "row"), ("images/s", "pipeline_img_s"), ("model alone", "model_alone_img_s"),
+           ("pipe/model", "pipeline_over_model"), ("peak GiB", "peak_gpu_gib"),
+           ("x reference", "speedup_vs_reference"), ("GPU waited", "gpu_wait_fraction"),
+           ("ref img/s", "reference_img_s"), ("train samples/s", "train_samples_per_s"),
+           ("data wait", "data_wait_fraction"), ("s", "seconds")]
+
+
+def print_table(result: dict) -> None:
+    env = result["env"]
+    print(f"\n{env.get('gpu') or env.get('device')}, torch {env.get('torch')}, CUDA {env.get('cuda')}, "
+          f"{result.get('elapsed_s')} s")
+    print("| " + " | ".join(h for h, _ in COLUMNS) + " | note |\n|" + "---|" * (len(COLUMNS) + 1))
+    for r in result["rows"]:
+        cells = ["-" if r.get(k) is None else str(r[k]) for _, k in COLUMNS]
+        print("| " + " | ".join(cells) + f" | {r.get('note', '')} |")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if __name__ == "__main__":  # gpu_run.sh's timeout: exit through atexit, which removes the scratch folder
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    if args.table:
+        print_table(json.loads(args.table.read_text()))
+        return
+    t0 = time.monotonic()
+    budget = Budget(args.budget_s)
     device = resolve_device(args.device)
     if device.type != "cuda" and not args.quick:
-        raise SystemExit("bench-gpu needs a CUDA GPU (for a check of the script on a CPU: --device cpu "
-                         "--quick --models tiny --images 32 --size 64)")
-    precisions = ["bf16"] if args.quick and device.type == "cuda" else args.precisions.split(",")
-    if args.quick and device.type != "cuda":
-        precisions = ["fp32"]
-    batches = [64, 256] if args.quick else [int(b) for b in args.batches.split(",")]
-    compiles = [False] if args.quick else [False, True]
-    decodes = [False, True] if device.type == "cuda" else [False]
-    tmp = scratch_dir("dnf-bench-gpu-")
-    make_jpegs(tmp / "data", args.images, args.size)
-    run_shard([tmp / "data"], tmp / "run", shard_size=max(64, args.images // 8))
-    env = {"gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-           "torch": torch.__version__, "images": args.images, "size": args.size}
+        raise SystemExit("bench-gpu needs a CUDA GPU (a check of the script on a CPU: --device cpu --quick)")
+    if args.quick and device.type == "cpu" and not args.threads:
+        args.threads = 1
+    if args.threads:
+        torch.set_num_threads(args.threads)
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # the train row's torchrun process too
+    out = results_file(args.out, "gpu_results.json")
+    env = environment(args, device)
     print(json.dumps(env), flush=True)
-    rows, refs = [], {}
-    for name in args.models.split(","):
-        model_dir = make_unet(name, tmp / f"unet-{name}", args.size)
-        refs[name] = reference_loop(model_dir, sorted((tmp / "data").rglob("*.jpg")), args.size, device,
-                                    min(8, os.cpu_count() or 1), tmp / f"ref-{name}")
-        for precision in precisions:
-            for compile in compiles:
-                for batch in batches:
-                    for gpu_decode in decodes:
-                        try:
-                            row = one_config(tmp, model_dir, device, precision, compile, batch, gpu_decode,
-                                             args.images, args.size)
-                        except torch.cuda.OutOfMemoryError:
-                            row = {"unet": name, "precision": precision, "compile": compile, "batch": batch,
-                                   "gpu_decode": gpu_decode, "error": "out of GPU memory"}
-                        row["speedup_vs_reference"] = (round(row["pipeline_img_s"] / refs[name], 2)
-                                                       if "pipeline_img_s" in row else None)
-                        rows.append(row)
-                        print(json.dumps(row), flush=True)
-    training = ddp_training(tmp, device, args.size)
-    cols = ["unet", "precision", "compile", "batch", "gpu_decode", "pipeline_img_s", "model_alone_img_s",
-            "pipeline/model", "peak_gpu_gib", "speedup_vs_reference"]
-    print("\n| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
-    for r in rows:
-        print("| " + " | ".join(str(r.get(c, r.get("error", "-"))) for c in cols) + " |")
-    print("\nreference-style loop (fp32, batch 16, save_image per image): "
-          + ", ".join(f"{k} {v:.1f} img/s" for k, v in refs.items()))
-    print(f"DDP training, torchrun with 1 process on {device} (ResNet50, batch 64): {training}")
-    out = results_file(args.out, "bench_gpu.json")
-    out.write_text(json.dumps({"env": env, "rows": rows, "reference_loop": refs, "training": training},
-                              indent=2))
+    bench = Bench(args, device, scratch_dir("dnf-bench-gpu-"))
+    rows: list[dict] = []
+    for task in build_grid(args, device.type == "cuda"):
+        row = {"row": task.name, **asdict(task), "jpeg_px": task.jpeg}
+        del row["jpeg"], row["estimate_s"]
+        if not budget.fits(task):
+            row.update(status="skipped", note=budget.note(task))
+        else:
+            started = time.monotonic()
+            bench.defaults()
+            try:
+                row.update(status="ok", **ROWS[task.kind](bench, task))
+            except torch.cuda.OutOfMemoryError:
+                row.update(status="error", note="out of GPU memory")
+            except Exception as e:  # one broken row must not cost the rest of a device lease
+                traceback.print_exc()
+                row.update(status="error", note=f"{type(e).__name__}: {str(e)[-300:]}")
+            row["seconds"] = round(time.monotonic() - started, 1)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        write_results(out, env, with_speedups(rows, bench.refs), t0)
+    write_results(out, env, with_speedups(rows, bench.refs), t0)
+    print_table(json.loads(out.read_text()))
     print(f"results in {out}")
 
 
