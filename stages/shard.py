@@ -34,11 +34,14 @@ from stages.domain.image_limits import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from stages.domain.layouts import LAYOUTS, SPLIT_NAMES, infer_from_layout, parse_label
 from stages.domain.parquet_layouts import (
     ColumnOptions,
+    Columns,
     ParquetInputError,
+    Row,
     dataset_files,
     describe_label,
     infer_columns,
     is_parquet_dataset,
+    path_only_rows,
     read_rows,
     resolve_dataset,
 )
@@ -173,6 +176,7 @@ def _parquet_input(inp: Path, columns: ColumnOptions, found: Collected) -> list[
             meta = open_parquet(str(file)).metadata
             cols = infer_columns(meta.schema.to_arrow_schema(), columns, file)
             rows = list(read_rows(file, cols, columns))
+            path_only = path_only_rows(file, cols)
         except (ParquetError, ParquetInputError) as e:  # one bad file is a reject, the others are read
             found.rejects.append({"path": str(file), "reason": str(e), "stage": "shard"})
             continue
@@ -189,15 +193,24 @@ def _parquet_input(inp: Path, columns: ColumnOptions, found: Collected) -> list[
                                "split": "train" if unsplit else file_split,
                                "splits_from": listing.how, "columns": cols.describe()})
         for r in rows:
-            reason = None
-            if r.label is None and r.raw_label is not None:
-                reason = (f"label {describe_label(r.raw_label, cols)} is neither real nor fake (name its "
-                          f"values with --real-values / --fake-values: the value"
-                          f"{' or its class name' if cols.class_names else ''})")
             split = r.split or file_split
             out.append(Candidate(address(str(file), r.row), r.label, r.source or file.parent.name,
-                                 SPLIT_NAMES.get(split.lower(), split) if split else None, reason))
+                                 SPLIT_NAMES.get(split.lower(), split) if split else None,
+                                 _row_refusal(r, cols, path_only.get(r.row))))
     return out
+
+
+def _row_refusal(r: Row, cols: Columns, path_only: str | None) -> str | None:
+    """Why a parquet row is refused before its bytes are read (None: it is read)."""
+    if path_only is not None:
+        return (f"the Image cell has a path ({path_only!r}) but no bytes: the image is elsewhere, on the "
+                f"machine that wrote the file; write the dataset with its images embedded (push_to_hub "
+                f"does; to_parquet of images loaded from paths does not)")
+    if r.label is None and r.raw_label is not None:
+        named = "the value or its class name" if cols.class_names else "the value"
+        return (f"label {describe_label(r.raw_label, cols)} is neither real nor fake (name its values with "
+                f"--real-values / --fake-values: {named})")
+    return None
 
 
 def unsplit_note(found: Collected, split: str | None) -> dict:

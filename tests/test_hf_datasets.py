@@ -227,3 +227,44 @@ def test_recorded_image_column_is_read_back_by_show_gallery_and_audit(tmp_path):
     # a key that does not match the bytes read is an error, not another picture
     with pytest.raises(ValueError, match="sha256"):
         image_bytes_at(entries[0].path, sources, entries[1].key)
+
+
+def test_image_cells_with_a_path_only_are_rejects_that_say_so(hf, tmp_path):
+    """`Dataset.to_parquet` of images loaded from paths stores the path and no bytes: each such row
+    is refused with that reason (not 'empty image bytes'); embedded rows beside them are taken."""
+    pictures = tmp_path / "pictures"
+    pictures.mkdir()
+    for i in range(2):
+        (pictures / f"{i}.png").write_bytes(image_bytes(900 + i, size=(8, 8)))
+    features = hf.Features({"image": hf.Image(), "label": hf.ClassLabel(names=["real", "fake"])})
+    cells = [{"bytes": None, "path": str(pictures / "0.png")}, {"bytes": image_bytes(950, size=(8, 8)),
+                                                                "path": None},
+             {"bytes": None, "path": str(pictures / "1.png")}]
+    folder = tmp_path / "ds"
+    hf.Dataset.from_dict({"image": cells, "label": [0, 1, 1]}, features=features).to_parquet(
+        str(folder / "train.parquet"))
+    got, _ = ours(folder, tmp_path / "run")
+    assert got == Counter({("train", 1): 1})
+    rejects = Run(tmp_path / "run").rejects()
+    assert sorted(r["path"].rsplit("#", 1)[1] for r in rejects) == ["0", "2"]
+    for r, name in zip(rejects, ("0.png", "1.png"), strict=True):
+        assert "no bytes" in r["reason"] and name in r["reason"]
+
+
+def test_large_binary_images_and_a_data_dir_config(hf, tmp_path):
+    """A `large_binary` image column, and a README config that names only a `data_dir` (its files'
+    splits by the name rules below it): as load_dataset reads them."""
+    repo = tmp_path / "repo"
+    features = hf.Features({"image": hf.Value("large_binary"),
+                            "label": hf.ClassLabel(names=["real", "fake"])})
+    for name, labels in (("train.parquet", [0, 1, 1]), ("test.parquet", [1, 0])):
+        images = [image_bytes(next(_seeds), size=(8, 8)) for _ in labels]
+        (repo / "part").mkdir(parents=True, exist_ok=True)
+        hf.Dataset.from_dict({"image": images, "label": labels}, features=features).to_parquet(
+            str(repo / "part" / name))
+    write_hf(hf, repo / "other/train.parquet", [0])  # outside the data_dir: not read
+    (repo / "README.md").write_text("---\nconfigs:\n- config_name: default\n  data_dir: part\n---\n")
+    got, _ = ours(repo, tmp_path / "run")
+    assert got == theirs(hf, repo, tmp_path / "cache", packaged=False) == Counter(
+        {("train", 0): 1, ("train", 1): 2, ("test", 1): 1, ("test", 0): 1})
+    assert [Path(r["path"]).parent.name for r in Run(tmp_path / "run").rejects()] == ["other"]

@@ -380,6 +380,33 @@ def read_rows(file: Path, columns: Columns, opts: ColumnOptions) -> Iterator[Row
         row += n
 
 
+def path_only_rows(file: Path, columns: Columns) -> dict[int, str]:
+    """{row: path} of the rows whose Image cell has a `path` but no `bytes` (datasets writes those for
+    images it did not embed); only row groups whose statistics count null bytes are read."""
+    import pyarrow as pa
+
+    if not columns.image.endswith(".bytes"):
+        return {}
+    struct = columns.image[: -len(".bytes")]
+    pf = open_parquet(str(file))
+    meta, arrow = pf.metadata, pf.schema_arrow
+    if struct not in arrow.names or arrow.field(struct).type.get_field_index("path") < 0:
+        return {}
+    leaf = next((i for i in range(meta.num_columns) if meta.schema.column(i).path == columns.image), None)
+    out: dict[int, str] = {}
+    first = 0
+    for rg in range(meta.num_row_groups):
+        stats = meta.row_group(rg).column(leaf).statistics if leaf is not None else None
+        if stats is not None and stats.has_null_count and stats.null_count > 0:
+            col = pf.read_row_group(rg, columns=[struct], use_threads=False).column(0).combine_chunks()
+            data, paths = col.field("bytes"), col.field("path")
+            valid = pa.compute.and_(col.is_valid(), data.is_null()).to_pylist()
+            out.update({first + k: p for k, (v, p) in enumerate(zip(valid, paths.to_pylist(), strict=True))
+                        if v and p})
+        first += meta.row_group(rg).num_rows
+    return out
+
+
 def image_bytes_at(path: str, sources: Mapping[str, ParquetSource], key: str | None = None) -> bytes:
     """The bytes of a manifest path: a file's, or a parquet row's, read from the column `shard`
     recorded in `RUN/parquet.json` (`sources`, from `read_index`), never inferred again; with `key`,
