@@ -99,11 +99,17 @@ class Claim:
             return
         path = self.queue.lock_path(self.shard_id)
         rec = read_record(path)
-        if rec is None or rec.get("owner") != self.owner:
-            self.lost = True
-            self._stop.set()
+        marker = self.queue.takeover_path(self.shard_id, self.owner)
+        if rec is None or rec.get("owner") != self.owner or marker.exists():
+            self._lose()
             return
         write_bytes_atomic(path, data)
+        if marker.exists():  # a taker judged the beat before this one stale and goes ahead (it
+            self._lose()  # checks the record after its marker): this beat does not keep the claim
+
+    def _lose(self) -> None:
+        self.lost = True
+        self._stop.set()
 
     def release(self) -> None:
         """Stop the heartbeat and give the shard up (a claim taken over meanwhile is left alone)."""
@@ -120,7 +126,7 @@ class Claim:
             return
         path = self.queue.lock_path(self.shard_id)
         rec = read_record(path)
-        if rec is not None and rec.get("owner") == self.owner:
+        if rec is not None and rec.get("owner") == self.owner and not self.lost:
             path.unlink(missing_ok=True)
         if self._takeover is not None:
             self._takeover.unlink(missing_ok=True)
@@ -149,6 +155,10 @@ class ShardQueue:
 
     def lock_path(self, shard_id: int) -> StoragePath:
         return self.claims_dir / f"{shard_id:05d}.lock"
+
+    def takeover_path(self, shard_id: int, owner: str) -> StoragePath:
+        """The marker whose exclusive creation makes one worker the taker of `owner`'s claim."""
+        return self.claims_dir / f"{shard_id:05d}.takeover-{hashlib.sha256(owner.encode()).hexdigest()[:16]}"
 
     def pending(self) -> list[int]:
         return [s for s in range(self.num_shards) if not self.is_done(s)]
@@ -193,11 +203,12 @@ class ShardQueue:
         if not self.is_stale(rec):
             return None
         # one taker per stale owner: whoever creates this marker first
-        tag = hashlib.sha256(str(rec.get("owner")).encode()).hexdigest()[:16]
-        marker = self.claims_dir / f"{shard_id:05d}.takeover-{tag}"
+        marker = self.takeover_path(shard_id, str(rec.get("owner")))
         if not create_exclusive(marker, self.owner.encode()):
             return None
-        if (read_record(path) or {}).get("owner") != rec.get("owner"):  # changed meanwhile
+        # the record as judged stale, after the marker: an owner that beat since (and so saw no
+        # marker) goes on, and so does another taker's record: this worker backs off
+        if read_record(path) != rec:
             marker.unlink(missing_ok=True)
             return None
         write_bytes_atomic(path, _record(self.owner, time.time(), "heartbeat"))

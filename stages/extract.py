@@ -385,17 +385,29 @@ class ShardWriter:
         self.lost: list[int] = []  # shards whose claim another worker took over: theirs to finish
         self.log = log
 
+    def _still_mine(self, shard_id: int, claim: Claim) -> bool:
+        """Whether this worker may still write the shard: its claim refreshed and not taken over,
+        and no done marker there (a done shard is never rewritten). Asked before each write a
+        taker could also make: the data, then the done marker."""
+        claim.refresh()
+        if claim.lost:  # another worker took the shard over while this one was stalled: it
+            why = "the claim was taken over by another worker after this one's heartbeat went stale"
+        elif self.cache.is_done(shard_id):
+            why = "another worker marked it done meanwhile"
+        else:
+            return True
+        self.lost.append(shard_id)  # left to the other worker; this one goes on
+        self.log(f"shard {shard_id:05d}: {why}; this worker writes nothing of it and moves on")
+        return False
+
     def _write(self, shard_id: int, start: int, arrays: tuple, marker: DoneMarker, claim: Claim) -> None:
         try:
+            if not self._still_mine(shard_id, claim):
+                return
             index = self.cache.write_shard(start, *arrays)
             marker = replace(marker, checksum=shard_checksum(arrays[0], arrays[1], arrays[4]), index=index)
-            claim.refresh()
-            if claim.lost:  # another worker took the shard over while this one was stalled: it
-                self.lost.append(shard_id)  # finishes the shard (same bytes); this one goes on
-                self.log(f"shard {shard_id:05d}: the claim was taken over by another worker after this "
-                         f"one's heartbeat went stale; that worker marks it done, this one moves on")
-                return
-            self.cache.mark_done(marker)
+            if self._still_mine(shard_id, claim):
+                self.cache.mark_done(marker)
         except STORAGE_ERRORS as e:  # a full disk, or object storage refusing after its retries
             why = getattr(e, "strerror", None) or e
             self.error = CacheError(

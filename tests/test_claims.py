@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 
-from conftest import cli
+from conftest import cli, make_dataset
 from test_extract import cache_files
 from test_reliability import EXTRACT_ARGS, clean, fresh_run, only_cache, start  # noqa: F401
 
@@ -144,3 +144,86 @@ def test_live_claim_of_another_pid_namespace_on_the_same_host_name_is_left_alone
         claim = q.claim(0)  # its heartbeat long stale: taken over
         assert claim is not None
         claim.release()
+
+
+def test_a_stalled_worker_whose_claim_was_taken_never_rewrites_the_shard(tmp_path, tiny_model, monkeypatch):
+    """Worker A computes a shard, then stalls (SIGSTOP: no heartbeats) past the stale time; worker B
+    takes the claim over, writes the shard with other bytes (another batch size or GPU) and marks it
+    done. When A resumes it checks its claim before writing anything: it writes no data and no
+    marker, and `verify` finds B's data under B's checksum."""
+    from dataclasses import replace
+
+    import stages.extract as extract
+    from stages.shard import run_shard
+    from stages.verify import run_verify
+    from storage.cache_folder import shard_checksum
+
+    run_shard([make_dataset(tmp_path / "data", per_class=2, splits=("train",))], tmp_path / "run",
+              shard_size=4)
+    monkeypatch.setenv("DNF_CLAIM_STALE_S", "0.2")
+    real_compute = extract.compute_shard
+    writes_after_stall = []
+
+    def compute_then_stall_and_be_taken_over(job, *args):
+        arrays, marker = real_compute(job, *args)
+        job.claim._stop.set()  # stopped: its heartbeat thread beats no more
+        time.sleep(0.4)
+        cache = job.claim.queue.is_done.__self__
+        taker = ShardQueue(job.claim.queue.claims_dir, 1, cache.is_done, mode="heartbeat", stale_s=0.2)
+        theirs = taker.claim(job.shard_id)
+        assert theirs is not None, "the stale claim was not taken over"
+        other = (arrays[0] + 1, *arrays[1:])  # B's bytes differ from A's
+        index = cache.write_shard(job.start, *other)
+        cache.mark_done(replace(marker, checksum=shard_checksum(other[0], other[1], other[4]), index=index))
+        theirs.release()
+        real_write = cache.write_shard
+        cache.write_shard = lambda *a: (writes_after_stall.append(a), real_write(*a))[1]
+        return arrays, marker
+
+    monkeypatch.setattr(extract, "compute_shard", compute_then_stall_and_be_taken_over)
+    result = extract.run_extract(tmp_path / "run", extract.ExtractOptions(
+        model=tiny_model, size=32, workers=0, batch_size=4, device="cpu", claims="heartbeat"))
+    assert not writes_after_stall, "the stalled worker rewrote the shard after its claim was taken"
+    assert result["shards_done_now"] == 0 and result["shards_left_to_others"] == 1, result
+    report = run_verify(tmp_path / "run")
+    assert report["ok"], report
+
+
+def _takeover_marker(q: ShardQueue, shard: int, owner: str):
+    """The marker a taker of `owner`'s claim creates first (one taker per stale owner)."""
+    import hashlib
+
+    return q.claims_dir / f"{shard:05d}.takeover-{hashlib.sha256(owner.encode()).hexdigest()[:16]}"
+
+
+def test_owner_that_beats_while_a_takeover_is_under_way_counts_its_claim_lost(tmp_path):
+    """A stalled owner that resumes just as a taker has judged its heartbeat stale (the taker's
+    marker is there, its record not yet written) must not go on as the holder: its beat would
+    overwrite the taker's record and both would write the shard."""
+    a = queue(tmp_path)
+    claim = a.claim(0)
+    claim._stop.set()
+    _takeover_marker(a, 0, claim.owner).write_text("a taker's owner id")
+    claim.refresh()
+    assert claim.lost
+
+
+def test_taker_backs_off_when_the_owner_beats_between_its_look_and_its_marker(tmp_path, monkeypatch):
+    """The taker read a stale heartbeat, but the owner beat again before the taker's marker was
+    there: the owner goes on (it saw no marker), so the taker must not take the claim."""
+    import pipeline.queue as pq
+
+    q = queue(tmp_path, stale_s=60)
+    plant(q, 1, "otherhost", 4242, age_s=600)
+    real = pq.create_exclusive
+
+    def owner_beats_just_then(path, data):
+        made = real(path, data)
+        if ".takeover-" in str(path):
+            plant(q, 1, "otherhost", 4242, age_s=0)  # the owner's fresh beat, same owner id
+        return made
+
+    monkeypatch.setattr(pq, "create_exclusive", owner_beats_just_then)
+    assert q.claim(1) is None
+    assert json.loads(q.lock_path(1).read_text())["host"] == "otherhost"
+    assert not list(q.claims_dir.glob("*.takeover-*"))
