@@ -268,3 +268,24 @@ def test_large_binary_images_and_a_data_dir_config(hf, tmp_path):
     assert got == theirs(hf, repo, tmp_path / "cache", packaged=False) == Counter(
         {("train", 0): 1, ("train", 1): 2, ("test", 1): 1, ("test", 0): 1})
     assert [Path(r["path"]).parent.name for r in Run(tmp_path / "run").rejects()] == ["other"]
+
+
+def test_the_image_feature_is_the_image_column(hf, tmp_path):
+    """datasets records which column is an Image feature: that one is read, not the first binary
+    column; two Image features with no usual name are refused until --image-column names one."""
+    thumbs = [image_bytes(next(_seeds), size=(4, 4)) for _ in range(3)]
+    pictures = [{"bytes": image_bytes(next(_seeds), size=(8, 8)), "path": None} for _ in range(3)]
+    features = hf.Features({"thumb": hf.Value("binary"), "picture": hf.Image(),
+                            "label": hf.ClassLabel(names=["real", "fake"])})
+    hf.Dataset.from_dict({"thumb": thumbs, "picture": pictures, "label": [0, 1, 0]},
+                         features=features).to_parquet(str(tmp_path / "ds/train.parquet"))
+    ours(tmp_path / "ds", tmp_path / "run")
+    assert sorted(e.key for e in Run(tmp_path / "run").entries()) == sorted(
+        hashlib.sha256(p["bytes"]).hexdigest() for p in pictures)
+    two = hf.Features({"a": hf.Image(), "b": hf.Image(), "label": hf.ClassLabel(names=["real", "fake"])})
+    hf.Dataset.from_dict({"a": pictures, "b": pictures, "label": [0, 1, 0]}, features=two).to_parquet(
+        str(tmp_path / "two/train.parquet"))
+    ours(tmp_path / "two", tmp_path / "run2")
+    assert "--image-column" in Run(tmp_path / "run2").rejects()[0]["reason"]
+    got, _ = ours(tmp_path / "two", tmp_path / "run3", columns=ColumnOptions(image="b"))
+    assert sum(got.values()) == 3

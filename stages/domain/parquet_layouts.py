@@ -291,22 +291,29 @@ def image_column(schema, given: str | None, file: Path) -> str:
         raise ParquetInputError(f"{file}: no image column (a binary column or an Image struct with "
                                 f"`bytes`); columns: {', '.join(f.name for f in schema)}; name it with "
                                 f"--image-column")
-    named = [c for n, c in candidates if n.lower() in IMAGE_NAMES]
-    return (named or [c for _, c in candidates])[0]
+    features = hf_features(schema)  # datasets' own record of which columns are Image features
+    images = [(n, c) for n, c in candidates if features.get(n, {}).get("_type") == "Image"] or candidates
+    named = [c for n, c in images if n.lower() in IMAGE_NAMES]
+    if not named and len(images) > 1 and images is not candidates:
+        raise ParquetInputError(f"{file}: several Image features ({', '.join(n for n, _ in images)}); name "
+                                f"the one to read with --image-column")
+    return (named or [c for _, c in images])[0]
+
+
+def hf_features(schema) -> dict[str, dict]:
+    """The `datasets` features recorded in the schema's `huggingface` metadata ({} if none)."""
+    meta = (schema.metadata or {}).get(b"huggingface")
+    try:
+        info = json.loads(meta) if meta else {}
+    except ValueError:
+        return {}
+    features = info.get("info", {}).get("features", {}) if isinstance(info, dict) else {}
+    return {k: v for k, v in features.items() if isinstance(v, dict)} if isinstance(features, dict) else {}
 
 
 def class_names(schema, column: str | None) -> tuple[str, ...]:
     """A ClassLabel column's names from the `huggingface` schema metadata, () if none."""
-    meta = (schema.metadata or {}).get(b"huggingface")
-    if not column or not meta:
-        return ()
-    try:
-        info = json.loads(meta)
-    except ValueError:
-        return ()
-    features = info.get("info", {}).get("features", {}) if isinstance(info, dict) else {}
-    feature = features.get(column, {}) if isinstance(features, dict) else {}
-    names = feature.get("names") if isinstance(feature, dict) else None
+    names = hf_features(schema).get(column or "", {}).get("names")
     return tuple(map(str, names)) if isinstance(names, list) else ()
 
 
