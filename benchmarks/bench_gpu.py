@@ -7,7 +7,7 @@ loop (fp32, batch 16, read + resize in workers, one save_image PNG per image) fo
 and CLIP (ViT-L/14's architecture, random weights, built offline from a config); one training epoch
 under torchrun on one GPU. Each row is a JSON record in the results file, rewritten after every row
 (a run stopped half-way keeps its rows); rows go most important first, and with `--budget-s` a row
-whose estimate no longer fits is skipped with a note. BENCHMARKS/GPU.md says what each field means.
+whose estimate no longer fits is skipped with a note. benchmarks/GPU.md says how to run it on the device tool and what each field means.
 
 `--quick` is the same code on a tiny grid (tiny UNet and CLIP, 16 JPEGs of 48 and 96 px): how the
 script is checked on a CPU (`--device cpu --quick`, tests/test_bench_gpu.py).
@@ -113,6 +113,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="seconds for all rows; a row whose estimate no longer fits is skipped with a note")
     ap.add_argument("--out", type=Path, default=None, help="results JSON (runs/bench/gpu_results.json)")
     ap.add_argument("--table", type=Path, default=None, help="print the table of this results file, exit")
+    ap.add_argument("--train-worker", default=None, help=argparse.SUPPRESS)  # the train row's torchrun rank
     args = ap.parse_args(argv)
     quick = args.quick
     args.images = args.images or (16 if quick else 2048)
@@ -138,10 +139,10 @@ def build_grid(args: argparse.Namespace, cuda: bool) -> list[Task]:
 
     def dnf(precision: str = first, compile: bool = False, batch: int = big, jpeg: int = main_px,
             nvjpeg: bool = False) -> Task:
-        est = (30 if precision == "fp32" else 15) + (150 if compile else 0) + (10 if jpeg > 512 else 0)
+        est = (60 if precision == "fp32" else 15) + (150 if compile else 0) + (10 if jpeg > 512 else 0)
         return Task("dnf", precision, compile, batch, jpeg, nvjpeg, est)
 
-    rows = [dnf(), Task("reference", jpeg=main_px, batch=16, estimate_s=20)]
+    rows = [dnf(), Task("reference", jpeg=main_px, batch=16, estimate_s=30)]
     rows += [dnf(nvjpeg=True)] if cuda else []
     rows += [dnf(jpeg=px, nvjpeg=nv) for px in other_px for nv in decodes]
     rows += [dnf(batch=small, nvjpeg=nv) for nv in decodes]
@@ -305,7 +306,7 @@ class Bench:
         if key not in self.alone:
             size = self.size(t.kind)
             x = torch.rand(t.batch, 3, size, size, device=self.device) * 2 - 1
-            steps = max(2, min(self.args.images, 1024) // t.batch)
+            steps = max(2, min(self.args.images, 512) // t.batch)
             for _ in range(2 if self.cuda else 1):
                 model.predict(x)
             rates = []
@@ -374,14 +375,15 @@ def train_row(b: Bench, t: Task) -> dict:
     tiny = make_unet("tiny", b.tmp / "model-train", b.args.size)
     s = run_extract(run, ExtractOptions(tiny, size=b.args.size, batch_size=64, device=str(b.device),
                                         workers=b.args.workers))
+    opts = {"name": "gpu-bench", "epochs": 1, "batch_size": t.batch, "workers": b.workers(),
+            "device": b.device.type, "feature_id": s["feature_id"], "val_from": "train:0.1"}
+    # the worker calls run_train itself, not cli.py: the device image's own typer version stays out of it
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1",
-           str(ROOT / "cli.py"), "train", "--run-dir", str(run), "--name", "gpu-bench", "--epochs", "1",
-           "--batch-size", str(t.batch), "--workers", str(b.workers()), "--device", b.device.type,
-           "--feature-id", s["feature_id"], "--val-from", "train:0.1"]
+           str(Path(__file__).resolve()), "--train-worker", json.dumps({"run": str(run), **opts})]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if proc.returncode:
-        raise RuntimeError(f"train exited {proc.returncode}: {proc.stderr[-2000:]}")
+        raise RuntimeError(f"train exited {proc.returncode}: {proc.stderr[-3000:]}")
     m = json.loads((run / "train/gpu-bench/metrics.jsonl").read_text().splitlines()[-1])
     return {"images": round(s["images"] * 0.9), "train_samples_per_s": m["train_samples_per_s"],
             "data_wait_fraction": m["data_wait_fraction"], "ranks": m.get("ranks"),
@@ -450,6 +452,12 @@ def main(argv: list[str] | None = None) -> None:
     if args.table:
         print_table(json.loads(args.table.read_text()))
         return
+    if args.train_worker:
+        from stages.train import TrainOptions, run_train
+
+        spec = json.loads(args.train_worker)
+        print(json.dumps(run_train(Path(spec.pop("run")), TrainOptions(**spec))))
+        return
     t0 = time.monotonic()
     budget = Budget(args.budget_s)
     device = resolve_device(args.device)
@@ -479,7 +487,7 @@ def main(argv: list[str] | None = None) -> None:
                 row.update(status="error", note="out of GPU memory")
             except Exception as e:  # one broken row must not cost the rest of a device lease
                 traceback.print_exc()
-                row.update(status="error", note=f"{type(e).__name__}: {str(e)[-300:]}")
+                row.update(status="error", note=f"{type(e).__name__}: {' '.join(str(e).split())[-300:]}")
             row["seconds"] = round(time.monotonic() - started, 1)
         rows.append(row)
         print(json.dumps(row), flush=True)
