@@ -7,7 +7,8 @@ loop (fp32, batch 16, read + resize in workers, one save_image PNG per image) fo
 and CLIP (ViT-L/14's architecture, random weights, built offline from a config); one training epoch
 under torchrun on one GPU. Each row is a JSON record in the results file, rewritten after every row
 (a run stopped half-way keeps its rows); rows go most important first, and with `--budget-s` a row
-whose estimate no longer fits is skipped with a note. benchmarks/GPU.md says how to run it on the device tool and what each field means.
+whose estimate no longer fits is skipped with a note. benchmarks/GPU.md says how to run it with the
+device tool and what each field means.
 
 `--quick` is the same code on a tiny grid (tiny UNet and CLIP, 16 JPEGs of 48 and 96 px): how the
 script is checked on a CPU (`--device cpu --quick`, tests/test_bench_gpu.py).
