@@ -165,6 +165,10 @@ def common_images(a_dir: Path, b_dir: Path) -> tuple[list[str], np.ndarray, list
     keys = sorted(set(meta_a) & set.intersection(*(set(p) for p in scores_a + scores_b)))
     if not keys:
         raise UserError(f"{a_dir} and {b_dir} share no scored image: compare evaluations of the same split")
+    relabelled = [k for k in keys if meta_a[k][0] != meta_b[k][0]]
+    if relabelled:
+        raise UserError(f"{a_dir} and {b_dir} give {len(relabelled)} of the images both scored another label "
+                        f"(first key {relabelled[0]}): their runs label the images differently")
     y = np.array([meta_a[k][0] for k in keys])
     sources = [meta_a[k][1] for k in keys]
     pa = np.array([[p[k] for k in keys] for p in scores_a])

@@ -302,6 +302,19 @@ def test_compare_of_different_image_sets_shows_counts_and_compares_the_common_im
     assert naive != "+0.0" and naive not in overall
 
 
+def test_compare_refuses_images_the_two_runs_label_differently(tmp_path):
+    from stages.compare import paired_differences
+
+    y = np.tile([0, 1], 20)
+    keys = [f"{i:064x}" for i in range(len(y))]
+    p = detector_scores(5, y)
+    for folder, labels in ((tmp_path / "a", y), (tmp_path / "b", np.r_[1 - y[:3], y[3:]])):
+        write_predictions(folder / "predictions.csv", keys, labels, p)
+        (folder / "report.json").write_text(json.dumps({"sources": {}, "overall": cells(labels, p)}))
+    with pytest.raises(UserError, match="3 of the images both scored another label"):
+        paired_differences(tmp_path / "a", tmp_path / "b", n_boot=20)
+
+
 # ---- item 8: bare checkpoints on caches of another kind ---------------------------------------
 
 @pytest.fixture(scope="module")
