@@ -95,8 +95,6 @@ def read_objects(urls: list[str]) -> dict[str, bytes | BaseException]:
         got = filesystem(protocol).cat_ranges([p.key for p in paths], None, None, on_error="return",
                                               **_one_request(protocol))
         for p, value in zip(paths, got, strict=True):
-            if isinstance(value, BaseException) and not isinstance(value, OSError):
-                value = OSError(f"{p}: {value}")  # a client error, said as a read that failed
             out[str(p)] = value if isinstance(value, (bytes, BaseException)) else bytes(value)
     return out
 
