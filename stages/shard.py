@@ -213,10 +213,11 @@ def _row_refusal(r: Row, cols: Columns, path_only: str | None) -> str | None:
     return None
 
 
-def unsplit_note(found: Collected, split: str | None) -> dict:
+def unsplit_note(found: Collected, split: str | None, split_map: dict[str, str]) -> dict:
     """`{"note": ...}` saying that parquet files no name gave a split are `train` (nothing when
-    --split chose, or when every file has a split): a default that changes a result is printed."""
-    if split or not found.unsplit:
+    --split or --split-map train=... chose, or when every file has a split): a default that changes a
+    result is printed."""
+    if split or "train" in split_map or not found.unsplit:
         return {}
     n = len(found.unsplit)
     return {"note": f"{n} parquet file{'s' if n != 1 else ''} (e.g. {found.unsplit[0]}) in no split: no "
@@ -676,7 +677,7 @@ def run_shard(inputs: list[Path], run_dir: Path, shard_size: int = 1024, label: 
     found = Collected()
     candidates = collect(inputs, label, source, split, layout, parse_split_map(split_map), opts.columns,
                          found)
-    note = unsplit_note(found, split)
+    note = unsplit_note(found, split, parse_split_map(split_map))
     if dry_run:
         return {"dry_run": True, "files": len(candidates), "table": layout_table(candidates),
                 "parquet": found.inferred, "refused": found.rejects, **note}

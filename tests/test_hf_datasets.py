@@ -157,6 +157,8 @@ def test_no_split_in_any_name_is_train_by_an_explicit_printed_choice(hf, tmp_pat
     assert "note" in dry
     _, forced = ours(folder, tmp_path / "run2", split="test")  # a split given: nothing to say
     assert "note" not in forced
+    _, mapped = ours(folder, tmp_path / "run3", split_map=["train=test"])
+    assert "note" not in mapped
 
 
 def test_split_rules_equal_datasets_own_resolution(hf, tmp_path):
