@@ -119,14 +119,41 @@ def dataset(tmp_path) -> Path:
     return make_dataset(tmp_path / "data")
 
 
-def cli(*args: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
-    """Run the real command line in a subprocess, as a user would."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", **kw.pop("env", {})}
-    proc = subprocess.run([sys.executable, str(ROOT / "cli.py"), *map(str, args)], capture_output=True,
-                          text=True, env=env, **kw)
+def cli(*args: str, check: bool = True, process: bool = False, **kw) -> subprocess.CompletedProcess:
+    """Run the real command line as a user would: the typer app in this process (the stage code,
+    its exit code, stdout and stderr, a bug's traceback), or a subprocess where the process is the
+    point (`process=True`, or an `env`, `cwd` or `timeout` of its own): 3-4 s of imports each."""
+    if process or kw:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **kw.pop("env", {})}
+        proc = subprocess.run([sys.executable, str(ROOT / "cli.py"), *map(str, args)], capture_output=True,
+                              text=True, env=env, **kw)
+    else:
+        proc = _cli_in_process([str(a) for a in args])
     if check and proc.returncode != 0:
         raise AssertionError(f"cli {args} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+def _cli_in_process(args: list[str]) -> subprocess.CompletedProcess:
+    """`dnf-pipeline ARGS` through typer's CliRunner; signal handlers are put back afterwards and
+    an exception that is not an exit is printed as Python would, traceback and all."""
+    import signal
+    import traceback
+
+    from typer.testing import CliRunner
+
+    from cli import app
+
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        result = CliRunner().invoke(app, args, catch_exceptions=True)
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+    stderr = result.stderr
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        stderr += "".join(traceback.format_exception(*result.exc_info))
+    return subprocess.CompletedProcess(["dnf-pipeline", *args], result.exit_code, result.stdout, stderr)
 
 
 def _write_parquet(path: Path, columns: dict, row_group_size: int, metadata: dict | None = None) -> None:
