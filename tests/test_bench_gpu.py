@@ -76,7 +76,7 @@ def test_quick_grid_runs_end_to_end_on_the_cpu(tmp_path, capsys):
         if r["kind"] in ("dnf", "clip", "npr"):
             assert r["images"] == 16 and r["pipeline_img_s"] > 0 and r["model_alone_img_s"] > 0
             assert r["pipeline_over_model"] == pytest.approx(r["pipeline_img_s"] / r["model_alone_img_s"],
-                                                             rel=1e-2)
+                                                             rel=1e-2, abs=1e-3)  # kept to 3 decimals
             assert 0 <= r["gpu_wait_fraction"] < 1
         if r["kind"] == "dnf":
             expected = r["pipeline_img_s"] / ref[r["jpeg_px"]]
