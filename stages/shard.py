@@ -168,7 +168,9 @@ def _parquet_input(inp: Path, columns: ColumnOptions, found: Collected) -> list[
     listing = dataset_files(inp)
     found.rejects += [{"path": str(p), "stage": "shard", "reason": why} for p, why in listing.left_out]
     if not listing.files:
-        raise ShardError(f"{inp}: no .parquet files" + (" to read (see rejects)" if listing.left_out else ""))
+        left = listing.left_out
+        raise ShardError(f"{inp}: no .parquet files" + (f" to read ({len(left)} left out, e.g. {left[0][0]}: "
+                                                        f"{left[0][1]})" if left else ""))
     out = []
     for file, file_split in listing.files:
         try:
