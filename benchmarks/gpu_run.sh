@@ -39,7 +39,8 @@ main() {
   fi
   "$PY" -c 'import sys, torch; print("python", sys.version.split()[0], "| torch", torch.__version__,
             "| CUDA", torch.version.cuda, "| GPU visible:", torch.cuda.is_available())' || return 2
-  install_wheels || { echo "gpu_run.sh: the wheel install failed"; return 3; }
+  install_wheels || { echo "gpu_run.sh: the wheel install failed (.whl/ needs builds for this Python:" \
+    "make gpu-wheels GPU_PYTHON=$("$PY" -c 'import sys; print("%d.%d" % sys.version_info[:2])'))"; return 3; }
   export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
   "$PY" -c 'import diffusers, zarr, numcodecs, simplejpeg, pyspng, webdataset
 print("diffusers", diffusers.__version__, "| zarr", zarr.__version__, "| from", diffusers.__file__)' \
