@@ -302,13 +302,17 @@ def evaluate(
                                                  "report the calibration it gives."),
     pick: str = typer.Option("best", help="With a folder of seeds: each seed's best.pt (best val "
                                           "accuracy) or last.pt."),
+    checkpoint_kind: Optional[str] = typer.Option(None, help="The feature kind a checkpoint that does not "
+                                                  "record one was trained on (dnf, dire, npr, clip, "
+                                                  "latent-dnf); default: DNF for a ResNet50, clip for a "
+                                                  "linear probe."),
 ) -> None:
     """Predict a split from the cache; write predictions.csv, report.json and report.md."""
     from stages.evaluate import EvalOptions, run_eval, run_eval_seeds
     from storage.locations import as_path
 
     opts = EvalOptions(bootstrap=bootstrap, seed=bootstrap_seed, calibrate_on=calibrate_on,
-                       temperature=temperature, gallery=gallery, pick=pick)
+                       temperature=temperature, gallery=gallery, pick=pick, checkpoint_kind=checkpoint_kind)
     with user_errors():
         if as_path(checkpoint).is_dir():
             summary = run_eval_seeds(run, checkpoint, split, name, feature_id, batch_size, workers, device,

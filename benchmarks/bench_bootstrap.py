@@ -19,11 +19,11 @@ from stages.evaluate import report  # noqa: E402
 
 
 def sample(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """n scores of a decent detector (6-digit probabilities, as predictions.csv holds), 4 generators
-    each with its own reals."""
+    """n logits of a decent detector (what `report` and predictions.csv's logit column hold), 4
+    generators each with its own reals."""
     rng = np.random.default_rng(seed)
     y = rng.integers(0, 2, n)
-    p = np.round(1 / (1 + np.exp(-(rng.normal(size=n) + 1.5 * (2 * y - 1)))), 6)
+    p = rng.normal(size=n) + 1.5 * (2 * y - 1)
     return y, p, [f"gen_{i % 4}" for i in range(n)]
 
 
@@ -40,7 +40,7 @@ def main() -> None:
     print("rows | bootstrap_metrics, overall | report without intervals | report with intervals | added")
     for n in (10_000, 100_000):
         y, p, src = sample(n)
-        alone = median_seconds(lambda y=y, p=p: bootstrap_metrics(y, p, 1000))
+        alone = median_seconds(lambda y=y, p=p: bootstrap_metrics(y, p, 1000, threshold=0.0))
         without = median_seconds(lambda y=y, p=p, src=src: report(y, p, src, Scoring(bootstrap=0)))
         with_ci = median_seconds(lambda y=y, p=p, src=src: report(y, p, src, Scoring(bootstrap=1000)))
         print(f"{n:,} | {alone:.2f} s | {without:.2f} s | {with_ci:.2f} s | {with_ci - without:.2f} s")

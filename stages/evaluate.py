@@ -31,7 +31,7 @@ from stages.domain.metrics import logits_of, ranks, sigmoid
 from stages.domain.pairing import source_groups
 from stages.domain.plots import curves_png, reliability_png, robustness_png
 from stages.domain.scoring import Scoring, mean_over_sources, score
-from stages.domain.seed_spread import seed_markdown, seed_spread
+from stages.domain.seed_spread import SEEDS_FILE, seed_markdown, seed_spread
 from storage.atomic import readable, write_bytes_atomic, write_json_atomic
 from storage.cache_config import CacheConfig, describe_differences
 from storage.cache_folder import CacheError, FeatureCache
@@ -483,9 +483,19 @@ CHECKPOINT_RULES = {"best": "best.pt (the epoch of best validation accuracy)",
 
 
 def seed_checkpoints(folder: Path, pick: str) -> dict[str, Path]:
-    """seed-K -> its checkpoint, for a folder made by `train --seeds`."""
+    """seed-K -> its checkpoint, for a folder made by `train --seeds`: the seeds it records in
+    seeds.json (a folder listing only for folders made before it was written)."""
     if pick not in CHECKPOINT_RULES:
         raise CacheError(f"--pick {pick!r}: best or last")
+    recorded = as_path(folder) / SEEDS_FILE
+    if recorded.exists():
+        seeds = json.loads(recorded.read_bytes())["seeds"]
+        missing = [s for s in seeds if not (as_path(folder) / f"seed-{s}" / f"{pick}.pt").exists()]
+        if missing:
+            raise CacheError(f"{folder}: trained with --seeds {','.join(map(str, seeds))}, but seed(s) "
+                             f"{','.join(map(str, missing))} have no {pick}.pt; finish them (train --seeds "
+                             f"... --resume) or evaluate the seeds' checkpoints one by one")
+        return {f"seed-{s}": as_path(folder) / f"seed-{s}" / f"{pick}.pt" for s in seeds}
     found = sorted((p for p in as_path(folder).glob("seed-*") if (p / f"{pick}.pt").exists()),
                    key=lambda p: int(p.name.split("-", 1)[1]) if p.name.split("-", 1)[1].isdigit() else 0)
     if not found:

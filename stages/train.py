@@ -31,6 +31,7 @@ from stages.domain.calibration import balanced_threshold
 from stages.domain.detector import Detector, build_detector, predict
 from stages.domain.feature_kinds import feature_kind
 from stages.domain.metrics import binary_metrics
+from stages.domain.seed_spread import SEEDS_FILE
 from storage.atomic import write_bytes_atomic
 from storage.cache_config import CacheConfig, describe_differences
 from storage.cache_folder import FeatureCache
@@ -474,6 +475,8 @@ def run_train_seeds(run_dir: Path, opts: TrainOptions, seeds: list[int], resume:
         raise TrainError(f"--seeds {','.join(map(str, seeds))}: give distinct seeds, e.g. 0,1,2")
     out = {}
     root = Run(run_dir).root
+    # the seeds this folder is made of, read back by eval (a folder listing would take stale seed-K)
+    write_bytes_atomic(root / "train" / opts.name / SEEDS_FILE, json.dumps({"seeds": seeds}).encode())
     for seed in seeds:
         one = replace(opts, name=f"{opts.name}/seed-{seed}", seed=seed)
         started = (root / "train" / one.name / "last.pt").exists()

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import make_dataset
+from conftest import cli, make_dataset
 from torch import nn
 
 from stages.domain.calibration import equal_error_rate, tpr_at_fpr
@@ -332,9 +332,14 @@ def test_a_reference_checkpoint_is_refused_on_an_npr_cache(small_run, bare_resne
     with pytest.raises(UserError, match=r"reference\.pth.*no recorded feature kind(.|\n)*'npr'"):
         run_eval(small_run, bare_resnet, "test", "bare-npr", feature_id=npr.config().feature_id, workers=0,
                  device="cpu", opts=EvalOptions(bootstrap=0, gallery=0))
-    # said by the user: the checkpoint was trained on NPR features
-    run_eval(small_run, bare_resnet, "test", "bare-npr", feature_id=npr.config().feature_id, workers=0,
-             device="cpu", opts=EvalOptions(bootstrap=0, gallery=0, checkpoint_kind="npr"))
+    # said by the user, on the command line: the checkpoint was trained on NPR features
+    fid = npr.config().feature_id
+    common = ("eval", "--run", small_run, "--checkpoint", bare_resnet, "--feature-id", fid, "--workers", 0,
+              "--device", "cpu", "--bootstrap", 0, "--gallery", 0)
+    refused = cli(*common, "--name", "bare-npr", check=False)
+    assert refused.returncode == 2 and "--checkpoint-kind npr" in refused.stderr
+    said = cli(*common, "--name", "bare-npr-said", "--checkpoint-kind", "npr")
+    assert "trained on 'npr' features as the user said" in said.stdout
 
 
 def test_a_bare_linear_probe_is_refused_on_a_dnf_cache_and_by_detect(small_run, tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
+SEEDS_FILE = "seeds.json"  # in RUN/train/NAME/: the seeds `train --seeds` was given, read back by eval
 SPREAD_METRICS = ("acc", "ap", "auc", "real_acc", "fake_acc", "tpr_at_fpr_1", "eer", "ece")
 
 
