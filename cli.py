@@ -86,9 +86,11 @@ def shard(
                                                 "model, model_name, generator or source)."),
     split_column: Optional[str] = typer.Option(None, help="Parquet: a split column (default: split)."),
     real_values: Optional[List[str]] = typer.Option(None, "--real-values", help="Parquet: label values "
-                                                    "that mean real (besides 0, real, nature); repeatable."),
+                                                    "that mean real (besides 0, real, nature); a ClassLabel "
+                                                    "value by its integer or class name; repeatable."),
     fake_values: Optional[List[str]] = typer.Option(None, "--fake-values", help="Parquet: label values "
-                                                    "that mean fake (besides 1, fake, ai); repeatable."),
+                                                    "that mean fake (besides 1, fake, ai); a ClassLabel "
+                                                    "value by its integer or class name; repeatable."),
     download: bool = typer.Option(False, help="Fetch a Hugging Face dataset id missing from the local "
                                   "cache (network needed); without it ids are read offline."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
