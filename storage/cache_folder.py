@@ -14,7 +14,6 @@ import fcntl
 import hashlib
 import json
 import os
-import socket
 import time
 import uuid
 from abc import ABC, abstractmethod
@@ -29,7 +28,7 @@ from storage.atomic import create_exclusive, dumps_json, encode_text, read_json,
 from storage.cache_config import CacheConfig, DoneMarker, ManifestRef
 from storage.errors import UserError
 from storage.locations import StoragePath, as_path, is_remote
-from storage.lock_holder import holder_gone
+from storage.lock_holder import holder_fields, holder_gone
 
 NOT_CACHED = -1  # label of a row whose image was rejected at extract time
 
@@ -59,8 +58,7 @@ def object_lock(path: StoragePath, stale_s: float = LOCK_STALE_S) -> Iterator[No
     deleted at the end. A lock left by a dead holder (older than `stale_s`) is removed by the one
     waiter that creates its takeover marker first; so is one whose holder, a process on this host,
     is gone."""
-    token = json.dumps({"owner": uuid.uuid4().hex, "host": socket.gethostname(), "pid": os.getpid(),
-                        "since": time.time()}).encode()
+    token = json.dumps({"owner": uuid.uuid4().hex, **holder_fields(), "since": time.time()}).encode()
     while not create_exclusive(path, token):
         try:
             held = path.read_bytes()

@@ -227,3 +227,22 @@ def test_taker_backs_off_when_the_owner_beats_between_its_look_and_its_marker(tm
     assert q.claim(1) is None
     assert json.loads(q.lock_path(1).read_text())["host"] == "otherhost"
     assert not list(q.claims_dir.glob("*.takeover-*"))
+
+
+def test_an_object_lock_of_a_dead_process_on_this_host_is_taken_at_once(tmp_path):
+    """The cache-creation lock records its holder as claims do (host id included), so a lock whose
+    holder died here is free at once instead of after its 120 s stale time."""
+    from storage.cache_folder import object_lock
+
+    lock = tmp_path / "cache.lock"
+    code = ("import sys, time; sys.path.insert(0, '.'); from storage.cache_folder import object_lock\n"
+            f"with object_lock(__import__('pathlib').Path({str(lock)!r})):\n"
+            "    print('held', flush=True); time.sleep(60)")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "held"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    t0 = time.monotonic()
+    with object_lock(lock, stale_s=3600):
+        assert time.monotonic() - t0 < 30
+    assert not lock.exists()
