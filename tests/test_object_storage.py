@@ -378,3 +378,24 @@ def test_a_store_that_ignores_conditional_writes_is_refused_before_any_claim(s3,
     assert claim is not None and ShardQueue(run / "cache/f.claims", 4, lambda s: False).claim(0) is None
     claim.release()
     object_store._FILESYSTEMS.clear()
+
+
+def test_zarr_deletes_under_a_prefix_with_pattern_characters_take_it_literally(in_process):
+    """zarr's own deletes (an all-fill chunk, `open_group(mode="w")` after a crash) go through the
+    store: under a run named `r[1]` they must leave run `r1`'s objects alone."""
+    import zarr
+
+    from storage.zarr_cache import zarr_store
+
+    bucket = in_process
+    for key in ("r1/features.zarr/zarr.json", "r1/features.zarr/label/c/0", "r[1]/features.zarr/label/c/0"):
+        (bucket / key).write_bytes(b"{}")
+    store = zarr_store(bucket / "r[1]/features.zarr")
+    zarr.open_group(store, mode="w")  # clears the store first
+    group = zarr.open_group(zarr_store(bucket / "r[1]/features.zarr"), mode="a")
+    arr = group.create_array("label", shape=(4,), chunks=(1,), dtype="int8", fill_value=-1)
+    arr[0] = 1
+    arr[0] = -1  # all fill: zarr deletes the chunk
+    left = sorted(p.key.split("/", 1)[1] for p, _ in bucket.walk_files())
+    assert "r1/features.zarr/zarr.json" in left and "r1/features.zarr/label/c/0" in left, left
+    assert "r[1]/features.zarr/label/c/0" not in left, left
