@@ -17,7 +17,7 @@ NAME       ?= default
 SHARD_ARGS   ?=
 EXTRACT_ARGS ?=
 
-.PHONY: install test test-long lint quickstart shard extract status train eval bench bench-host bench-gpu gpu-wheels bench-scaling bench-shard bench-kinds bench-decoders bench-s3 bench-bootstrap bench-demo-models clean docs docs-serve \
+.PHONY: install test test-long test-durations lint quickstart shard extract status train eval bench bench-host bench-gpu gpu-wheels bench-scaling bench-shard bench-kinds bench-decoders bench-s3 bench-bootstrap bench-demo-models clean docs docs-serve \
 	demo demo-seeds demo-dire demo-compare demo-install demo-system-libs demo-data demo-model
 
 install: $(STAMP)
@@ -33,6 +33,10 @@ test: $(DEMO_STAMP) demo-system-libs
 
 test-long: $(DEMO_STAMP) demo-system-libs
 	$(BIN)/python -m pytest -q
+
+# make test, then the 30 slowest tests (setup and call apart): where the suite's time goes
+test-durations: $(DEMO_STAMP) demo-system-libs
+	$(BIN)/python -m pytest -q -m "not slow" --durations=30 --durations-min=1
 
 # ruff (style, complexity <= 15), then layers one way, no import cycles, no function over 80 lines
 lint: $(STAMP)
