@@ -291,3 +291,36 @@ def test_the_image_feature_is_the_image_column(hf, tmp_path):
     assert "--image-column" in Run(tmp_path / "run2").rejects()[0]["reason"]
     got, _ = ours(tmp_path / "two", tmp_path / "run3", columns=ColumnOptions(image="b"))
     assert sum(got.values()) == 3
+
+
+def test_missing_and_path_only_images_in_a_process_without_datasets(hf, tmp_path):
+    """A None Image cell (a missing image, which datasets allows) and a path-only cell, sharded by a
+    fresh process that has not imported `datasets` (which loads pyarrow.compute as a side effect): the
+    embedded rows are taken, the others are rejects with their reasons, no traceback."""
+    import json
+    import subprocess
+    import sys
+
+    features = hf.Features({"image": hf.Image(), "label": hf.ClassLabel(names=["real", "fake"])})
+    elsewhere = tmp_path / "elsewhere/1.png"
+    elsewhere.parent.mkdir()
+    elsewhere.write_bytes(image_bytes(next(_seeds), size=(8, 8)))
+    cells = [{"bytes": image_bytes(next(_seeds), size=(8, 8)), "path": None}, None,
+             {"bytes": None, "path": str(elsewhere)},
+             {"bytes": image_bytes(next(_seeds), size=(8, 8)), "path": None}]
+    folder = tmp_path / "ds"
+    hf.Dataset.from_dict({"image": cells, "label": [0, 1, 1, 1]}, features=features).to_parquet(
+        str(folder / "train.parquet"))
+    run = tmp_path / "run"
+    code = ("import sys, json; from stages.shard import run_shard; "
+            "s = run_shard([sys.argv[1]], sys.argv[2], workers=1); "
+            "assert 'datasets' not in sys.modules; print(json.dumps(s['rejects']))")
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.run([sys.executable, "-c", code, str(folder), str(run)], capture_output=True, text=True,
+                          cwd=root, env={**os.environ, "PYTHONPATH": str(root)})
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == 2
+    assert sorted(e.path.rsplit("#", 1)[1] for e in Run(run).entries()) == ["0", "3"]
+    reasons = {r["path"].rsplit("#", 1)[1]: r["reason"] for r in Run(run).rejects()}
+    assert "no bytes" in reasons["2"] and "elsewhere/1.png" in reasons["2"]
+    assert set(reasons) == {"1", "2"}

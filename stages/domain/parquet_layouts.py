@@ -390,7 +390,7 @@ def read_rows(file: Path, columns: Columns, opts: ColumnOptions) -> Iterator[Row
 def path_only_rows(file: Path, columns: Columns) -> dict[int, str]:
     """{row: path} of the rows whose Image cell has a `path` but no `bytes` (datasets writes those for
     images it did not embed); only row groups whose statistics count null bytes are read."""
-    import pyarrow as pa
+    import pyarrow.compute as pc  # a submodule `import pyarrow` does not load
 
     if not columns.image.endswith(".bytes"):
         return {}
@@ -407,7 +407,7 @@ def path_only_rows(file: Path, columns: Columns) -> dict[int, str]:
         if stats is not None and stats.has_null_count and stats.null_count > 0:
             col = pf.read_row_group(rg, columns=[struct], use_threads=False).column(0).combine_chunks()
             data, paths = col.field("bytes"), col.field("path")
-            valid = pa.compute.and_(col.is_valid(), data.is_null()).to_pylist()
+            valid = pc.and_(col.is_valid(), data.is_null()).to_pylist()
             out.update({first + k: p for k, (v, p) in enumerate(zip(valid, paths.to_pylist(), strict=True))
                         if v and p})
         first += meta.row_group(rg).num_rows
