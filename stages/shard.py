@@ -286,7 +286,7 @@ def _object_input(inp: ObjectPath, layout: str, columns: ColumnOptions, found: C
     """Candidates of an input on object storage: a prefix of images, or one image object."""
     if inp.suffix.lower() in LIST_SUFFIXES:
         raise ShardError(f"{inp}: list files on object storage are not read; give a prefix of image "
-                         f"files or parquet files, or a local list file naming s3:// paths")
+                         f"files or parquet files")
     if inp.suffix.lower() == ".parquet" or (inp.is_dir() and is_parquet_dataset(inp)):
         return _parquet_input(inp, columns, found)
     if inp.is_dir():
