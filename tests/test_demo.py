@@ -139,6 +139,7 @@ def test_second_demo_run_reuses_data_model_and_checkpoint(demo_runs):
     assert table_lines(first.stdout) and table_lines(first.stdout) == table_lines(second.stdout)
 
 
+@pytest.mark.slow  # a third whole demo run, made from nothing (DDPM and detector trained again): test-long
 def test_a_demo_run_from_nothing_prints_the_same_table(demo_runs, tmp_path):
     """Data, DDPM, features and detector all made again in another folder: the same figures."""
     _, first, _ = demo_runs
