@@ -23,10 +23,14 @@ ADVICE = {
                        "alike, `extract --perturb jpeg:Q`); with lossless PNGs it is how much detail the "
                        "images hold (smooth generated images compress better), which the pixels carry too: "
                        "check the per-format table and a `--perturb jpeg:Q` variant",
-    "width": "sizes differ: resize or crop both sides alike before training (`--perturb resize:S` "
-             "scales both), or report results per size",
-    "height": "sizes differ: resize or crop both sides alike before training (`--perturb resize:S` "
-              "scales both), or report results per size",
+    "width": "sizes differ: extract with `--geometry crop` (the central size x size window at native "
+             "resolution for both classes, no rescaling of images at least that large), or report "
+             "results per size (e.g. shard each size group as its own --source); `--perturb resize` "
+             "scales both classes by one factor, which keeps the difference",
+    "height": "sizes differ: extract with `--geometry crop` (the central size x size window at native "
+              "resolution for both classes, no rescaling of images at least that large), or report "
+              "results per size (e.g. shard each size group as its own --source); `--perturb resize` "
+              "scales both classes by one factor, which keeps the difference",
     "aspect": "aspect ratios differ: centre-crop both sides to one aspect before training",
     "mode": "colour modes differ (e.g. RGBA or grey vs RGB): convert both sides alike before training",
     "exif": "EXIF presence differs: it does not reach the detector, but marks the files; strip or keep it "
