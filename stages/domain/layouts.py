@@ -3,8 +3,8 @@ from the folders between an input root and the file.
 
 `auto` reads CNNDetection, DiffusionForensics, GenImage, AIGCDetectBenchmark / NPR and Chameleon
 trees; `ufd` (UniversalFakeDetect's diffusion set, which pairs each generator with its reals) and
-`synthbuster` (fake-only generator folders) need to be named. The README has a table with the
-command for each.
+`synthbuster` (fake-only generator folders) need to be named. The docs page docs/inputs/folders.md
+has a table with the tree each expects and the command for each.
 """
 
 from __future__ import annotations
