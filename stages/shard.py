@@ -165,7 +165,7 @@ def _parquet_input(inp: Path, columns: ColumnOptions, found: Collected) -> list[
     files the dataset's conventions leave out to its rejects, and files in no split to its notes."""
     import pyarrow as pa
 
-    listing = dataset_files(inp)
+    listing = dataset_files(inp, columns.config)
     found.rejects += [{"path": str(p), "stage": "shard", "reason": why} for p, why in listing.left_out]
     if not listing.files:
         left = listing.left_out

@@ -61,11 +61,12 @@ def write_hf(hf, path: Path, labels: list[int], names: tuple[str, ...] = ("real"
     hf.Dataset.from_dict({"image": images, "label": labels}, features=features).to_parquet(str(path))
 
 
-def theirs(hf, folder: Path, cache: Path, packaged: bool = True) -> Counter:
-    """(split, label) counts of `load_dataset("parquet", data_dir=folder)` (or `load_dataset(folder)`),
-    splits named as the project names them, labels 0 real / 1 fake by their ClassLabel names."""
+def theirs(hf, folder: Path, cache: Path, packaged: bool = True, name: str | None = None) -> Counter:
+    """(split, label) counts of `load_dataset("parquet", data_dir=folder)` (or `load_dataset(folder)`,
+    of config `name`), splits named as the project names them, labels 0 real / 1 fake by their
+    ClassLabel names."""
     dd = (hf.load_dataset("parquet", data_dir=str(folder), cache_dir=str(cache)) if packaged
-          else hf.load_dataset(str(folder), cache_dir=str(cache)))
+          else hf.load_dataset(str(folder), name, cache_dir=str(cache)))
     out: Counter = Counter()
     for split, ds in dd.items():
         names = ds.features["label"].names
@@ -324,3 +325,127 @@ def test_missing_and_path_only_images_in_a_process_without_datasets(hf, tmp_path
     reasons = {r["path"].rsplit("#", 1)[1]: r["reason"] for r in Run(run).rejects()}
     assert "no bytes" in reasons["2"] and "elsewhere/1.png" in reasons["2"]
     assert set(reasons) == {"1", "2"}
+
+
+def configs_readme(*configs: str) -> str:
+    """A dataset card whose YAML header lists these configs (each a YAML block of one list item)."""
+    return "---\nconfigs:\n" + "".join(configs) + "---\n# Card\n"
+
+
+def test_the_default_config_of_several_is_read(hf, tmp_path):
+    """Several README configs: load_dataset reads the default one (`default: true`, here the second),
+    not a merge of all where the first decides a file's split."""
+    repo = tmp_path / "repo"
+    write_hf(hf, repo / "data/a.parquet", [0, 1, 1])
+    write_hf(hf, repo / "data/b.parquet", [1, 0])
+    (repo / "README.md").write_text(configs_readme(
+        "- config_name: all_train\n  data_files:\n  - split: train\n    path: data/*.parquet\n",
+        "- config_name: main\n  default: true\n  data_files:\n  - split: train\n    path: data/a.parquet\n"
+        "  - split: test\n    path: data/b.parquet\n"))
+    got, _ = ours(repo, tmp_path / "run")
+    assert got == theirs(hf, repo, tmp_path / "cache", packaged=False) == Counter(
+        {("train", 0): 1, ("train", 1): 2, ("test", 1): 1, ("test", 0): 1})
+    named, _ = ours(repo, tmp_path / "run2", columns=ColumnOptions(config="all_train"))
+    assert named == theirs(hf, repo, tmp_path / "cache2", packaged=False, name="all_train")
+
+
+def test_several_configs_and_no_default_is_refused_until_config_names_one(hf, tmp_path):
+    from storage.errors import UserError
+
+    repo = tmp_path / "repo"
+    write_hf(hf, repo / "sd/train.parquet", [0, 1])
+    write_hf(hf, repo / "mj/train.parquet", [1, 1, 1])
+    (repo / "README.md").write_text(configs_readme("- config_name: sd\n  data_files: sd/*.parquet\n",
+                                                   "- config_name: mj\n  data_files: mj/*.parquet\n"))
+    with pytest.raises(ValueError, match="Config name is missing"):
+        theirs(hf, repo, tmp_path / "cache", packaged=False)
+    with pytest.raises(UserError, match=r"README\.md.*sd, mj.*--config"):
+        ours(repo, tmp_path / "run")
+    got, _ = ours(repo, tmp_path / "run2", columns=ColumnOptions(config="mj"))
+    assert got == theirs(hf, repo, tmp_path / "cache2", packaged=False, name="mj")
+    assert got == Counter({("train", 1): 3})
+    assert Run(tmp_path / "run2").info().options["config"] == "mj"  # recorded in run.json
+    assert [Path(r["path"]).parent.name for r in Run(tmp_path / "run2").rejects()] == ["sd"]
+    with pytest.raises(UserError, match="--config 'xl'.*sd, mj"):
+        ours(repo, tmp_path / "run3", columns=ColumnOptions(config="xl"))
+
+
+def test_a_config_pattern_that_matches_nothing_is_an_error(hf, tmp_path):
+    """A typo in data_files: load_dataset raises; so does shard, naming the README and the pattern
+    (no silent fall-back to the file-name rules)."""
+    from storage.errors import UserError
+
+    repo = tmp_path / "repo"
+    write_hf(hf, repo / "data/a.parquet", [0, 1])
+    write_hf(hf, repo / "data/test.parquet", [1, 1])
+    (repo / "README.md").write_text(configs_readme(
+        "- config_name: default\n  data_files:\n  - split: train\n    path: dat/*.parquet\n"))
+    with pytest.raises(FileNotFoundError):  # datasets' DataFilesNotFoundError
+        theirs(hf, repo, tmp_path / "cache", packaged=False)
+    with pytest.raises(UserError, match=r"README\.md.*'dat/\*\.parquet'"):
+        ours(repo, tmp_path / "run")
+
+
+def test_preview_images_beside_parquet_files_do_not_make_an_image_folder(hf, tmp_path):
+    """A card's pictures (assets/example0.png, sample_*.jpg) are not data: datasets counts only the
+    files its split patterns select when it picks the reader."""
+    repo = tmp_path / "repo"
+    write_hf(hf, repo / "train.parquet", [0, 1, 1])
+    write_hf(hf, repo / "test.parquet", [1, 0])
+    for i in range(3):
+        (repo / "assets").mkdir(exist_ok=True)
+        (repo / "assets" / f"example{i}.png").write_bytes(image_bytes(next(_seeds), size=(8, 8)))
+    (repo / "README.md").write_text("# card\n![](assets/example0.png)\n")
+    got, summary = ours(repo, tmp_path / "run")
+    assert got == theirs(hf, repo, tmp_path / "cache", packaged=False)
+    assert summary["rejects"] == 0
+    sharded = tmp_path / "sharded"
+    write_hf(hf, sharded / "data/train-00000-of-00001.parquet", [0, 1, 1])
+    write_hf(hf, sharded / "data/test-00000-of-00001.parquet", [1])
+    for i in range(3):
+        (sharded / f"sample_{i}.jpg").write_bytes(image_bytes(next(_seeds), size=(8, 8), fmt="JPEG"))
+    got, summary = ours(sharded, tmp_path / "run2")
+    assert got == theirs(hf, sharded, tmp_path / "cache2", packaged=False)
+    assert summary["rejects"] == 0
+
+
+def test_an_image_folder_with_readme_configs_stays_an_image_folder(hf, tmp_path):
+    repo = tmp_path / "repo"
+    for split in ("train", "test"):
+        for cls in ("real", "fake"):
+            (repo / split / cls).mkdir(parents=True)
+            for i in range(2 if split == "train" else 1):
+                (repo / split / cls / f"{i}.png").write_bytes(image_bytes(next(_seeds), size=(8, 8)))
+    (repo / "README.md").write_text(configs_readme(
+        "- config_name: default\n  data_files:\n  - split: train\n    path: train/**\n"
+        "  - split: test\n    path: test/**\n"))
+    got, _ = ours(repo, tmp_path / "run")
+    assert got == theirs(hf, repo, tmp_path / "cache", packaged=False) == Counter(
+        {("train", 0): 2, ("train", 1): 2, ("test", 0): 1, ("test", 1): 1})
+
+
+def test_config_patterns_absolute_recursive_hidden_and_outside(hf, tmp_path):
+    """data_files as datasets resolves them: an absolute path, `**`, hidden files only when the
+    pattern names them; a pattern reaching outside the input folder is a clear error (a run reads
+    only below its inputs), where load_dataset would read it."""
+    from storage.errors import UserError
+
+    repo = tmp_path / "repo"
+    write_hf(hf, repo / "data/a/train.parquet", [0, 1])
+    write_hf(hf, repo / "data/b/c/x.parquet", [1])
+    write_hf(hf, repo / "data/.old.parquet", [1, 1, 1])
+    write_hf(hf, repo / "data/.keep/y.parquet", [0, 0])
+    cases = {"absolute": f"  - split: train\n    path: {repo}/data/a/*.parquet\n",
+             "recursive": "  - split: train\n    path: data/**/train.parquet\n"
+                          "  - split: test\n    path: data/b/**\n",
+             "hidden unnamed": "  - split: train\n    path: '**/*.parquet'\n",
+             "hidden named": "  - split: train\n    path: data/.*.parquet\n"
+                             "  - split: test\n    path: data/.keep/*\n"}
+    for k, (what, files) in enumerate(cases.items()):
+        (repo / "README.md").write_text(configs_readme(f"- config_name: default\n  data_files:\n{files}"))
+        got, _ = ours(repo, tmp_path / f"run{k}")
+        assert got == theirs(hf, repo, tmp_path / f"cache{k}", packaged=False), what
+    (repo / "README.md").write_text(configs_readme(
+        "- config_name: default\n  data_files:\n  - split: train\n    path: ../elsewhere/*.parquet\n"))
+    with pytest.raises(UserError, match=r"'\.\./elsewhere/\*\.parquet'.*outside"):
+        ours(repo, tmp_path / "run-out")

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import posixpath
 import re
 from collections import Counter
 from collections.abc import Iterator, Mapping
@@ -46,6 +47,9 @@ _IN_FOLDER = {s: re.compile(rf"(?:^|{_SEP})(?:{'|'.join(w)})(?:{_SEP}|$)")
 _IN_FILE = {s: re.compile(rf"(?:^|{_SEP})(?:{'|'.join(w)}){_SEP}") for s, w in HUB_SPLIT_KEYWORDS.items()}
 # an image folder's metadata table (datasets' imagefolder) is not a parquet dataset's data
 METADATA_TABLES = {"metadata.parquet", "metadata.csv", "metadata.jsonl"}
+# files datasets never takes as data (`datasets.data_files.FILES_TO_IGNORE`)
+HUB_IGNORED = {"README.md", "config.json", "dataset_info.json", "dataset_infos.json", "dummy_data.zip",
+               "dataset_dict.json"}
 
 
 class ParquetInputError(UserError, ValueError):
@@ -55,7 +59,7 @@ class ParquetInputError(UserError, ValueError):
 @dataclass(frozen=True)
 class ColumnOptions:
     """`--image-column`, `--label-column`, `--source-column`, `--split-column`, `--real-values`,
-    `--fake-values`: None / empty where they are to be inferred."""
+    `--fake-values`, `--config`: None / empty where they are to be inferred."""
 
     image: str | None = None
     label: str | None = None
@@ -63,11 +67,13 @@ class ColumnOptions:
     split: str | None = None
     real_values: tuple[str, ...] = ()
     fake_values: tuple[str, ...] = ()
+    config: str | None = None  # `--config`: the README config to read (default: load_dataset's)
 
     def recorded(self) -> dict:
         """The options given (for run.json), {} when all are inferred."""
         d = {k: v for k, v in (("image_column", self.image), ("label_column", self.label),
-                               ("source_column", self.source), ("split_column", self.split)) if v}
+                               ("source_column", self.source), ("split_column", self.split),
+                               ("config", self.config)) if v}
         if self.real_values:
             d["real_values"] = list(self.real_values)
         if self.fake_values:
@@ -104,18 +110,31 @@ def _hidden(rel: PurePosixPath) -> bool:
 
 
 def is_parquet_dataset(folder: Path) -> bool:
-    """A folder that is a parquet dataset: a README with `configs`, or, as `load_dataset` chooses its
-    reader by the most common file type, parquet files at least as many as the files of any one
-    image type (a LICENSE, `.gitattributes`, a README or a preview picture beside them change nothing;
-    an image folder with a `metadata.parquet` stays an image folder)."""
-    if read_configs(folder):
-        return True
+    """A folder that is a parquet dataset. As `load_dataset` chooses its reader: by the most common
+    file type among the data files (parquet winning a tie), the data files being those the first
+    README config's `data_files` select, else those its split name rules select (a LICENSE,
+    `.gitattributes`, a README or a card's preview pictures outside them change nothing; an image
+    folder with a `metadata.parquet` stays an image folder). A README config that selects nothing is
+    read as parquet, so that its error is the one shown."""
     from PIL import Image
 
+    listing = _listing(folder)
+    rel = [PurePosixPath(*p.relative_to(folder).parts) for p in listing]
+    configs = read_configs(folder)
+    if configs and configs[0].get("data_files"):
+        base = _data_dir(folder, configs[0])
+        data = sorted({f for _, pattern in _config_globs(configs[0])
+                       for f in _matching(rel, _pattern_in(folder, base, pattern))})
+        if not data:
+            return True
+    else:
+        shown = [f for f in rel if not _hidden(f) and f.name.lower() not in METADATA_TABLES
+                 and f.name not in HUB_IGNORED]
+        splits, _ = hub_splits(shown)
+        data = [f for f in shown if f in splits] if splits else shown
+    data = [f for f in data if f.name.lower() not in METADATA_TABLES]
     image_suffixes = set(Image.registered_extensions())
-    counts = Counter(p.suffix.lower() for p in _listing(folder)
-                     if not _hidden(PurePosixPath(*p.relative_to(folder).parts))
-                     and p.name.lower() not in METADATA_TABLES)
+    counts = Counter(f.suffix.lower() for f in data)
     images = max((n for suffix, n in counts.items() if suffix in image_suffixes), default=0)
     return counts[".parquet"] > 0 and counts[".parquet"] >= images
 
@@ -223,35 +242,134 @@ def _by_names(base: Path, parquet: list[Path]) -> DatasetFiles:
     return out
 
 
-def dataset_files(inp: Path) -> DatasetFiles:
+def config_name(config: dict) -> str:
+    """A README config's name (`default` when a lone config has none)."""
+    return str(config.get("config_name", "default"))
+
+
+def choose_config(folder: Path, configs: list[dict], name: str | None) -> dict | None:
+    """The README config `load_dataset(folder, name)` reads: `name`, else the only one, else the one
+    marked `default: true` or named `default`; several and none the default is refused, as datasets
+    refuses it ("Config name is missing"). None when the README has no configs."""
+    readme = folder / "README.md"
+    names = [config_name(c) for c in configs]
+    if name is not None:
+        if not configs:
+            raise ParquetInputError(f"{folder}: --config {name!r}: its README.md has no `configs:` to choose "
+                                    f"from")
+        if name not in names:
+            raise ParquetInputError(f"{readme}: --config {name!r}: no such config "
+                                    f"(configs: {', '.join(names)})")
+        return configs[names.index(name)]
+    if len(configs) <= 1:
+        return configs[0] if configs else None
+    defaults = [c for c, n in zip(configs, names, strict=True) if n == "default" or c.get("default") is True]
+    if len(defaults) > 1:
+        raise ParquetInputError(f"{readme}: several default configs "
+                                f"({', '.join(map(config_name, defaults))}); choose one with --config NAME")
+    if not defaults:
+        raise ParquetInputError(
+            f"{readme}: {len(configs)} configs ({', '.join(names)}) and none is the default (`default: true` "
+            f"or named `default`): load_dataset refuses it too (\"Config name is missing\"); choose one with "
+            f"--config NAME")
+    return defaults[0]
+
+
+def _data_dir(folder: Path, config: dict) -> str:
+    """A config's `data_dir` relative to the dataset folder, as a posix path ('' for none)."""
+    d = str(config.get("data_dir") or "").strip("/")
+    return "" if not d else posixpath.normpath(d)
+
+
+def _pattern_in(folder: Path, base: str, pattern: str) -> str | None:
+    """A data_files pattern relative to the dataset folder (below `base`, its data_dir; an absolute
+    one as it is); None when it reaches outside the folder."""
+    if os.path.isabs(pattern) and not isinstance(folder, ObjectPath):
+        rel = os.path.relpath(pattern, os.path.abspath(folder)).replace(os.sep, "/")
+    else:
+        rel = posixpath.normpath(posixpath.join(base, pattern) if base else pattern)
+    return None if rel == ".." or rel.startswith("../") or rel.startswith("/") else rel
+
+
+def _matching(files: list[PurePosixPath], pattern: str | None) -> list[PurePosixPath]:
+    """The files a data_files pattern (relative to the folder) selects, as datasets resolves it: fsspec's
+    glob (`*` within a name, `**` across folders), hidden parts (`.x`) and `__x` folders only where the
+    pattern names as many, datasets' non-data files (README.md, ...) never."""
+    if pattern is None:
+        return []
+    from fsspec.utils import glob_translate
+
+    rx = re.compile(glob_translate(pattern))
+    want = PurePosixPath(pattern)
+
+    def hidden(parts: tuple[str, ...]) -> int:
+        return sum(1 for part in parts if part.startswith(".") and set(part) != {"."})
+
+    def special(parts: tuple[str, ...]) -> int:
+        return sum(1 for part in parts if part.startswith("__"))
+
+    return [f for f in files if rx.match(str(f)) and f.name not in HUB_IGNORED
+            and hidden(f.parts) == hidden(want.parts)
+            and special(f.parent.parts) == special(want.parent.parts)]
+
+
+def _config_files(inp: Path, config: dict, parquet: list[Path]) -> dict[Path, str]:
+    """{file: split} of the parquet files a README config selects; a pattern that selects no file,
+    or a split with no parquet file, is an error naming the README and the pattern, as in datasets."""
+    readme, name = inp / "README.md", config_name(config)
+    base = _data_dir(inp, config)
+    rel = {PurePosixPath(*p.relative_to(inp).parts): p for p in _listing(inp)}
+    if not config.get("data_files"):  # a data_dir alone (or nothing): its files by the name rules
+        below = [p for p in parquet if not base or str(p).startswith(str(inp / base) + "/")]
+        if not below:
+            raise ParquetInputError(f"{readme}: config {name!r}: data_dir {base!r} holds no .parquet file")
+        return {p: split or "train" for p, split in _by_names(inp / base if base else inp, below).files}
+    found: dict[Path, str] = {}
+    per_split: Counter = Counter()
+    for split, pattern in _config_globs(config):
+        where = _pattern_in(inp, base, pattern)
+        if where is None:
+            raise ParquetInputError(
+                f"{readme}: config {name!r} data_files {pattern!r} lies outside {inp}: a run reads only "
+                f"below its inputs; give those files as an input of their own (with --split {split})")
+        matched = [rel[f] for f in _matching(list(rel), where)]
+        if not matched and not re.search(r"[*?\[]", pattern):
+            raise ParquetInputError(f"{readme}: config {name!r} data_files {pattern!r}: no such file")
+        per_split[split] += 0
+        for p in sorted(matched):
+            if p.suffix.lower() == ".parquet":
+                per_split[split] += 1
+                found.setdefault(_absolute(p), split)  # one file in two splits: the first (a hub link kept)
+    empty = [split for split, n in per_split.items() if n == 0]
+    if empty:
+        patterns = [pattern for split, pattern in _config_globs(config) if split in empty]
+        raise ParquetInputError(
+            f"{readme}: config {name!r}: split {empty[0]!r}: data_files "
+            f"{', '.join(map(repr, patterns))} match no .parquet file (load_dataset refuses it too: "
+            f"DataFilesNotFoundError)")
+    return found
+
+
+def dataset_files(inp: Path, config: str | None = None) -> DatasetFiles:
     """The parquet files of an input (a file, a folder, a dataset repository) with their splits,
-    sorted by path, as `load_dataset` finds them."""
+    sorted by path, as `load_dataset(inp, config)` finds them."""
     if inp.is_file():
         split = split_of_name(inp)
         return DatasetFiles([(_absolute(inp), split)], "file name" if split else DEFAULT_SPLIT_HOW)
     parquet = [p for p in _listing(inp) if p.suffix.lower() == ".parquet"]
-    found: dict[Path, str] = {}
-    for config in read_configs(inp):
-        base = inp / str(config["data_dir"]) if config.get("data_dir") else inp
-        if not config.get("data_files"):
-            if config.get("data_dir"):  # a data_dir alone: its files by the name rules
-                below = _by_names(base, [p for p in parquet if str(p).startswith(str(base) + "/")])
-                for p, split in below.files:
-                    found.setdefault(p, split or "train")
-            continue
-        for split, pattern in _config_globs(config):
-            for p in sorted(base.glob(pattern)):
-                if p.is_file() and p.suffix.lower() == ".parquet":
-                    found.setdefault(_absolute(p), split)  # a hub snapshot's links are kept
-    if found:
-        taken = {str(p) for p in found}
-        why = ("not in the README's configs data_files: load_dataset does not read it either; give it as "
-               "its own input (with --split) to take it")
-        return DatasetFiles(sorted(found.items()), "README.md configs",
-                            [(p, why) for p in parquet if str(_absolute(p)) not in taken])
-    out = _by_names(inp, parquet)
-    out.files.sort()
-    return out
+    configs = read_configs(inp)
+    chosen = choose_config(inp, configs, config)
+    if chosen is None:
+        out = _by_names(inp, parquet)
+        out.files.sort()
+        return out
+    found = _config_files(inp, chosen, parquet)
+    taken = {str(_absolute(p)) for p in found}
+    which = f"README.md config {config_name(chosen)!r}" if len(configs) > 1 else "README.md configs"
+    why = (f"not in the data_files of the {which}: load_dataset does not read it either; give it as its "
+           f"own input (with --split){' or choose another --config' if len(configs) > 1 else ''} to take it")
+    return DatasetFiles(sorted((_absolute(p), split) for p, split in found.items()), which,
+                        [(p, why) for p in parquet if str(_absolute(p)) not in taken])
 
 
 def _pick(schema, given: str | None, names: tuple[str, ...], what: str, flag: str, file: Path) -> str | None:
