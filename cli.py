@@ -91,6 +91,9 @@ def shard(
     fake_values: Optional[List[str]] = typer.Option(None, "--fake-values", help="Parquet: label values "
                                                     "that mean fake (besides 1, fake, ai); a ClassLabel "
                                                     "value by its integer or class name; repeatable."),
+    config: Optional[str] = typer.Option(None, help="Parquet: the dataset README's config to read "
+                                         "(default: load_dataset's, the only one or the one marked "
+                                         "default; several without one are refused)."),
     download: bool = typer.Option(False, help="Fetch a Hugging Face dataset id missing from the local "
                                   "cache (network needed); without it ids are read offline."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
@@ -100,7 +103,7 @@ def shard(
     from stages.shard import run_shard
 
     columns = ColumnOptions(image_column, label_column, source_column, split_column,
-                            tuple(real_values or ()), tuple(fake_values or ()))
+                            tuple(real_values or ()), tuple(fake_values or ()), config)
     with user_errors():
         summary = run_shard(inputs, run, shard_size, label, source, split, workers, max_pixels,
                             max_bytes, pack=pack, layout=layout, split_map=split_map, append=append,

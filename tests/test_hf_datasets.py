@@ -368,6 +368,13 @@ def test_several_configs_and_no_default_is_refused_until_config_names_one(hf, tm
     assert [Path(r["path"]).parent.name for r in Run(tmp_path / "run2").rejects()] == ["sd"]
     with pytest.raises(UserError, match="--config 'xl'.*sd, mj"):
         ours(repo, tmp_path / "run3", columns=ColumnOptions(config="xl"))
+    from conftest import cli  # the command line: a refusal is an error message, `--config` chooses
+
+    refused = cli("shard", repo, "--run", tmp_path / "run4", "--workers", "1", check=False)
+    assert refused.returncode == 2 and "--config" in refused.stderr and "Traceback" not in refused.stderr
+    cli("shard", repo, "--run", tmp_path / "run5", "--workers", "1", "--config", "sd")
+    assert Counter((e.split, e.label) for e in Run(tmp_path / "run5").entries()) == Counter(
+        {("train", 0): 1, ("train", 1): 1})
 
 
 def test_a_config_pattern_that_matches_nothing_is_an_error(hf, tmp_path):
