@@ -54,6 +54,7 @@ from storage.parquet_images import (
     ParquetError,
     ParquetSource,
     address,
+    check_index_append,
     footer_signature,
     open_parquet,
     path_order,
@@ -688,6 +689,9 @@ def run_shard(inputs: list[Path], run_dir: Path, shard_size: int = 1024, label: 
                          "sequential reads); pack folders of image files only")
     run = Run(run_dir)
     append = append and run.run_json.exists()
+    if append and found.parquet:
+        in_use = {parts[0] for e in run.entries() if (parts := split_address(e.path))}
+        check_index_append(run.root, found.parquet, in_use)  # before the probe: refused at once
     abs_inputs = sorted(input_address(p) for p in inputs)
     checkpoints = progress_dir(run, abs_inputs, opts, append)
     done_before = [a for a in (run.info().appends if append else ())

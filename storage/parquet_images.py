@@ -129,8 +129,29 @@ def read_index(run_root: Path) -> dict[str, ParquetSource]:
     return {f: ParquetSource.from_json(d) for f, d in read_json(path)["files"].items()}
 
 
+def check_index_append(run_root: Path, sources: dict[str, ParquetSource], in_use: set[str]) -> None:
+    """Raise ParquetError when a file the run's parquet.json records and its manifest has rows of
+    (`in_use`) is read again with another image column or with other contents: its entry would be
+    replaced, and those rows would read other bytes."""
+    old = read_index(run_root)
+    for f in sorted(set(old) & set(sources) & in_use):
+        was, now = old[f], sources[f]
+        if was.column != now.column:
+            raise ParquetError(
+                f"{f}: the run read its images from column {was.column!r}, this append from {now.column!r}; "
+                f"parquet.json holds one column per file, so the run's rows of it would read other "
+                f"images. Append with --image-column {was.column.removesuffix('.bytes')!r}, or shard the "
+                f"other column into a new --run folder")
+        if (was.size, was.footer_sha256) != (now.size, now.footer_sha256):
+            footer = ", footer differs" if was.footer_sha256 != now.footer_sha256 else ""
+            raise ParquetError(f"{f}: changed since the run read it (size {was.size} -> {now.size} bytes"
+                               f"{footer}); its rows in the run may now be other images. Restore it, or "
+                               f"shard it into a new --run folder")
+
+
 def write_index(run_root: Path, sources: dict[str, ParquetSource]) -> None:
-    """Write (or grow, on an append) `RUN/parquet.json`; written before the manifest's run.json."""
+    """Write (or grow, on an append, after `check_index_append`) `RUN/parquet.json`; written before
+    the manifest's run.json."""
     merged = {**read_index(run_root), **sources}
     write_json_atomic(index_path(run_root),
                       {"files": {f: merged[f].to_json() for f in sorted(merged)}})

@@ -456,3 +456,31 @@ def test_config_patterns_absolute_recursive_hidden_and_outside(hf, tmp_path):
         "- config_name: default\n  data_files:\n  - split: train\n    path: ../elsewhere/*.parquet\n"))
     with pytest.raises(UserError, match=r"'\.\./elsewhere/\*\.parquet'.*outside"):
         ours(repo, tmp_path / "run-out")
+
+
+def test_append_of_a_file_already_read_with_another_image_column_is_refused(hf, tmp_path):
+    """parquet.json records one image column per file: an append reading the same file through
+    another column (or the file rewritten since) would make the earlier rows read other bytes, so it
+    is refused naming the file and both columns; the earlier rows still read their own bytes."""
+    from stages.domain.parquet_layouts import image_bytes_at
+    from storage.errors import UserError
+
+    features = hf.Features({"image": hf.Image(), "edited": hf.Image(),
+                            "label": hf.ClassLabel(names=["real", "fake"])})
+    cells = [[{"bytes": image_bytes(next(_seeds), size=(8, 8)), "path": None} for _ in range(4)]
+             for _ in range(2)]
+    folder = tmp_path / "ds"
+    hf.Dataset.from_dict({"image": cells[0], "edited": cells[1], "label": [0, 1, 0, 1]},
+                         features=features).to_parquet(str(folder / "train.parquet"))
+    run = tmp_path / "run"
+    run_shard([folder], run, workers=1, columns=ColumnOptions(image="edited"))
+    with pytest.raises(UserError, match=r"train\.parquet.*'edited\.bytes'.*'image\.bytes'"):
+        run_shard([folder], run, workers=1, append=True)
+    assert [s.column for s in read_index(run).values()] == ["edited.bytes"]
+    sources = read_index(run)
+    for e in Run(run).entries():
+        image_bytes_at(e.path, sources, e.key)  # the key checked: still the edited images
+    hf.Dataset.from_dict({"image": cells[1], "edited": cells[0], "label": [1, 0, 1, 0]},
+                         features=features).to_parquet(str(folder / "train.parquet"))  # rewritten
+    with pytest.raises(UserError, match=r"train\.parquet: changed since"):
+        run_shard([folder], run, workers=1, append=True, columns=ColumnOptions(image="edited"))
