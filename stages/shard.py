@@ -44,6 +44,7 @@ from stages.domain.parquet_layouts import (
     path_only_rows,
     read_rows,
     resolve_dataset,
+    source_folder,
 )
 from storage.atomic import read_jsonl, write_jsonl_atomic
 from storage.errors import UserError
@@ -197,7 +198,7 @@ def _parquet_input(inp: Path, columns: ColumnOptions, found: Collected) -> list[
                                "splits_from": listing.how, "columns": cols.describe()})
         for r in rows:
             split = r.split or file_split
-            out.append(Candidate(address(str(file), r.row), r.label, r.source or file.parent.name,
+            out.append(Candidate(address(str(file), r.row), r.label, r.source or source_folder(file),
                                  SPLIT_NAMES.get(split.lower(), split) if split else None,
                                  _row_refusal(r, cols, path_only.get(r.row))))
     return out

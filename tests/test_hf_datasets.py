@@ -484,3 +484,18 @@ def test_append_of_a_file_already_read_with_another_image_column_is_refused(hf, 
                          features=features).to_parquet(str(folder / "train.parquet"))  # rewritten
     with pytest.raises(UserError, match=r"train\.parquet: changed since"):
         run_shard([folder], run, workers=1, append=True, columns=ColumnOptions(image="edited"))
+
+
+def test_a_split_folder_is_not_the_source_the_folder_above_it_is(hf, tmp_path):
+    """`sd/train/0000.parquet` and `mj/train/0000.parquet` (no source column): the generators are sd
+    and mj, not one source `train`; the splits come from the split folders as load_dataset's."""
+    folder = tmp_path / "ds"
+    for gen, labels in (("sd", [1, 1]), ("mj", [1, 1, 1]), ("real", [0, 0])):
+        for split in ("train", "test"):
+            write_hf(hf, folder / gen / split / "0000.parquet", labels)
+    write_hf(hf, folder / "xl" / "validation" / "part.parquet", [1])
+    got, _ = ours(folder, tmp_path / "run")
+    assert got == theirs(hf, folder, tmp_path / "cache")
+    assert Counter((e.source, e.split) for e in Run(tmp_path / "run").entries()) == Counter(
+        {("sd", "train"): 2, ("sd", "test"): 2, ("mj", "train"): 3, ("mj", "test"): 3,
+         ("real", "train"): 2, ("real", "test"): 2, ("xl", "val"): 1})

@@ -204,6 +204,15 @@ def split_of_name(file: Path) -> str | None:
     return next((s for s, rx in _IN_FILE.items() if rx.search(file.name)), None)
 
 
+def source_folder(file: Path) -> str:
+    """The source a parquet file's folders give when no column does: its folder's name, or, where
+    that folder (and those above it) are split folders (`sd/train/x.parquet`), the first above them."""
+    folder = file.parent
+    while folder.name and any(rx.search(folder.name) for rx in _IN_FOLDER.values()):
+        folder = folder.parent
+    return folder.name or file.parent.name
+
+
 DEFAULT_SPLIT_HOW = "default: no README configs, split folder or split file name"
 
 
