@@ -269,7 +269,9 @@ def train(
     head: str = typer.Option("", help="resnet50 (maps) or linear (UnivFD's probe, for clip embeddings); "
                                       "default: the feature kind's."),
     seeds: Optional[str] = typer.Option(None, help="e.g. 0,1,2: one detector per seed in "
-                                                   "RUN/train/NAME/seed-K/ (--seed is then ignored)."),
+                                                   "RUN/train/NAME/seed-K/ (--seed is then ignored); "
+                                                   "seeds.json in that folder records the seeds of the "
+                                                   "last call, and eval of the folder takes those only."),
     resume: bool = typer.Option(False, help="Continue RUN/train/NAME from last.pt."),
 ) -> None:
     """Train a ResNet50 detector on the cached DNF of the train split (reference recipe)."""
@@ -375,16 +377,24 @@ def detect(
     device: str = DEVICE_OPT,
     batch_size: int = typer.Option(16, help="Images per forward pass."),
     threshold: float = typer.Option(0.5, help="Probability above which an image is called generated."),
-    as_json: bool = typer.Option(False, "--json", help="One JSON object per line."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON object per line (an infinite logit "
+                                                       "as the text \"inf\" or \"-inf\")."),
+    checkpoint_kind: Optional[str] = typer.Option(None, help="The feature kind a checkpoint that does not "
+                                                  "record one was trained on (dnf, dire, npr, clip, "
+                                                  "latent-dnf), computed at its defaults (256 x 256, its "
+                                                  "default encoding); default: DNF's reference detector "
+                                                  "(a note says so)."),
 ) -> None:
     """Probability that each image is generated, computed directly (no cache)."""
     from stages.detect import run_detect
+    from storage.atomic import json_safe
 
     with user_errors():
-        results = run_detect(images, model, checkpoint, device, batch_size, threshold, download)
+        results = run_detect(images, model, checkpoint, device, batch_size, threshold, download,
+                             checkpoint_kind, note=lambda m: typer.echo(f"note: {m}", err=True))
     for r in results:
         if as_json:
-            typer.echo(json.dumps(r))
+            typer.echo(json.dumps(json_safe(r), allow_nan=False))
         elif r["verdict"] == "error":
             typer.echo(f"{r['path']}\t-\terror: {r['error']}")
         else:

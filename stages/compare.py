@@ -66,10 +66,11 @@ def side_by_side(a_dir: Path, b_dir: Path, a: dict, b: dict) -> str:
     return "\n".join([f"A = {a_dir}", f"B = {b_dir}", "", *table(rows)]) + "\n"
 
 
-def common_side_by_side(a_dir: Path, b_dir: Path) -> str:
-    """When A and B scored different images (e.g. before and after `shard --append`): a warning
-    with the counts, and the table on the images both scored (paired, recomputed from their
-    logits, paired with reals as in `eval`; the mean over seeds for a side with several)."""
+def common_side_by_side(a_dir: Path, b_dir: Path, same: bool = False) -> str:
+    """The table on the images both sides scored, recomputed from their logits (paired with reals
+    as in `eval`; the mean over seeds for a side with several). When A and B scored different images
+    (e.g. before and after `shard --append`), a warning with the counts first; with `same` (two
+    evaluations over seeds of the same images), a line saying the cells are means over seeds."""
     keys, y, sources, pa, pb, (n_a, n_b) = common_images(a_dir, b_dir)
     groups = {**source_groups(sources, y), "**overall**": np.ones(len(keys), dtype=bool)}
 
@@ -79,6 +80,10 @@ def common_side_by_side(a_dir: Path, b_dir: Path) -> str:
                for k in METRICS}
         return {**out, "n": int(m.sum())}
     rows = [(src, row(pa, m), row(pb, m)) for src, m in groups.items()]
+    if same:
+        head = (f"Each cell is the mean over a side's seeds (A: {len(pa)}, B: {len(pb)}), recomputed from "
+                f"the recorded predictions of the same {len(keys)} images.")
+        return "\n".join([f"A = {a_dir}", f"B = {b_dir}", "", head, "", *table(rows)]) + "\n"
     warn = (f"**Different images**: A scored {n_a} images, B scored {n_b}, {len(keys)} of them both. "
             f"The table compares those {len(keys)} images only (paired, recomputed from the predictions); "
             f"each report's own figures cover all of its images, so their difference mixes the "
@@ -86,10 +91,22 @@ def common_side_by_side(a_dir: Path, b_dir: Path) -> str:
     return "\n".join([f"A = {a_dir}", f"B = {b_dir}", "", warn, "", *table(rows)]) + "\n"
 
 
+def same_labels(a_dir: Path, b_dir: Path, meta_a: dict[str, tuple[int, str]],
+                meta_b: dict[str, tuple[int, str]], keys: list[str] | set[str]) -> None:
+    """The images both sides scored must carry the same label in both (each run recorded its own);
+    an error naming the folders and the first such key otherwise."""
+    relabelled = sorted(k for k in keys if meta_a[k][0] != meta_b[k][0])
+    if relabelled:
+        raise UserError(f"{a_dir} and {b_dir} give {len(relabelled)} of the images both scored another label "
+                        f"(first key {relabelled[0]}): their runs label the images differently")
+
+
 def same_images(a_dir: Path, a: dict, b_dir: Path, b: dict) -> bool:
-    """Whether both evaluations scored the same images (by key, from their recorded predictions)."""
-    keys = [set(read_predictions(d, r)[0]) for d, r in ((a_dir, a), (b_dir, b))]
-    return keys[0] == keys[1]
+    """Whether both evaluations scored the same images (by key, from their recorded predictions);
+    images both scored with another label in each are an error (whatever is compared next)."""
+    meta_a, meta_b = read_predictions(a_dir, a)[0], read_predictions(b_dir, b)[0]
+    same_labels(a_dir, b_dir, meta_a, meta_b, set(meta_a) & set(meta_b))
+    return set(meta_a) == set(meta_b)
 
 
 def prediction_files(folder: Path, rep: dict) -> list[Path]:
@@ -165,10 +182,7 @@ def common_images(a_dir: Path, b_dir: Path) -> tuple[list[str], np.ndarray, list
     keys = sorted(set(meta_a) & set.intersection(*(set(p) for p in scores_a + scores_b)))
     if not keys:
         raise UserError(f"{a_dir} and {b_dir} share no scored image: compare evaluations of the same split")
-    relabelled = [k for k in keys if meta_a[k][0] != meta_b[k][0]]
-    if relabelled:
-        raise UserError(f"{a_dir} and {b_dir} give {len(relabelled)} of the images both scored another label "
-                        f"(first key {relabelled[0]}): their runs label the images differently")
+    same_labels(a_dir, b_dir, meta_a, meta_b, keys)
     y = np.array([meta_a[k][0] for k in keys])
     sources = [meta_a[k][1] for k in keys]
     pa = np.array([[p[k] for k in keys] for p in scores_a])
@@ -220,7 +234,7 @@ def compare_markdown(a_dir: Path, b_dir: Path, n_boot: int = 1000, seed: int = 0
     if not same_images(a_dir, a, b_dir, b):
         md = common_side_by_side(a_dir, b_dir)
     elif "spread" in a or "spread" in b:  # evaluations over seeds: their per-seed folders hold the rows
-        md = f"A = {a_dir}\nB = {b_dir}\n"
+        md = common_side_by_side(a_dir, b_dir, same=True)
     else:
         md = side_by_side(a_dir, b_dir, a, b)
     if n_boot:

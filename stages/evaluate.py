@@ -25,7 +25,7 @@ from stages.domain.calibration import (
     fit_temperature,
 )
 from stages.domain.detector import CheckpointError, Detector, head_of, predict_logits
-from stages.domain.feature_kinds import feature_kind
+from stages.domain.feature_kinds import FEATURE_KINDS, feature_kind
 from stages.domain.gallery import section_sheet, tile
 from stages.domain.metrics import logits_of, ranks, sigmoid
 from stages.domain.pairing import source_groups
@@ -50,11 +50,19 @@ BARE_KINDS = {"resnet50": ("dnf", "the DNF reference detector's"),
               "linear": ("clip", "UnivFD's linear probe's")}
 
 
+def check_checkpoint_kind(said: str | None) -> None:
+    """A kind named by `--checkpoint-kind` must be a registered one (listed in the error)."""
+    if said is not None and said not in FEATURE_KINDS:
+        raise CacheError(f"--checkpoint-kind {said!r}: not a feature kind; one of {', '.join(FEATURE_KINDS)}")
+
+
 def check_bare_checkpoint(checkpoint: Path, head: tuple[str, int], cache_config: CacheConfig,
                           cache_root: Path, said: str | None = None) -> str:
     """A checkpoint that records no feature kind: its kind is the one the user says (`said`), else
     the one whose released detectors have its head; refused (naming both) on a cache of another kind,
-    or when its head cannot take the cache's rows."""
+    when its head cannot take the cache's rows, or on another encoding than the kind's default (the
+    one its released detectors were trained on)."""
+    check_checkpoint_kind(said)
     kind = cache_config.feature.kind
     name, width = head
     default, whose = BARE_KINDS[name]
@@ -71,15 +79,18 @@ def check_bare_checkpoint(checkpoint: Path, head: tuple[str, int], cache_config:
         raise CacheError(f"{checkpoint}: its {name} head takes {width} "
                          f"{'values' if name == 'linear' else 'channels'}, but the {kind!r} rows of "
                          f"{cache_root} are {cache_config.channels} x {size} x {size}")
+    enc, expected = cache_config.feature.encoding, feature_kind(kind).default_encoding
+    if enc != expected:  # a bare checkpoint records no encoding either: its kind's default is assumed
+        raise CacheError(f"{checkpoint} is a reference-format checkpoint (no feature config recorded, so "
+                         f"taken as trained on the {expected!r} encoding of {kind!r} features) but "
+                         f"{cache_root} holds {enc!r} features; evaluate it on a cache extracted with "
+                         f"--encoding {expected}")
     note = feature_kind(kind).bare_checkpoint_note
     if said and said != default:
-        return f"no feature config recorded; trained on {said!r} features as the user said"
+        return (f"no feature config recorded; trained on {said!r} features as the user said "
+                f"({expected} encoding assumed)")
     if note:  # e.g. UnivFD's released fc_weights.pth: a bare linear probe
         return note
-    enc = cache_config.feature.encoding
-    if enc != "reference":
-        raise CacheError(f"{checkpoint} is a reference-format checkpoint (trained on the reference "
-                         f"encoding) but {cache_root} holds {enc!r} features")
     return "reference checkpoint: no feature config recorded; assumes the reference encoding"
 
 
@@ -90,6 +101,7 @@ def check_feature_match(checkpoint: Path, meta: dict, cache_config: CacheConfig,
     if "feature" not in meta:
         head = head_of(model) if model is not None else ("resnet50", 3)
         return check_bare_checkpoint(checkpoint, head, cache_config, cache_root, said)
+    check_checkpoint_kind(said)
     recorded = meta["feature"].get("kind", "dnf")
     if said and said != recorded:
         raise CacheError(f"{checkpoint} records that it was trained on {recorded!r} features; "
@@ -164,10 +176,14 @@ def deployment_markdown(rep: dict) -> str:
               "equal error rate; ECE: expected calibration error over 15 equal-width bins; Brier: mean "
               "squared error of the probability."]
     if t:
-        lines.append(f"Threshold {t['value']:.4f}: {t['from']} (the one that maximises balanced accuracy)."
-                     + (f" Temperature {rep['temperature']['value']:.3f} fitted on {t['split']}: ECE "
-                        f"{_fmt(rep['temperature']['ece'])}, Brier {rep['temperature']['brier']:.4f} overall "
-                        f"after scaling." if rep.get("temperature") else ""))
+        temp = rep.get("temperature")
+        lines.append(f"Threshold {t['value']:.4f} (logit {t['logit']:.4g}): {t['from']} (the one that "
+                     f"maximises balanced accuracy)."
+                     + (f" Temperature {temp['value']:.3f} fitted on {t['split']}: ECE "
+                        f"{_fmt(temp['ece'])}, Brier {temp['brier']:.4f} overall "
+                        f"after scaling." if temp and temp["value"] is not None else "")
+                     + (f" {temp['note'][0].upper()}{temp['note'][1:]}."
+                        if temp and temp["value"] is None else ""))
     return "\n".join(lines) + "\n"
 
 
@@ -393,17 +409,35 @@ def choose_threshold(checkpoint: Path, detector: Detector, cache: FeatureCache, 
                 (index.labels, logits))
     if opts.temperature:
         raise CacheError("--temperature is fitted on the --calibrate-on split: name one (e.g. val)")
-    recorded = detector.meta.get("val_threshold")
-    if recorded is None:
-        return None, None
-    return {"value": float(recorded), "logit": float(logits_of(float(recorded))), "split": "val",
-            "from": "chosen on val at training time (recorded in the checkpoint)"}, None
+    return recorded_threshold(detector.meta), None
+
+
+def recorded_threshold(meta: dict) -> dict | None:
+    """The threshold a checkpoint recorded on val at training time: the logit it was chosen on
+    (`val_threshold_logit`), or for a checkpoint of before, the logit of its recorded probability
+    (`val_threshold`; lossy where the probability saturated)."""
+    logit, prob = meta.get("val_threshold_logit"), meta.get("val_threshold")
+    if logit is not None:
+        t = float(logit)
+    elif prob is not None:
+        t = float(logits_of(float(prob)))
+    else:
+        return None
+    return {"value": float(sigmoid(t)), "logit": t, "split": "val",
+            "from": "chosen on val at training time (recorded in the checkpoint)"}
 
 
 def temperature_report(calib: tuple[np.ndarray, np.ndarray], labels: np.ndarray, logits: np.ndarray,
                        split: str) -> dict:
-    """Temperature scaling fitted on the calibration split's logits, and the calibration it gives here."""
+    """Temperature scaling fitted on the calibration split's logits, and the calibration it gives here;
+    none (with a note why) when the calibration split has no finite logit of each class."""
     t = fit_temperature(*calib)
+    if t is None:
+        n_inf = int(np.sum(np.isinf(calib[1])))
+        return {"value": None, "split": split, "ece": None, "brier": None,
+                "note": f"no temperature fitted: {n_inf} of the {len(calib[1])} logits on {split} are "
+                        f"infinite and the finite ones do not hold both classes (infinite logits say "
+                        f"nothing of T)"}
     scaled = apply_temperature(logits, t)
     return {"value": t, "split": split, "ece": expected_calibration_error(labels, scaled),
             "brier": brier_score(labels, scaled)}

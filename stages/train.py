@@ -21,18 +21,19 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from scipy.special import expit
 from torch import nn
 from torch.utils.data import DataLoader
 
 from pipeline.device import resolve_device
 from pipeline.distributed import init_training_group, local_device, rank_positions
 from pipeline.progress import Progress
-from stages.domain.calibration import balanced_threshold
-from stages.domain.detector import Detector, build_detector, predict
+from stages.domain.calibration import balanced_logit_threshold
+from stages.domain.detector import Detector, build_detector, predict_logits
 from stages.domain.feature_kinds import feature_kind
 from stages.domain.metrics import binary_metrics
 from stages.domain.seed_spread import SEEDS_FILE
-from storage.atomic import write_bytes_atomic
+from storage.atomic import json_safe, write_bytes_atomic
 from storage.cache_config import CacheConfig, describe_differences
 from storage.cache_folder import FeatureCache
 from storage.caches import find_cache, perturbed_siblings
@@ -306,15 +307,30 @@ def train_one_epoch(detector: Detector, net: nn.Module, batches, optimizer: torc
             "data_wait": data_wait / seconds}
 
 
+def val_metrics(detector: Detector, setup: TrainSetup, opts: TrainOptions, epoch: int) -> dict:
+    """Accuracy at logit 0, AP, AUC and the balanced-accuracy threshold (a logit, kept with best.pt)
+    from the detector's fp32 logits on the val rows, as eval computes them; NaN scores (a diverged
+    epoch) give {"error": why} instead, never a best checkpoint."""
+    labels = setup.val_idx.labels
+    logits = predict_logits(detector, setup.cache, setup.val_idx, opts.batch_size, opts.workers)
+    bad = np.flatnonzero(np.isnan(logits))
+    if len(bad):
+        return {"error": f"{setup.out}: epoch {epoch + 1}: {len(bad)} of {len(logits)} validation scores "
+                         f"are NaN (not a number; first key {setup.val_idx.keys[bad[0]]}): training "
+                         f"diverged or the detector's weights are broken; this epoch was not saved "
+                         f"(last.pt holds the epoch before; try a lower --lr)"}
+    val = binary_metrics(labels, logits, threshold=0.0)
+    val["threshold_logit"] = balanced_logit_threshold(labels, logits)
+    return val
+
+
 def validate(detector: Detector, setup: TrainSetup, opts: TrainOptions, rank: int, world: int,
-             loss: float) -> tuple[dict, float]:
+             loss: float, epoch: int = 0) -> tuple[dict, float]:
     """Validation metrics (computed on rank 0, shared with every rank) and the training loss
-    averaged over the ranks."""
+    averaged over the ranks; NaN validation scores are an error on every rank."""
     val = {}
     if rank == 0 and len(setup.val_idx):
-        probs = predict(detector, setup.cache, setup.val_idx, opts.batch_size, opts.workers)
-        val = binary_metrics(setup.val_idx.labels, probs)
-        val["threshold"] = balanced_threshold(setup.val_idx.labels, probs)  # kept with best.pt
+        val = val_metrics(detector, setup, opts, epoch)
     if world > 1:  # every rank follows rank 0's schedule decisions
         import torch.distributed as dist
 
@@ -323,6 +339,8 @@ def validate(detector: Detector, setup: TrainSetup, opts: TrainOptions, rank: in
         losses = [None] * world
         dist.all_gather_object(losses, loss)
         val, loss = box[0], float(np.mean(losses))
+    if "error" in val:
+        raise TrainError(val["error"])
     return val, loss
 
 
@@ -387,7 +405,8 @@ def save_epoch(setup: TrainSetup, model: nn.Module, optimizer: torch.optim.Optim
     if improved:
         save_checkpoint(setup.out / "best.pt", model, extra)
     lines = metrics_until(setup.out / "metrics.jsonl", record["epoch"] - 1)
-    write_bytes_atomic(setup.out / "metrics.jsonl", "".join(lines + [json.dumps(record) + "\n"]).encode())
+    line = json.dumps(json_safe(record)) + "\n"  # an infinite threshold as "inf": standard JSON
+    write_bytes_atomic(setup.out / "metrics.jsonl", "".join(lines + [line]).encode())
     save_checkpoint(setup.last, model, {**extra, "optimizer": optimizer.state_dict(), "rng": _rng_state()})
 
 
@@ -446,11 +465,15 @@ def run_train(run_dir: Path, opts: TrainOptions, resume: bool = False) -> dict:
                             stream=None if rank == 0 else io.StringIO())
         stats = train_one_epoch(detector, net, batches, optimizer, progress, world)
         progress.close()
-        val, loss = validate(detector, setup, opts, rank, world, stats["loss"])
+        val, loss = validate(detector, setup, opts, rank, world, stats["loss"], epoch)
         record = epoch_record(epoch, lr, stats, loss, world, val, init)
         improved = schedule.end_epoch(val["acc"], opts.patience)
         if rank == 0:  # checkpoints and metrics come from rank 0 only
-            extra = {**meta, "val_threshold": val.get("threshold"),
+            # the threshold as the logit it was chosen on (what eval applies) and, for readers of
+            # checkpoints of before, as its probability (lossy: 1.0 beyond logit ~36.7)
+            t = val.get("threshold_logit")
+            extra = {**meta, "val_threshold_logit": t,
+                     "val_threshold": None if t is None else float(expit(t)),
                      "train": {"recipe": opts.recipe(), "state": asdict(schedule), "init": init,
                                "options": asdict(opts)}}
             save_epoch(setup, detector.model, optimizer, extra, record, improved)

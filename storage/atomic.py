@@ -10,7 +10,7 @@ from storage.errors import RecordError
 from storage.locations import StoragePath, as_path, location
 from storage.locations.local import fsync_dir
 
-__all__ = ["fsync_dir", "write_bytes_atomic", "create_exclusive"]
+__all__ = ["fsync_dir", "write_bytes_atomic", "create_exclusive", "json_safe"]
 
 
 def write_bytes_atomic(path: StoragePath | str, data: bytes) -> None:
@@ -27,9 +27,23 @@ def create_exclusive(path: StoragePath | str, data: bytes) -> bool:
     return location(path).create_exclusive(path, data)
 
 
+def json_safe(obj: Any) -> Any:
+    """`obj` with every infinite float written as the text "inf" or "-inf": JSON has no Infinity
+    (Python writes it, most readers refuse it); `float()` reads the text back as the same number.
+    NaN is left as it is, for `allow_nan=False` to refuse: no NaN belongs in a record."""
+    if isinstance(obj, float):
+        return ("inf" if obj > 0 else "-inf") if obj in (float("inf"), float("-inf")) else obj
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
 def dumps_json(obj: Any) -> str:
-    """Canonical JSON text (sorted keys, indented) so equal objects give equal bytes."""
-    return json.dumps(obj, sort_keys=True, indent=2, ensure_ascii=False) + "\n"
+    """Canonical JSON text (sorted keys, indented) so equal objects give equal bytes; standard JSON
+    only (infinities as "inf" / "-inf", a NaN is a ValueError)."""
+    return json.dumps(json_safe(obj), sort_keys=True, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
 
 
 def encode_text(text: str) -> bytes:

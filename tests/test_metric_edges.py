@@ -113,7 +113,8 @@ class Scripted(nn.Module):
         self.anchor = nn.Parameter(torch.zeros(1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.logits[self.at:self.at + len(x)]
+        # wraps around: a split predicted twice (a calibration split, then the test split) gets the same
+        out = self.logits[torch.arange(self.at, self.at + len(x)) % len(self.logits)]
         self.at += len(x)
         return out[:, None] + 0 * self.anchor
 
@@ -354,3 +355,283 @@ def test_a_bare_linear_probe_is_refused_on_a_dnf_cache_and_by_detect(small_run, 
     image = make_dataset(tmp_path / "img", per_class=1, sources=("g",), splits=("test",))
     with pytest.raises(CheckpointError, match=r"fc_weights\.pth"):
         run_detect([image], tmp_path / "clip-model", probe, device="cpu")
+
+
+# ---- review of issue 33's fixes ----------------------------------------------------------------
+
+def strict_json(text: str):
+    """JSON as every other reader takes it: Infinity and NaN are not JSON."""
+    def refuse(constant):
+        raise ValueError(f"non-standard JSON constant {constant}")
+    return json.loads(text, parse_constant=refuse)
+
+
+def brute_balanced_threshold(y: np.ndarray, z: np.ndarray) -> float:
+    """Over the distinct logits t (generated when z > t), the highest (real acc + fake acc) / 2;
+    ties: the closest to 0."""
+    best, best_t = -1.0, None
+    for t in sorted(set(z.tolist()), key=abs):
+        bal = (np.mean(z[y == 0] <= t) + np.mean(z[y == 1] > t)) / 2
+        if bal > best + 1e-12:
+            best, best_t = bal, t
+    return best_t
+
+
+def scripted_detector(run: Path, monkeypatch, ckpt: Path, logits: np.ndarray,
+                      meta: dict | None = None) -> dict:
+    """Detector.from_checkpoint returns a detector that answers `logits` in cache order."""
+    from stages.domain import detector as det
+
+    cache = dnf_cache(run)
+    meta = {"feature": cache.config().feature.to_json(), "feature_id": cache.config().feature_id,
+            **(meta or {})}
+    torch.save({"model": {}, **meta}, ckpt)
+    z = np.asarray(logits, dtype=np.float32)
+    monkeypatch.setattr(det.Detector, "from_checkpoint",
+                        classmethod(lambda cls, path, device, amp=False: cls(Scripted(z), device, amp, meta)))
+    return meta
+
+
+def validate_on(run: Path, detector, tmp_path: Path, epoch: int = 0) -> dict:
+    """train's validation of `detector` on the run's test split (as the val rows)."""
+    from types import SimpleNamespace
+
+    from stages.train import validate
+
+    cache = dnf_cache(run)
+    setup = SimpleNamespace(cache=cache, val_idx=cache_index(cache, "test"), out=tmp_path / "train" / "v")
+    val, _ = validate(detector, setup, SimpleNamespace(batch_size=64, workers=0), 0, 1, 0.0, epoch=epoch)
+    return val
+
+
+def test_train_chooses_and_records_the_val_threshold_as_a_logit(small_run, monkeypatch, tmp_path):
+    """Item 1: logits beyond 36.7 are probability 1.0 in float64; train worked on probabilities
+    (AUC 0.5, threshold p = 0 -> logit -inf in eval). Now: logits, recorded under their own key."""
+    from stages.domain.detector import Detector
+
+    y = cache_index(dnf_cache(small_run), "test").labels
+    rng = np.random.default_rng(0)
+    z = (np.where(y == 1, 45.0, 38.0) + rng.uniform(-0.5, 0.5, len(y))).astype(np.float32).astype(np.float64)
+    scripted_detector(small_run, monkeypatch, tmp_path / "sat.pt", z)
+    val = validate_on(small_run, Detector.from_checkpoint(tmp_path / "sat.pt", torch.device("cpu")), tmp_path)
+    assert val["auc"] == pytest.approx(brute_auc(y, z), abs=1e-12) and val["auc"] == 1.0
+    assert val["ap"] == pytest.approx(brute_ap(y, z), abs=1e-12)
+    t = brute_balanced_threshold(y, z)
+    assert val["threshold_logit"] == t
+    # eval applies the recorded logit as it is: every val image on its side
+    scripted_detector(small_run, monkeypatch, tmp_path / "sat.pt", z, {"val_threshold_logit": t,
+                                                                      "val_threshold": 1.0})
+    run_eval(small_run, tmp_path / "sat.pt", "test", "sat", workers=0, device="cpu",
+             opts=EvalOptions(bootstrap=0, gallery=0))
+    rep = json.loads((small_run / "eval" / "sat" / "report.json").read_text())
+    assert rep["threshold"]["logit"] == t
+    assert rep["overall"]["at_threshold"]["acc"] == np.mean((z > t) == y) == 1.0
+    # a checkpoint of before (a probability under val_threshold) still reads: its logit, log(p / (1 - p))
+    scripted_detector(small_run, monkeypatch, tmp_path / "old.pt", z, {"val_threshold": 0.25})
+    run_eval(small_run, tmp_path / "old.pt", "test", "old", workers=0, device="cpu",
+             opts=EvalOptions(bootstrap=0, gallery=0))
+    rep = json.loads((small_run / "eval" / "old" / "report.json").read_text())
+    assert rep["threshold"]["logit"] == pytest.approx(np.log(0.25 / 0.75), abs=1e-15)
+
+
+def test_train_validation_refuses_nan_scores(small_run, monkeypatch, tmp_path):
+    """Item 2: a NaN counted as a correct real (and topped the ranks): a diverged epoch could be best."""
+    from stages.domain.detector import Detector
+
+    y = cache_index(dnf_cache(small_run), "test").labels
+    z = np.where(y == 1, 1.0, -1.0)
+    z[np.flatnonzero(y == 0)[:4]] = np.nan
+    scripted_detector(small_run, monkeypatch, tmp_path / "nan.pt", z)
+    det = Detector.from_checkpoint(tmp_path / "nan.pt", torch.device("cpu"))
+    with pytest.raises(UserError, match=r"train/v(.|\n)*epoch 3(.|\n)*4 of \d+ (.|\n)*NaN"):
+        validate_on(small_run, det, tmp_path, epoch=2)
+
+
+def test_validation_scores_in_fp32_even_when_training_runs_under_autocast(small_run, tmp_path):
+    """Item 5: train's detector has amp on (bf16 autocast on CUDA); validation scored under it while
+    eval scores fp32. The CUDA autocast is simulated on the CPU, as the review did."""
+    from stages.domain.detector import Detector
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(3 * SIZE * SIZE, 1))
+    amp = Detector(net, torch.device("cpu"), amp=True)
+    amp.autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16, enabled=True)
+    x = torch.randint(0, 256, (16, 3, SIZE, SIZE), dtype=torch.uint8)
+    with torch.no_grad():
+        want = net(x.float() / 255).squeeze(1)
+        with amp.autocast():
+            assert not torch.equal(net(x.float() / 255).float().squeeze(1), want)  # the simulation bites
+    assert torch.equal(amp.scores(x), want)
+    # validate goes through the same scores: its AUC is the fp32 logits' one
+    cache = dnf_cache(small_run)
+    idx = cache_index(cache, "test")
+    rows = torch.stack([torch.as_tensor(np.array(cache.row_reader()[int(r)])) for r in idx.rows])
+    with torch.no_grad():
+        z = net(rows.float() / 255 if rows.dtype == torch.uint8 else rows.float()).squeeze(1).double().numpy()
+    val = validate_on(small_run, amp, tmp_path)
+    assert val["auc"] == pytest.approx(brute_auc(idx.labels, z), abs=1e-12)
+    assert val["threshold_logit"] == brute_balanced_threshold(idx.labels, z)
+
+
+def npr_cache(run: Path, encoding: str = "reference"):
+    """The run's NPR cache of that encoding, extracted on first use (no model: fast)."""
+    found = [c for c in caches_in(run / "cache")
+             if c.config().feature.kind == "npr" and c.config().feature.encoding == encoding]
+    if not found:
+        run_extract(run, ExtractOptions(model=None, feature_kind="npr", encoding=encoding, size=SIZE,
+                                        workers=0, device="cpu"))
+        return npr_cache(run, encoding)
+    return found[0]
+
+
+def test_detect_refuses_nan_scores_and_writes_certain_ones_as_standard_json(small_run, tmp_path):
+    """Items 3 and 4: NaN scores were called 'real'; detect --json wrote Infinity."""
+    from stages.detect import run_detect
+    from stages.domain.detector import build_resnet50
+
+    feature = npr_cache(small_run).config().feature.to_json()
+    image = next((small_run.parent / "data" / "test").rglob("*.png"))
+    m = build_resnet50(seed=0)
+    with torch.no_grad():
+        m.fc.bias.fill_(float("nan"))
+    torch.save({"model": m.state_dict(), "feature": feature}, tmp_path / "nan-npr.pt")
+    with pytest.raises(UserError, match=r"nan-npr\.pt(.|\n)*NaN"):
+        run_detect([image], None, tmp_path / "nan-npr.pt", device="cpu")
+    with torch.no_grad():
+        m.fc.bias.fill_(float("inf"))
+    torch.save({"model": m.state_dict(), "feature": feature}, tmp_path / "inf-npr.pt")
+    r = cli("detect", image, "--checkpoint", tmp_path / "inf-npr.pt", "--device", "cpu", "--json")
+    row = strict_json(r.stdout.strip())
+    assert row["verdict"] == "generated" and row["probability"] == 1.0 and float(row["logit"]) == np.inf
+
+
+def test_reports_hold_standard_json_with_certain_scores(small_run, monkeypatch, tmp_path):
+    """Item 4: a gallery entry's logit and the threshold can be infinite; report.json wrote Infinity."""
+    from storage.atomic import dumps_json
+
+    y = cache_index(dnf_cache(small_run), "test").labels
+    z = np.where(y == 1, 2.0, -2.0)
+    z[np.flatnonzero(y == 0)[0]] = np.inf  # a real the detector is certain of: the gallery's first
+    scripted_detector(small_run, monkeypatch, tmp_path / "inf.pt", z, {"val_threshold_logit": -np.inf})
+    run_eval(small_run, tmp_path / "inf.pt", "test", "inf-json", workers=0, device="cpu",
+             opts=EvalOptions(bootstrap=0, gallery=2))
+    rep = strict_json((small_run / "eval" / "inf-json" / "report.json").read_text())
+    fp = [e for e in rep["gallery"] if e["kind"] == "false positive"]
+    assert float(fp[0]["logit"]) == np.inf and fp[0]["probability"] == 1.0
+    assert float(rep["threshold"]["logit"]) == -np.inf
+    assert rep["overall"]["at_threshold"]["acc"] == np.mean((z > -np.inf) == y)
+    with pytest.raises(ValueError):  # a NaN left anywhere is a bug, not a value to write
+        dumps_json({"x": float("nan")})
+
+
+def write_side(folder: Path, keys: list[str], y: np.ndarray, z: np.ndarray, seeds: int = 0) -> None:
+    """An eval folder with logits: one predictions.csv, or (seeds > 0) seed-K/predictions.csv."""
+    names = [f"seed-{s}/predictions.csv" for s in range(seeds)] or ["predictions.csv"]
+    for s, name in enumerate(names):
+        zs = z + s * np.random.default_rng(s).normal(size=len(z))
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        with open(folder / name, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["key", "path", "source", "label", "probability", "logit"])
+            w.writerows([k, "", "gan_a", int(t), repr(float(1 / (1 + np.exp(-v)))), repr(float(v))]
+                        for k, t, v in zip(keys, y, zs, strict=True))
+    rep = ({"seeds": [f"seed-{s}" for s in range(seeds)], "spread": {}, "split": "test", "predictions": names}
+           if seeds else {"sources": {"gan_a": {}}, "overall": {}, "predictions": names})
+    (folder / "report.json").write_text(json.dumps(rep))
+
+
+def test_compare_checks_labels_without_the_bootstrap_too(tmp_path):
+    """Item 6: with --bootstrap 0 the side-by-side table subtracted images the runs label differently."""
+    from stages.compare import compare_markdown
+
+    y = np.tile([0, 1], 20)
+    keys = [f"{i:064x}" for i in range(len(y))]
+    z = np.random.default_rng(5).normal(size=len(y)) + (2 * y - 1)
+    write_side(tmp_path / "a", keys, y, z)
+    write_side(tmp_path / "b", keys, np.r_[1 - y[:6], y[6:]], z)
+    with pytest.raises(UserError, match="6 of the images both scored another label"):
+        compare_markdown(tmp_path / "a", tmp_path / "b", n_boot=0)
+
+
+def test_compare_without_bootstrap_of_evaluations_over_seeds_prints_the_table(tmp_path):
+    """Low: two evaluations over seeds with --bootstrap 0 printed no table at all."""
+    from stages.compare import compare_markdown
+
+    y = np.tile([0, 1], 20)
+    keys = [f"{i:064x}" for i in range(len(y))]
+    base = np.random.default_rng(7).normal(size=len(y))
+    write_side(tmp_path / "a", keys, y, base + 0.5 * (2 * y - 1), seeds=2)
+    write_side(tmp_path / "b", keys, y, base + 2.0 * (2 * y - 1), seeds=2)
+    md = compare_markdown(tmp_path / "a", tmp_path / "b", n_boot=0)
+    overall = next(line for line in md.splitlines() if line.startswith("| **overall**"))
+    cells = [c.strip() for c in overall.strip("|").split("|")]
+
+    def mean_auc(side: str) -> float:
+        aucs = []
+        for s in range(2):
+            rows = read_csv(tmp_path / side / f"seed-{s}" / "predictions.csv")
+            aucs.append(brute_auc(np.array([int(r["label"]) for r in rows]),
+                              np.array([float(r["logit"]) for r in rows])))
+        return float(np.mean(aucs))
+    # source, n A, n B, acc A/B/delta, ap A/B/delta, auc A/B/delta
+    assert cells[1:3] == ["40", "40"]
+    assert cells[9:11] == [f"{100 * mean_auc('a'):.1f}", f"{100 * mean_auc('b'):.1f}"]
+    assert "different images" not in md.lower()
+
+
+def test_a_named_checkpoint_kind_is_checked_for_encoding_and_against_the_registry(small_run, bare_resnet):
+    """Item 7 and low: --checkpoint-kind skipped the encoding check (a bare ResNet50 of the released
+    format on raw NPR features was accepted); an unknown kind got a misleading message."""
+    raw = npr_cache(small_run, "raw")
+    with pytest.raises(UserError, match=r"reference\.pth(.|\n)*'raw'"):
+        run_eval(small_run, bare_resnet, "test", "bare-npr-raw", feature_id=raw.config().feature_id,
+                 workers=0, device="cpu", opts=EvalOptions(bootstrap=0, gallery=0, checkpoint_kind="npr"))
+    with pytest.raises(UserError, match=r"--checkpoint-kind 'DNF'(.|\n)*dnf, dire, npr, clip, latent-dnf"):
+        run_eval(small_run, bare_resnet, "test", "bogus", feature_id=dnf_cache(small_run).config().feature_id,
+                 workers=0, device="cpu", opts=EvalOptions(bootstrap=0, gallery=0, checkpoint_kind="DNF"))
+
+
+def test_detect_takes_checkpoint_kind_and_says_when_it_assumes_dnf(small_run, bare_resnet, tiny_model,
+                                                                   capsys):
+    """Item 8: detect took every bare 3-channel ResNet50 for DNF's reference, silently."""
+    from stages.detect import run_detect
+
+    image = next((small_run.parent / "data" / "test").rglob("*.png"))
+    assert "--checkpoint-kind" in cli("detect", "--help").stdout
+    # no --model: the message says why a model is needed and how to name another kind
+    with pytest.raises(UserError,
+                       match=r"reference\.pth(.|\n)*DNF's reference detector(.|\n)*--checkpoint-kind"):
+        run_detect([image], None, bare_resnet, device="cpu")
+    # the assumption is printed when it is made
+    res = run_detect([image], tiny_model, bare_resnet, device="cpu")
+    assert res[0]["verdict"] in ("real", "generated")
+    assert "DNF's reference detector" in capsys.readouterr().err
+    # said: NPR features, no model needed; the checkpoint's own kind wins over nothing
+    res = run_detect([image], None, bare_resnet, device="cpu", checkpoint_kind="npr")
+    assert res[0]["verdict"] in ("real", "generated") and 0 <= res[0]["probability"] <= 1
+    with pytest.raises(UserError, match=r"--checkpoint-kind 'nope'(.|\n)*npr"):
+        run_detect([image], None, bare_resnet, device="cpu", checkpoint_kind="nope")
+
+
+def test_no_temperature_is_fitted_when_every_calibration_logit_is_infinite(small_run, monkeypatch, tmp_path):
+    """Item 9: infinite logits carry no information on T; with none left the fit returned e^4."""
+    from stages.domain.calibration import fit_temperature
+
+    assert fit_temperature(np.array([0, 1, 0, 1]), np.array([-np.inf, np.inf, -np.inf, np.inf])) is None
+    y = cache_index(dnf_cache(small_run), "test").labels
+    z = np.where(y == 1, np.inf, -np.inf)
+    scripted_detector(small_run, monkeypatch, tmp_path / "allinf.pt", z)
+    run_eval(small_run, tmp_path / "allinf.pt", "test", "allinf", workers=0, device="cpu",
+             opts=EvalOptions(bootstrap=0, gallery=0, calibrate_on="test", temperature=True))
+    out = small_run / "eval" / "allinf"
+    rep = strict_json((out / "report.json").read_text())
+    assert rep["temperature"]["value"] is None and "infinite" in rep["temperature"]["note"]
+    assert "no temperature" in (out / "report.md").read_text().lower()
+
+
+def test_train_seeds_help_says_the_folder_holds_the_last_calls_seeds():
+    """Low: seeds.json is rewritten by each `train --seeds` call."""
+    import re
+
+    text = " ".join(re.sub(r"[│╭╮╰╯─]", " ", cli("train", "--help").stdout).split())
+    assert "seeds.json" in text and "last" in text

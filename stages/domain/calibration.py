@@ -124,13 +124,16 @@ def _log_loss(y: np.ndarray, z: np.ndarray) -> float:
     return float(np.mean(np.where(y == 1, np.logaddexp(0, -z), np.logaddexp(0, z))))
 
 
-def fit_temperature(labels: np.ndarray, logits: np.ndarray) -> float:
+def fit_temperature(labels: np.ndarray, logits: np.ndarray) -> float | None:
     """Temperature T minimising the log loss of sigmoid(logit / T) (golden-section search over
     log T in [-4, 4]), on the detector's logits as they are (no clipping); infinite logits carry
-    no information on T and are left out."""
+    no information on T and are left out. None when the finite logits left do not hold both
+    classes: nothing to fit (the search would end at an arbitrary end of its range)."""
     y, z = np.asarray(labels, dtype=np.float64), np.asarray(logits, dtype=np.float64)
     finite = np.isfinite(z)
     y, z = y[finite], z[finite]
+    if len(np.unique(y)) < 2:
+        return None
     lo, hi = -4.0, 4.0
     g = (np.sqrt(5) - 1) / 2
     for _ in range(80):

@@ -112,8 +112,9 @@ def load_checkpoint(path: Path | str) -> tuple[nn.Module, dict]:
 class Detector:
     """A detector network on a device: stored features in, logits or probabilities out.
 
-    On CUDA the network and its inputs are channels_last and, with `amp`, the forward pass runs in
-    bf16 autocast; elsewhere fp32, as the reference. `meta` is the checkpoint's metadata (the
+    On CUDA the network and its inputs are channels_last and, with `amp`, the training forward pass
+    (`logits`) runs in bf16 autocast; scoring (`scores`) and everything elsewhere is fp32, as the
+    reference. `meta` is the checkpoint's metadata (the
     feature config it was trained on; empty for reference checkpoints)."""
 
     def __init__(self, model: nn.Module, device: torch.device, amp: bool = False, meta: dict | None = None):
@@ -149,9 +150,11 @@ class Detector:
 
     @torch.inference_mode()
     def scores(self, dnf: torch.Tensor) -> torch.Tensor:
-        """The logits (float32, the network's own output) for a batch of stored features, on the CPU."""
+        """The logits (float32, the network's own output) for a batch of stored features, on the CPU.
+        Always in fp32, never under `amp`'s autocast: train's validation, eval and detect score
+        alike (a threshold chosen on bf16 logits would be applied to fp32 ones)."""
         self.model.eval()
-        return self.logits(self.inputs(dnf)).cpu()
+        return self.model(self.inputs(dnf)).float().squeeze(1).cpu()
 
     def probabilities(self, dnf: torch.Tensor) -> torch.Tensor:
         """P(generated) for a batch of stored features, on the CPU: float64 sigmoid of the logits
