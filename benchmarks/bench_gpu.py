@@ -51,6 +51,7 @@ from stages.extract import ExtractOptions, run_extract  # noqa: E402
 from stages.shard import run_shard  # noqa: E402
 
 # ViT-L/14's vision tower with its 768-d projection (openai/clip-vit-large-patch14), random weights
+TRAIN_EPOCHS = 2  # the train row's epochs: the last one's line is the figure (the first warms up)
 CLIP_L14 = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
                 image_size=224, patch_size=14, projection_dim=768)
 
@@ -66,13 +67,17 @@ class Task:
     jpeg: int = 256  # side of the input JPEGs
     nvjpeg: bool = False
     estimate_s: float = 20.0  # what the row takes on the H200 at most, about (the budget guard's figure)
+    channels_last: bool = True  # the UNet's memory layout (off: the `alone` row's layout cost)
 
     @property
     def name(self) -> str:
         if self.kind == "reference":
             return f"reference loop {self.jpeg}px"
         if self.kind == "train":
-            return "train 1 epoch"
+            return f"train {TRAIN_EPOCHS} epochs {self.precision}{' amp' if self.precision != 'fp32' else ''}"
+        if self.kind == "alone":
+            return (f"dnf {self.precision} b{self.batch} model-alone "
+                    f"channels_last-{'on' if self.channels_last else 'off'}")
         return (f"{self.kind} {self.precision} compile-{'on' if self.compile else 'off'} b{self.batch} "
                 f"{self.jpeg}px nvjpeg-{'on' if self.nvjpeg else 'off'}")
 
@@ -134,7 +139,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def build_grid(args: argparse.Namespace, cuda: bool) -> list[Task]:
     """The rows, most important first: the bf16 pipeline at the main JPEG size and largest batch (the
     goal row, with its model-alone rate), the reference loop, then nvJPEG, the large JPEGs, the small
-    batch, the other precisions, training, NPR and CLIP, torch.compile, and the rest of the product."""
+    batch, fp16, the UNet alone without channels_last, training, NPR and CLIP, the reference loop on the
+    large JPEGs, torch.compile, fp32 (slow without TF32: last of the single rows), and the rest."""
     big, small = max(args.batch_sizes), min(args.batch_sizes)
     main_px, *other_px = args.jpeg_sizes
     precisions = args.precisions.split(",")
@@ -151,12 +157,14 @@ def build_grid(args: argparse.Namespace, cuda: bool) -> list[Task]:
     rows += [dnf(nvjpeg=True)] if cuda else []
     rows += [dnf(jpeg=px, nvjpeg=nv) for px in other_px for nv in decodes]
     rows += [dnf(batch=small, nvjpeg=nv) for nv in decodes]
-    rows += [dnf(precision=p) for p in sorted(precisions, key=lambda p: p == "fp32") if p != first]
-    rows += [Task("train", batch=64, jpeg=main_px, estimate_s=60),
+    rows += [dnf(precision=p) for p in precisions if p not in (first, "fp32")]
+    rows += [Task("alone", first, batch=big, jpeg=main_px, estimate_s=10, channels_last=False)]
+    rows += [Task("train", "bf16" if cuda else "fp32", batch=64, jpeg=main_px, estimate_s=75),
              Task("npr", "fp32", batch=big, jpeg=main_px, estimate_s=10),
              Task("clip", first, batch=big, jpeg=main_px, estimate_s=45)]
-    rows += [dnf(compile=True)] if True in compiles else []
     rows += [Task("reference", jpeg=px, batch=16, estimate_s=20) for px in other_px]
+    rows += [dnf(compile=True)] if True in compiles else []
+    rows += [dnf(precision="fp32")] if "fp32" in precisions and first != "fp32" else []
     rows += [dnf(p, c, b, main_px, nv) for p in precisions for c in compiles for b in (big, small)
              for nv in decodes]  # the whole product at the main size
     rows += [dnf(first, c, b, px, nv) for px in other_px for c in compiles for b in (big, small)
@@ -211,10 +219,13 @@ def preloaded(kind: str, model) -> Iterator[None]:
 
 
 @contextmanager
-def timed_features(model) -> Iterator[list[float]]:
-    """Seconds the model computed during the block (CUDA events around each batch's forward), in the
-    list yielded, filled when the block ends: the rest of the wall time the GPU waited for data."""
-    spans, box = [], []
+def timed_features(model) -> Iterator[dict]:
+    """What the model computed during the block, in the dict yielded, filled when the block ends:
+    `busy_s`, the seconds of all forwards (CUDA events around each batch's forward; the rest of the
+    wall time the GPU waited for data); `steady_img_s`, the images after the first batch over the time
+    from the end of the first forward to the end of the last (worker start-up, the first batch and the
+    last write left out); `forwards`, the number of batches."""
+    spans, box = [], {}
     forward = model.features
     cuda = model.device.type == "cuda"
 
@@ -222,13 +233,13 @@ def timed_features(model) -> Iterator[list[float]]:
         if not cuda:
             t0 = time.perf_counter()
             out = forward(x, feature)
-            spans.append(time.perf_counter() - t0)
+            spans.append((t0, time.perf_counter(), x.shape[0]))
             return out
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         a.record()
         out = forward(x, feature)
         b.record()
-        spans.append((a, b))
+        spans.append((a, b, x.shape[0]))
         return out
     model.features = timed
     try:
@@ -237,16 +248,91 @@ def timed_features(model) -> Iterator[list[float]]:
         del model.features
         if cuda:
             torch.cuda.synchronize()
-            box.append(sum(a.elapsed_time(b) for a, b in spans) / 1000)
-        else:
-            box.append(sum(spans))
+
+        def seconds(a, b) -> float:
+            return a.elapsed_time(b) / 1000 if cuda else b - a
+        box.update(busy_s=sum(seconds(a, b) for a, b, _ in spans), forwards=len(spans), steady_img_s=None)
+        if len(spans) > 1 and seconds(spans[0][1], spans[-1][1]) > 0:
+            box["steady_img_s"] = sum(n for *_, n in spans[1:]) / seconds(spans[0][1], spans[-1][1])
+
+
+def nvjpeg_probe(device: torch.device) -> str | None:
+    """Why torchvision's GPU JPEG decoder cannot decode one tiny JPEG on `device`, or None when it can.
+    extract falls back to the CPU per image when nvJPEG refuses, so without this check an nvJPEG row
+    would time CPU decoding under an nvJPEG label."""
+    import io
+
+    import torchvision.io
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16), (120, 60, 200)).save(buf, "JPEG")
+    try:
+        data = torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8)
+        img = torchvision.io.decode_jpeg(data, device=device)
+        if tuple(img.shape) != (3, 16, 16):
+            return f"decode_jpeg gave shape {tuple(img.shape)} for a 16x16 RGB JPEG"
+    except Exception as e:  # whatever the decoder raises: the rows say it
+        return f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
+    return None
+
+
+def skip_reason(task: Task, budget: Budget, nvjpeg_error: str | None) -> str | None:
+    """The note of a row that is not run (nvJPEG unavailable, or the budget), or None to run it."""
+    if task.nvjpeg and nvjpeg_error:
+        return f"skipped: nvJPEG unavailable (decode_jpeg on the device failed: {nvjpeg_error})"
+    return None if budget.fits(task) else budget.note(task)
+
+
+@contextmanager
+def count_jpeg_fallbacks() -> Iterator[dict]:
+    """Counts, while the block runs, torchvision's decode_jpeg calls that raised: a batch call
+    (extract then decodes that batch's files one by one) and a single-file call (that file is then
+    decoded on the CPU, or rejected). extract's behaviour is unchanged; only the calls are counted."""
+    import torchvision.io
+
+    counts = {"batch_calls_failed": 0, "cpu_fallbacks": 0}
+    inner = torchvision.io.decode_jpeg
+
+    def counting(data, *args, **kwargs):
+        try:
+            return inner(data, *args, **kwargs)
+        except RuntimeError:
+            counts["batch_calls_failed" if isinstance(data, list) else "cpu_fallbacks"] += 1
+            raise
+    torchvision.io.decode_jpeg = counting
+    try:
+        yield counts
+    finally:
+        torchvision.io.decode_jpeg = inner
+
+
+def write_profile(step: Callable[[], object], path: Path, device: torch.device, steps: int = 2) -> None:
+    """torch.profiler's table of the kernels (CUDA) or operators (CPU) that `steps` calls of `step`
+    spent the most time in, written to `path`."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        if cuda:
+            torch.cuda.synchronize(device)
+    key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    table = prof.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=90)
+    path.write_text(f"torch.profiler, {steps} calls, sorted by {key}\n{table}\n")
 
 
 class Bench:
     """The run's shared pieces, each made when a row first needs it: JPEG runs, models, rates."""
 
-    def __init__(self, args: argparse.Namespace, device: torch.device, tmp: Path):
+    def __init__(self, args: argparse.Namespace, device: torch.device, tmp: Path,
+                 budget: Budget | None = None, profile: Path | None = None):
         self.args, self.device, self.tmp = args, device, tmp
+        self.budget = budget or Budget(None)
+        self.profile, self.profile_note = profile, None  # row 1's model-alone kernel table, written once
+        self.warmed = False  # the untimed extract before row 1 ran
         self.cuda = device.type == "cuda"
         self.runs: dict[int, Path] = {}
         self.dirs: dict[str, Path] = {}
@@ -294,22 +380,35 @@ class Bench:
     def size(self, kind: str) -> int:
         return self.args.clip_size if kind == "clip" else self.args.size
 
+    def free_models(self) -> None:
+        """Drop the cached model, so a row that loads its own measures its own peak memory."""
+        self.models.clear()
+        if self.cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(self.device)
+
     def model(self, t: Task):
-        key = (t.kind, t.precision, t.compile)
+        key = (t.kind, t.precision, t.compile, t.channels_last)
         if key not in self.models:
-            self.models.clear()  # one loaded at a time
-            if self.cuda:
-                torch.cuda.empty_cache()
-            self.models[key] = feature_kind(t.kind).load(self.model_dir(t.kind), self.device, t.precision,
-                                                         compile=t.compile)
+            self.free_models()  # one loaded at a time
+            if t.channels_last:
+                self.models[key] = feature_kind(t.kind).load(self.model_dir(t.kind), self.device,
+                                                             t.precision, compile=t.compile)
+            else:  # the UNet in its default layout (extract always loads it channels_last)
+                from stages.domain.noise_model import load_noise_model
+
+                self.models[key] = load_noise_model(self.model_dir("dnf"), self.device, t.precision,
+                                                    channels_last=False, compile=t.compile)
         return self.models[key]
 
     def model_alone(self, model, t: Task) -> float:
         """Images/s of the forward alone on a resident batch, the median of 3 timed passes (--quick: 1)
-        after warm-up batches (which also compile): the rate the pipeline should reach."""
-        key = (t.kind, t.precision, t.compile, t.batch)
+        after warm-up batches (which also compile): the rate the pipeline should reach. The first call
+        also writes the profiler's kernel table of two batches (`profile`)."""
+        kind = "dnf" if t.kind == "alone" else t.kind
+        key = (kind, t.precision, t.compile, t.batch, t.channels_last)
         if key not in self.alone:
-            size = self.size(t.kind)
+            size = self.size(kind)
             x = torch.rand(t.batch, 3, size, size, device=self.device) * 2 - 1
             steps = max(2, min(self.args.images, 512) // t.batch)
             for _ in range(2 if self.cuda else 1):
@@ -323,6 +422,12 @@ class Bench:
                 self.sync()
                 rates.append(steps * t.batch / (time.perf_counter() - t0))
             self.alone[key] = statistics.median(rates)
+            if self.profile and self.profile_note is None:
+                try:
+                    write_profile(lambda: model.predict(x), self.profile, self.device)
+                    self.profile_note = f"profile of this row's model alone: {self.profile.name}"
+                except Exception as e:  # a profiler that cannot start must not cost the row
+                    self.profile_note = f"profiler failed: {type(e).__name__}: {e}"[:300]
         return self.alone[key]
 
     def sync(self) -> None:
@@ -339,64 +444,123 @@ class Bench:
         return round(torch.cuda.max_memory_allocated(self.device) / 2**30, 2) if self.cuda else None
 
 
+def extract_options(b: Bench, t: Task, cache: Path) -> ExtractOptions:
+    """extract's options for this row, its cache in `cache`."""
+    return ExtractOptions(
+        b.model_dir(t.kind), size=b.size(t.kind), batch_size=t.batch, workers=b.args.workers,
+        device=str(b.device), precision=t.precision, compile=t.compile, gpu_decode=t.nvjpeg,
+        resize_on=b.args.resize_on, feature_kind=t.kind, cache_dir=cache)
+
+
 def extract_row(b: Bench, t: Task) -> dict:
-    """The real extract over the run's JPEGs with this configuration, and the model alone beside it."""
+    """The real extract over the run's JPEGs with this configuration, and the model alone beside it;
+    before the first such row, one untimed extract warms the page cache, the kernels and the loader."""
     run = b.run_for(t.jpeg)
-    model_dir = b.model_dir(t.kind)
     resolve_precision(t.precision, b.device)
     model = b.model(t)
     alone = b.model_alone(model, t)
-    cache = b.tmp / f"cache-{t.name.replace(' ', '_')}"
-    with preloaded(t.kind, model), timed_features(model) as busy:
-        s = run_extract(run, ExtractOptions(
-            model_dir, size=b.size(t.kind), batch_size=t.batch, workers=b.args.workers, device=str(b.device),
-            precision=t.precision, compile=t.compile, gpu_decode=t.nvjpeg, resize_on=b.args.resize_on,
-            feature_kind=t.kind, cache_dir=cache))
-    shutil.rmtree(cache, ignore_errors=True)
-    pipe = s["images_per_s"]
-    return {"images": s["images"], "rejected": s["rejected"], "out_px": b.size(t.kind),
-            "resize_on": b.args.resize_on, "pipeline_img_s": pipe, "model_alone_img_s": round(alone, 1),
-            "pipeline_over_model": round(pipe / alone, 3),
-            "gpu_wait_fraction": round(max(0.0, 1 - busy[0] / s["seconds"]), 3) if s["seconds"] else None,
-            "peak_gpu_gib": b.peak_gib()}
+    first = not b.warmed
+    out: dict = {"profile_note": b.profile_note} if first and b.profile_note else {}
+    with preloaded(t.kind, model):
+        if first:
+            t0 = time.perf_counter()
+            run_extract(run, extract_options(b, t, b.tmp / "cache-warmup"))
+            shutil.rmtree(b.tmp / "cache-warmup", ignore_errors=True)
+            b.warmed, out["warmup_s"] = True, round(time.perf_counter() - t0, 1)
+        cache = b.tmp / f"cache-{t.name.replace(' ', '_')}"
+        with timed_features(model) as busy, count_jpeg_fallbacks() as fallbacks:
+            s = run_extract(run, extract_options(b, t, cache))
+        shutil.rmtree(cache, ignore_errors=True)
+    pipe, steady = s["images_per_s"], busy["steady_img_s"]
+    out.update({
+        "images": s["images"], "rejected": s["rejected"], "out_px": b.size(t.kind),
+        "resize_on": b.args.resize_on, "pipeline_img_s": pipe, "model_alone_img_s": round(alone, 1),
+        "pipeline_over_model": round(pipe / alone, 3),
+        "pipeline_steady_img_s": None if steady is None else round(steady, 1),
+        "steady_over_model": None if steady is None else round(steady / alone, 3),
+        "gpu_wait_fraction": round(max(0.0, 1 - busy["busy_s"] / s["seconds"]), 3) if s["seconds"] else None,
+        "peak_gpu_gib": b.peak_gib()})
+    if t.nvjpeg:
+        out["nvjpeg_cpu_fallbacks"] = fallbacks["cpu_fallbacks"]
+        out["nvjpeg_batch_fallbacks"] = fallbacks["batch_calls_failed"]
+        if fallbacks["cpu_fallbacks"]:
+            out.update(status="fallback", note=f"{fallbacks['cpu_fallbacks']} of {s['images']} images "
+                       "were decoded on the CPU: nvJPEG refused them (not an nvJPEG figure)")
+    return out
+
+
+def alone_row(b: Bench, t: Task) -> dict:
+    """The UNet alone on a resident batch in this layout; beside it, the channels_last rate at the same
+    precision and batch when a row already measured it (the layout's cost, with no pipeline around)."""
+    resolve_precision(t.precision, b.device)
+    rate = b.model_alone(b.model(t), t)
+    on = b.alone.get(("dnf", t.precision, False, t.batch, True))
+    return {"out_px": b.args.size, "model_alone_img_s": round(rate, 1),
+            "channels_last_speedup": round(on / rate, 3) if on else None, "peak_gpu_gib": b.peak_gib()}
 
 
 def reference_row(b: Bench, t: Task) -> dict:
     """The authors' loop (benchmarks/bench.py's reference_loop) on the first N JPEGs of this size."""
     run = b.run_for(t.jpeg)
     files = sorted((run.parent / f"jpegs-{t.jpeg}").rglob("*.jpg"))[:b.args.reference_images]
+    b.free_models()  # its peak memory is its own model's, not the cached pipeline model's too
+    # TF32 off, as extract's fp32 (pipeline/device.py resolve_precision) turns it off: like with like
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     rate = reference_loop(b.model_dir("dnf"), files, b.args.size, b.device, b.workers(),
                           b.tmp / f"ref-{t.jpeg}")
     shutil.rmtree(b.tmp / f"ref-{t.jpeg}", ignore_errors=True)
     b.refs[t.jpeg] = rate
     return {"images": len(files), "out_px": b.args.size, "reference_img_s": round(rate, 1),
+            "tf32": torch.backends.cuda.matmul.allow_tf32 or torch.backends.cudnn.allow_tf32,
             "peak_gpu_gib": b.peak_gib()}
 
 
 def train_row(b: Bench, t: Task) -> dict:
-    """One epoch of `train` (ResNet50, batch 64, bf16 on CUDA) under torchrun with one process, on a
-    cache of the run's JPEGs (made with the tiny UNet: the cache's values do not change the speed)."""
+    """TRAIN_EPOCHS epochs of `train` (ResNet50, batch 64, bf16 autocast on CUDA) under torchrun with one
+    process (world size 1: no DDP wrapper), on a cache of the run's JPEGs (made with the tiny UNet: the
+    cache's values do not change the speed); the figures are the last epoch's line of metrics.jsonl."""
     run = b.run_for(t.jpeg)
     tiny = make_unet("tiny", b.tmp / "model-train", b.args.size)
     s = run_extract(run, ExtractOptions(tiny, size=b.args.size, batch_size=64, device=str(b.device),
                                         workers=b.args.workers))
-    opts = {"name": "gpu-bench", "epochs": 1, "batch_size": t.batch, "workers": b.workers(),
+    b.free_models()
+    opts = {"name": "gpu-bench", "epochs": TRAIN_EPOCHS, "batch_size": t.batch, "workers": b.workers(),
             "device": b.device.type, "feature_id": s["feature_id"], "val_from": "train:0.1"}
     # the worker calls run_train itself, not cli.py: the device image's own typer version stays out of it
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1",
            str(Path(__file__).resolve()), "--train-worker", json.dumps({"run": str(run), **opts})]
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    proc = run_bounded(cmd, train_timeout(b.budget.left()), ROOT)
     if proc.returncode:
         raise RuntimeError(f"train exited {proc.returncode}: {proc.stderr[-3000:]}")
     m = json.loads((run / "train/gpu-bench/metrics.jsonl").read_text().splitlines()[-1])
-    return {"images": round(s["images"] * 0.9), "train_samples_per_s": m["train_samples_per_s"],
-            "data_wait_fraction": m["data_wait_fraction"], "ranks": m.get("ranks"),
-            "command_s": round(time.perf_counter() - t0, 1)}
+    return {"images": round(s["images"] * 0.9), "epoch": m["epoch"],
+            "train_samples_per_s": m["train_samples_per_s"], "data_wait_fraction": m["data_wait_fraction"],
+            "ranks": m.get("ranks"), "command_s": round(time.perf_counter() - t0, 1)}
+
+
+def train_timeout(left: float) -> float:
+    """Seconds the train row's torchrun may take: what the budget has left but 5 s, at least 30."""
+    return max(30.0, left - 5.0)
+
+
+def run_bounded(cmd: list[str], timeout: float, cwd: Path) -> subprocess.CompletedProcess:
+    """Run cmd in its own process group; past `timeout` seconds kill the whole group (torchrun and its
+    worker) and raise TimeoutError."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise TimeoutError(f"{Path(cmd[0]).name} {' '.join(cmd[1:3])} timed out after {timeout:.0f} s "
+                           "(the budget's time left); killed") from None
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 ROWS = {"dnf": extract_row, "npr": extract_row, "clip": extract_row, "reference": reference_row,
-        "train": train_row}
+        "train": train_row, "alone": alone_row}
 
 
 def with_speedups(rows: list[dict], refs: dict[int, float]) -> list[dict]:
@@ -475,19 +639,22 @@ def main(argv: list[str] | None = None) -> None:
         os.environ["OMP_NUM_THREADS"] = str(args.threads)  # the train row's torchrun process too
     out = results_file(args.out, "gpu_results.json")
     env = environment(args, device)
+    nvjpeg_error = nvjpeg_probe(device) if device.type == "cuda" else None
+    env["nvjpeg"] = "ok" if device.type == "cuda" and not nvjpeg_error else nvjpeg_error
     print(json.dumps(env), flush=True)
-    bench = Bench(args, device, scratch_dir("dnf-bench-gpu-"))
+    bench = Bench(args, device, scratch_dir("dnf-bench-gpu-"), budget, out.with_name("gpu_profile_row1.txt"))
     rows: list[dict] = []
     for task in build_grid(args, device.type == "cuda"):
         row = {"row": task.name, **asdict(task), "jpeg_px": task.jpeg}
         del row["jpeg"], row["estimate_s"]
-        if not budget.fits(task):
-            row.update(status="skipped", note=budget.note(task))
+        if note := skip_reason(task, budget, nvjpeg_error):
+            row.update(status="skipped", note=note)
         else:
             started = time.monotonic()
             bench.defaults()
             try:
-                row.update(status="ok", **ROWS[task.kind](bench, task))
+                row["status"] = "ok"
+                row.update(ROWS[task.kind](bench, task))
             except torch.cuda.OutOfMemoryError:
                 row.update(status="error", note="out of GPU memory")
             except Exception as e:  # one broken row must not cost the rest of a device lease

@@ -5,7 +5,8 @@
 # --target on PYTHONPATH, then runs benchmarks/bench_gpu.py with a budget so that the whole script
 # ends within GPU_RUN_BUDGET_S seconds (default 450: under 8 minutes). Everything it prints also goes
 # to $OUT/gpu_run.log, the rows to $OUT/gpu_results.json ($OUT: a new temporary folder when unset).
-# The check on a CPU: PYTHON=.venv/bin/python bash benchmarks/gpu_run.sh --device cpu --quick
+# The check on a CPU: make gpu-wheels GPU_PYTHON=3.11 (this venv's builds beside the H200's 3.12 ones), then
+#     PYTHON=.venv/bin/python bash benchmarks/gpu_run.sh --device cpu --quick
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 2
 export PYTHONUNBUFFERED=1
@@ -17,6 +18,22 @@ OUT=${OUT:-$(mktemp -d "${TMPDIR:-/tmp}/gpu-run-out.XXXXXX")}
 mkdir -p "$OUT" || exit 2
 SITE=$(mktemp -d "${TMPDIR:-/tmp}/gpu-run-site.XXXXXX") || exit 2
 trap 'rm -rf "$SITE"' EXIT
+
+check_wheels() {
+  # every package in .whl/ needs a build this Python can install: say which lack one, before anything slow
+  local pyver tag name missing=""
+  pyver=$("$PY" -c 'import sys; print("%d.%d" % sys.version_info[:2])') || return 2
+  tag="cp${pyver/./}"
+  for name in $(ls "$WHEELS"/*.whl 2>/dev/null | sed 's#.*/##; s/-.*//' | sort -u); do
+    ls "$WHEELS/$name"-*.whl | sed 's#.*/##' | grep -qE -- "-(py3|py2\.py3|$tag)-|-abi3-" \
+      || missing="$missing $name"
+  done
+  if [ -n "$missing" ]; then
+    echo "gpu_run.sh: $WHEELS/ has no build for this Python ($pyver, $tag) of:$missing."
+    echo "gpu_run.sh: run make gpu-wheels GPU_PYTHON=$pyver first (it adds them beside the others)"
+    return 3
+  fi
+}
 
 install_wheels() {
   # by name, so pip takes each package's build for this Python (.whl/ may hold several)
@@ -34,6 +51,7 @@ install_wheels() {
 
 main() {
   echo "gpu_run.sh: $(date -u +%FT%TZ), budget ${BUDGET} s, output in $OUT"
+  check_wheels || return $?
   if command -v nvidia-smi >/dev/null; then
     nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
   fi
@@ -42,8 +60,12 @@ main() {
   install_wheels || { echo "gpu_run.sh: the wheel install failed (.whl/ needs builds for this Python:" \
     "make gpu-wheels GPU_PYTHON=$("$PY" -c 'import sys; print("%d.%d" % sys.version_info[:2])'))"; return 3; }
   export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
-  "$PY" -c 'import diffusers, zarr, numcodecs, simplejpeg, pyspng, webdataset
-print("diffusers", diffusers.__version__, "| zarr", zarr.__version__, "| from", diffusers.__file__)' \
+  # what the rows import, deeply (the bench, training, the CLIP and UNet classes), before any JPEG is made
+  "$PY" -c 'import diffusers, zarr, numcodecs, simplejpeg, pyspng, webdataset, google_crc32c
+import benchmarks.bench_gpu, stages.train
+from diffusers import UNet2DModel
+from transformers import CLIPVisionModelWithProjection
+print("diffusers", diffusers.__version__, "| zarr", zarr.__version__, "| from", diffusers.__file__)' 2>&1 \
     || { echo "gpu_run.sh: the project's packages do not import (make gpu-wheels, carry .whl)"; return 3; }
   local left rc
   left=$(( BUDGET - ($(date +%s) - START) ))
