@@ -28,9 +28,11 @@ HEADER_BYTES = 1 << 18  # enough for any header, its quantisation tables and EXI
 
 
 def file_facts(entry: Entry, reread: bool = False,
-               sources: Mapping[str, ParquetSource] | None = None) -> dict:
+               sources: Mapping[str, ParquetSource] | None = None,
+               unread: list[dict] | None = None) -> dict:
     """An entry's header facts (and size), from the manifest or, failing that, from its header
-    (a parquet row's from the column recorded in `sources`, the run's parquet.json)."""
+    (a parquet row's from the column recorded in `sources`, the run's parquet.json). A header that
+    cannot be read again keeps the manifest's facts and is added to `unread` with the reason."""
     facts = {k: getattr(entry, k) for k in FACTS}
     if reread or entry.format is None:
         try:
@@ -40,8 +42,9 @@ def file_facts(entry: Entry, reread: bool = False,
                 with open(entry.path, "rb") as f:
                     head = f.read(HEADER_BYTES)
             facts = read_facts(head) or facts
-        except (OSError, ValueError):
-            pass  # gone since `shard`: its facts stay unknown
+        except (OSError, ValueError) as e:  # gone or changed since `shard`
+            if unread is not None:
+                unread.append({"path": entry.path, "reason": str(e) if str(e) else type(e).__name__})
     return {**facts, "size": entry.size}
 
 
@@ -69,7 +72,8 @@ def run_audit(run_dir: Path, threshold: float = DEFAULT_THRESHOLD, reread: bool 
     run = Run(run_dir)
     entries = run.entries()
     sources = read_index(run.root) if reread or any(e.format is None for e in entries) else {}
-    facts = [file_facts(e, reread, sources) for e in entries]
+    unread: list[dict] = []
+    facts = [file_facts(e, reread, sources, unread) for e in entries]
     sources: dict[str, dict] = {}
     for split in sorted({e.split for e in entries}):
         idx = [i for i, e in enumerate(entries) if e.split == split]
@@ -78,9 +82,21 @@ def run_audit(run_dir: Path, threshold: float = DEFAULT_THRESHOLD, reread: bool 
             entry = sources.setdefault(src, {"confounds": [], "splits": {}})
             entry["splits"][split] = {k: v for k, v in result.items() if k != "flagged"}
             entry["confounds"] += [{**s, "split": split} for s in result.get("flagged", [])]
+    tried = sum(1 for e in entries if reread or e.format is None)
     return {"run": str(run.root), "threshold": threshold, "score": SCORE, "files": len(entries),
-            "headers_read": sum(1 for e in entries if reread or e.format is None),
+            "headers_read": tried - len(unread),
+            **({"headers_unread": {"count": len(unread), "first": unread[0],
+                                   "facts": "the manifest's, as shard recorded them"}} if unread else {}),
             "seconds": round(time.perf_counter() - t0, 3), "sources": sources}
+
+
+def unread_line(a: dict) -> str | None:
+    """The headers `audit` could not read again, in one line (None when none)."""
+    u = a.get("headers_unread")
+    if not u:
+        return None
+    return (f"audit: {u['count']} headers could not be read again (e.g. {u['first']['path']}: "
+            f"{u['first']['reason']}); their facts are the manifest's, as shard recorded them")
 
 
 def describe(c: dict) -> str:
@@ -101,10 +117,10 @@ def format_audit(a: dict, short: bool = False) -> str:
             f"flagged at >= {a['threshold']:.2f}")
     if short:
         if not flagged:
-            return (f"audit: no property besides the generator separates real from fake "
-                    f"(>= {a['threshold']:.2f})")
+            return "\n".join([f"audit: no property besides the generator separates real from fake "
+                              f"(>= {a['threshold']:.2f})"] + [line for line in (unread_line(a),) if line])
         head = f"audit: {len(flagged)} properties besides the generator separate real from fake:"
-    lines = [head]
+    lines = [head] + [line for line in (unread_line(a),) if line]
     for src, s in a["sources"].items():
         mine = s["confounds"]
         if not mine:

@@ -499,3 +499,26 @@ def test_a_split_folder_is_not_the_source_the_folder_above_it_is(hf, tmp_path):
     assert Counter((e.source, e.split) for e in Run(tmp_path / "run").entries()) == Counter(
         {("sd", "train"): 2, ("sd", "test"): 2, ("mj", "train"): 3, ("mj", "test"): 3,
          ("real", "train"): 2, ("real", "test"): 2, ("xl", "val"): 1})
+
+
+def test_audit_reread_says_which_rows_it_could_not_read_again(hf, tmp_path):
+    """A parquet file rewritten since `shard`: `audit --reread` cannot read its rows again; it says
+    how many and why (the first reason) in the report and its text, instead of silently showing the
+    manifest's facts as if reread."""
+    from stages.audit import format_audit, run_audit
+
+    folder = tmp_path / "ds"
+    write_hf(hf, folder / "train.parquet", [0, 1, 0, 1])
+    write_hf(hf, folder / "test.parquet", [0, 1])
+    run = tmp_path / "run"
+    run_shard([folder], run, workers=1)
+    write_hf(hf, folder / "train.parquet", [1, 0, 1, 0])  # rewritten upstream
+    report = run_audit(run, reread=True)
+    assert report["headers_read"] == 2
+    unread = report["headers_unread"]
+    assert unread["count"] == 4 and "train.parquet" in unread["first"]["path"]
+    assert "changed since" in unread["first"]["reason"]
+    text = format_audit(report)
+    assert "4 headers could not be read again" in text and "changed since" in text
+    assert "4 headers could not be read again" in format_audit(report, short=True)
+    assert "headers_unread" not in run_audit(run)  # nothing was reread
