@@ -1,9 +1,10 @@
 """A real S3 server on loopback for the object-storage tests: moto's server mode on a free port
 (as zarr-python and s3fs test themselves), and `FaultProxy`, an HTTP proxy in front of it that
 fails a share of requests, loses answers, delays each request, counts requests, drops the headers
-of conditional writes (as S3-compatible servers that ignore them do) or kills a process at the n-th
-write. `python tests/s3_server.py PORT TARGET_PORT DELAY_MS` serves the proxy with a delay
-alone, in its own process (what `make bench-s3` uses for its latency rows)."""
+of conditional writes (as S3-compatible servers that ignore them do), kills a process at the n-th
+write, or answers chosen requests itself (`FaultPlan.answer`: a 403, a 409, a 501).
+`python tests/s3_server.py PORT TARGET_PORT DELAY_MS` serves the proxy with a delay alone, in its
+own process (what `make bench-s3` uses for its latency rows)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -69,6 +71,9 @@ class FaultPlan:
     kill_at: int = 0
     kill_pid: int = 0
     drop_conditional: bool = False  # forward writes without If-None-Match / If-Match (as some servers)
+    # answer(method, path, lowercase headers) -> (status, XML body) to answer instead of the server
+    # (the request is not forwarded), or None to go on as planned
+    answer: Callable[[str, str, dict], tuple[int, bytes] | None] | None = None
     requests: int = 0
     writes: int = 0
     log: list[tuple[str, str, int, bool]] = field(default_factory=list)  # method, path, status, conditional
@@ -107,6 +112,14 @@ class FaultProxy:
             plan.requests += 1
             plan.writes += write
             n, w = plan.requests, plan.writes
+        if plan.answer is not None:
+            got = plan.answer(h.command, h.path, {k.lower(): v for k, v in h.headers.items()})
+            if got is not None:
+                with plan.lock:
+                    plan.log.append((h.command, h.path.split("?")[0], got[0], "if-none-match" in
+                                     {k.lower() for k in h.headers}))
+                self._reply(h, *got)
+                return
         if write and plan.kill_at and w == plan.kill_at and plan.kill_pid:
             os.kill(plan.kill_pid, signal.SIGKILL)
             h.close_connection = True
@@ -157,13 +170,19 @@ class FaultProxy:
     def _reply(h: BaseHTTPRequestHandler, status: int, data: bytes) -> None:
         h.send_response(status)
         h.send_header("Content-Type", "application/xml")
-        h.send_header("Content-Length", str(len(data)))
+        h.send_header("Content-Length", "0" if h.command == "HEAD" else str(len(data)))
         h.end_headers()
-        h.wfile.write(data)
+        if h.command != "HEAD":
+            h.wfile.write(data)
 
     def stop(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+def s3_error(status: int, code: str, message: str = "") -> tuple[int, bytes]:
+    """An S3 error answer for `FaultPlan.answer`."""
+    return status, f"<Error><Code>{code}</Code><Message>{message or code}</Message></Error>".encode()
 
 
 if __name__ == "__main__":

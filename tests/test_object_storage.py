@@ -399,3 +399,122 @@ def test_zarr_deletes_under_a_prefix_with_pattern_characters_take_it_literally(i
     left = sorted(p.key.split("/", 1)[1] for p, _ in bucket.walk_files())
     assert "r1/features.zarr/zarr.json" in left and "r1/features.zarr/label/c/0" in left, left
     assert "r[1]/features.zarr/label/c/0" not in left, left
+
+
+@pytest.fixture()
+def proxied(s3, bucket, monkeypatch):
+    """This process's clients pointed at the fault proxy; `set_plan(plan)` changes what it does (and
+    forgets what this process learnt of the stores: buckets seen, conditional writes probed)."""
+    from storage.locations import object_store
+
+    def set_plan(plan: FaultPlan) -> None:
+        s3.proxy.plan = plan
+        object_store._FILESYSTEMS.clear()
+        object_store._CONDITIONAL_OK.clear()
+        object_store._BUCKETS_SEEN.clear()
+
+    for k, v in s3.env(s3.proxy.url).items():
+        monkeypatch.setenv(k, v)
+    set_plan(FaultPlan())
+    yield set_plan
+    set_plan(FaultPlan())
+
+
+def test_a_store_that_answers_501_to_conditional_writes_is_refused_with_the_claims_choices(proxied,
+                                                                                          bucket):
+    """A server that rejects If-None-Match outright (501 NotImplemented) gets the same refusal as
+    one that ignores it: the store, the --claims choices, a UserError (no traceback)."""
+    from s3_server import s3_error
+
+    from storage.atomic import create_exclusive
+    from storage.locations.object_store import StoreError
+
+    proxied(FaultPlan(answer=lambda m, p, h: s3_error(501, "NotImplemented", "A header you provided "
+                                                      "implies functionality that is not implemented")
+                      if m == "PUT" and "if-none-match" in h else None))
+    with pytest.raises(StoreError, match=rf"s3://{bucket}\b.*(501|not implemented).*--claims"):
+        create_exclusive(f"s3://{bucket}/run/cache/x.claims/00000.lock", b"record")
+
+
+def test_a_409_conditional_request_conflict_is_retried(s3, proxied, bucket):
+    """AWS answers 409 ConditionalRequestConflict to a conditional PUT racing another on the same
+    key and says to retry: the create is retried (then it succeeds, or finds the object there)."""
+    from s3_server import s3_error
+
+    from storage.atomic import create_exclusive
+
+    conflicts = []
+
+    def conflict_twice(method, path, headers):
+        if method == "PUT" and path.split("?")[0].endswith("00000.lock") and len(conflicts) < 2:
+            conflicts.append(path)
+            return s3_error(409, "ConditionalRequestConflict", "A conflicting operation occurred. If "
+                            "using PutObject you can retry the request.")
+        return None
+
+    proxied(FaultPlan(answer=conflict_twice))
+    lock = f"s3://{bucket}/run/cache/x.claims/00000.lock"
+    assert create_exclusive(lock, b"record-A")
+    assert len(conflicts) == 2
+    assert not create_exclusive(lock, b"record-B")  # still exclusive
+    assert objects(s3, bucket)["run/cache/x.claims/00000.lock"] == b"record-A"
+
+
+def test_a_bucket_that_denies_access_is_one_line_naming_the_url(s3, proxied, bucket, tmp_path):
+    """A bucket that exists but answers 403 (credentials without access to it): reading an input
+    there, writing a run there, probing it: a UserError naming the URL and 'access denied', never
+    a PermissionError traceback, and no credentials in the message."""
+    from s3_server import s3_error
+
+    from stages.shard import run_shard
+    from storage.atomic import create_exclusive
+    from storage.errors import UserError
+
+    upload(s3, bucket, make_dataset(tmp_path / "data", per_class=1, splits=("train",)), "d")
+    proxied(FaultPlan(answer=lambda m, p, h: s3_error(403, "AccessDenied", "Access Denied")
+                      if p.lstrip("/").split("/")[0].split("?")[0] == bucket else None))
+    calls = {
+        "shard input": lambda: run_shard([f"s3://{bucket}/d"], tmp_path / "run", shard_size=4),
+        "shard --run": lambda: run_shard([str(tmp_path / "data")], f"s3://{bucket}/run", shard_size=4),
+        "claim": lambda: create_exclusive(f"s3://{bucket}/run/cache/x.claims/00000.lock", b"r"),
+    }
+    for what, call in calls.items():
+        with pytest.raises(UserError, match=rf"s3://{bucket}\b.*access denied") as denied:
+            call()
+        assert SECRET_KEY not in str(denied.value) and ACCESS_KEY not in str(denied.value), what
+
+
+def test_a_missing_bucket_is_named_by_the_url_asked_for_and_probes_stay_beside_it(s3, proxied, bucket):
+    """An exclusive create in a bucket that does not exist names the object asked for (the lock of
+    a --cache-dir), not the probe object; the probe is made beside that object under its name,
+    never loose at the bucket's root."""
+    from storage.atomic import create_exclusive
+    from storage.locations.object_store import StoreError
+
+    missing = f"no-such-bucket-{uuid.uuid4().hex[:12]}"
+    with pytest.raises(StoreError, match=rf"s3://{missing}/cache/f\.lock: the bucket") as refused:
+        create_exclusive(f"s3://{missing}/cache/f.lock", b"lock")
+    assert "probe" not in str(refused.value)
+    assert create_exclusive(f"s3://{bucket}/cache.lock", b"lock")  # a lock at the bucket's root
+    probes = {p for m, p, _, _ in s3.proxy.plan.log if m == "PUT" and "probe" in p}
+    assert probes and all(p.startswith(f"/{bucket}/cache.lock.") for p in probes), probes
+    assert list(objects(s3, bucket)) == ["cache.lock"]
+
+
+def test_credentials_that_cannot_delete_are_refused_up_front_naming_the_permission(s3, proxied, bucket):
+    """Claims and locks are released by deleting them: credentials without s3:DeleteObject are
+    refused at the probe, naming the permission and the probe object left behind, before any
+    claim or lock is made (they used to end in a traceback at the lock's release)."""
+    from s3_server import s3_error
+
+    from storage.atomic import create_exclusive
+    from storage.locations.object_store import StoreError
+
+    proxied(FaultPlan(answer=lambda m, p, h: s3_error(403, "AccessDenied", "Access Denied")
+                      if m == "DELETE" or (m == "POST" and "delete" in p) else None))
+    with pytest.raises(StoreError, match=r"DeleteObject.*conditional-write-probe") as refused:
+        create_exclusive(f"s3://{bucket}/run/cache/x.claims/00000.lock", b"record")
+    assert f"s3://{bucket}" in str(refused.value)
+    left = list(objects(s3, bucket))  # the probe (named in the message) and no claim
+    assert len(left) == 1 and left[0].startswith("run/cache/x.claims/00000.lock.conditional-write-probe-")
+    assert left[0] in str(refused.value)

@@ -11,6 +11,9 @@ throttling are retried with backoff by the client (botocore's `standard` retry m
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import functools
 import os
 import posixpath
 import re
@@ -41,9 +44,46 @@ class StoreError(UserError, RuntimeError):
     server that ignores conditional writes); the message names the bucket's URL."""
 
 
+class AccessDenied(StoreError, PermissionError):
+    """A request the store refused (403) for these credentials; the message names the URL. Still a
+    PermissionError, so code that handles storage errors (OSError) handles it as before."""
+
+
+def server_error(e: BaseException) -> tuple[str, int]:
+    """The S3 error code and HTTP status behind an error of the client ('' and 0 when unknown)."""
+    for err in (e, e.__cause__):
+        response = getattr(err, "response", None)
+        if isinstance(response, dict):
+            return (str((response.get("Error") or {}).get("Code") or ""),
+                    int((response.get("ResponseMetadata") or {}).get("HTTPStatusCode") or 0))
+    return "", 0
+
+
+def denied(url: object, e: PermissionError) -> AccessDenied:
+    """The one-line error of a request refused with 403 (no credentials in it: the server's
+    message names none, and the URL holds none)."""
+    if isinstance(e, AccessDenied):
+        return e
+    code = server_error(e)[0] or "AccessDenied"
+    return AccessDenied(f"{url}: access denied ({code}) with these credentials: they need read (and "
+                        f"for outputs write and delete) permission on this bucket and prefix")
+
+
+def _said_denied(method: Callable) -> Callable:
+    """`method` of an ObjectPath (or reader) whose 403 answer becomes `AccessDenied` naming its URL."""
+    @functools.wraps(method)
+    def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(self, *args, **kwargs)
+        except PermissionError as e:
+            raise denied(getattr(self, "path", self), e) from None
+    return wrapper
+
+
 def check_bucket(path: ObjectPath) -> None:
     """Refuse, naming the URL, a path whose bucket does not exist (asked once per process and
-    bucket; an answer other than 'not found', such as access denied, is left to the writes)."""
+    bucket; access denied to the bucket's HEAD (credentials without s3:ListBucket) is left to the
+    requests that follow, which say it if they are denied too)."""
     bucket = f"{path.protocol}://{path.key.split('/', 1)[0]}"
     if (os.getpid(), bucket) in _BUCKETS_SEEN:
         return
@@ -52,7 +92,7 @@ def check_bucket(path: ObjectPath) -> None:
     except FileNotFoundError:
         raise StoreError(f"{path}: the bucket {bucket} does not exist (or is not visible with these "
                          f"credentials); create it, or give a URL in an existing bucket") from None
-    except Exception:  # noqa: BLE001 (access denied to HEAD, a server without it: the writes tell)
+    except Exception:  # noqa: BLE001 (access denied to HEAD, a server without it: the requests tell)
         pass
     _BUCKETS_SEEN.add((os.getpid(), bucket))
 
@@ -95,6 +135,8 @@ def read_objects(urls: list[str]) -> dict[str, bytes | BaseException]:
         got = filesystem(protocol).cat_ranges([p.key for p in paths], None, None, on_error="return",
                                               **_one_request(protocol))
         for p, value in zip(paths, got, strict=True):
+            if isinstance(value, PermissionError):
+                value = denied(p, value)
             out[str(p)] = value if isinstance(value, (bytes, BaseException)) else bytes(value)
     return out
 
@@ -187,21 +229,26 @@ class ObjectPath:
         return True
 
     # -- reading -----------------------------------------------------------------------------
+    @_said_denied
     def exists(self) -> bool:
         return self.fs.exists(self.key)
 
+    @_said_denied
     def is_file(self) -> bool:
         return self.fs.isfile(self.key)
 
+    @_said_denied
     def is_dir(self) -> bool:
         return self.fs.isdir(self.key)
 
+    @_said_denied
     def stat(self) -> ObjectStat:
         info = self.fs.info(self.key)
         modified = info.get("LastModified") or info.get("mtime") or info.get("last_modified")
         return ObjectStat(int(info.get("size") or 0),
                           modified.timestamp() if hasattr(modified, "timestamp") else float(modified or 0))
 
+    @_said_denied
     def read_bytes(self) -> bytes:
         """The whole object in one GET."""
         return self.fs.cat_file(self.key, **_one_request(self.protocol))
@@ -209,15 +256,18 @@ class ObjectPath:
     def read_text(self, encoding: str = "utf-8", errors: str = "strict") -> str:
         return self.read_bytes().decode(encoding, errors)
 
+    @_said_denied
     def open(self, mode: str = "rb", **kwargs: Any) -> Any:
         return self.fs.open(self.key, mode, **kwargs)
 
+    @_said_denied
     def iterdir(self) -> list[ObjectPath]:
         if not self.fs.isdir(self.key):
             raise FileNotFoundError(str(self))
         return [ObjectPath(f"{self.protocol}://{k}") for k in sorted(self.fs.ls(self.key, detail=False))
                 if k.strip("/") != self.key]
 
+    @_said_denied
     def glob(self, pattern: str) -> list[ObjectPath]:
         """Objects and prefixes under this one whose relative path matches `pattern` (pathlib's
         syntax: `*`, `?`, `[...]`, `**`). Only the pattern is a pattern: this prefix is matched
@@ -236,6 +286,7 @@ class ObjectPath:
     def rglob(self, pattern: str) -> list[ObjectPath]:
         return self.glob(f"**/{pattern}")
 
+    @_said_denied
     def walk_files(self) -> list[tuple[ObjectPath, int]]:
         """Every object under this prefix with its size, in key order (one listing)."""
         found = self.fs.find(self.key, detail=True)
@@ -248,6 +299,7 @@ class ObjectPath:
         folder is made for is written next; a missing bucket is said before any work)."""
         check_bucket(self)
 
+    @_said_denied
     def write_bytes(self, data: bytes) -> int:
         try:
             self.fs.pipe_file(self.key, bytes(data))
@@ -259,6 +311,7 @@ class ObjectPath:
     def write_text(self, text: str, encoding: str = "utf-8") -> int:
         return self.write_bytes(text.encode(encoding))
 
+    @_said_denied
     def unlink(self, missing_ok: bool = False) -> None:
         try:
             self.fs.rm_file(self.key)
@@ -266,6 +319,7 @@ class ObjectPath:
             if not missing_ok:
                 raise
 
+    @_said_denied
     def rmtree(self) -> None:
         """Delete every object under this prefix."""
         keys = [p.key for p, _ in self.walk_files()]
@@ -284,51 +338,92 @@ class ObjectReader(RangeReader):
         self.path = path
         self.size = path.stat().st_size
 
+    @_said_denied
     def read(self, offset: int, size: int) -> bytes:
         if size <= 0:
             return b""
         return self.path.fs.cat_file(self.path.key, start=offset, end=offset + size)
 
 
+CONFLICT_RETRIES = 8  # 409 ConditionalRequestConflict: retried with backoff (0.1 s doubling, ~25 s in all)
+
+
+def _refuse_unconditional(path: ObjectPath, what: str) -> StoreError:
+    """The refusal of a store that does not honour conditional creates (`what` says how it showed)."""
+    bucket = f"{path.protocol}://{path.key.split('/', 1)[0]}"
+    return StoreError(
+        f"{bucket}: this object store {what}. Several workers on one run rely on conditional writes "
+        f"(If-None-Match: *) to claim each shard once (--claims {', '.join(CLAIM_CHOICES)}: on object "
+        f"storage every choice does; flock needs a filesystem). Use a server that supports them (AWS "
+        f"S3 does), or put the run on a local or shared filesystem.")
+
+
 def _put_if_absent(path: ObjectPath, data: bytes) -> bool:
     """One conditional PUT (`If-None-Match: *`): True when it created the object, False when the
-    server refused because the key exists (412)."""
-    try:
-        path.fs.pipe_file(path.key, bytes(data), mode="create")
-        return True
-    except FileExistsError:
-        return False
-    except FileNotFoundError:  # a PUT finds no object missing, only a bucket
-        check_bucket(path)
-        raise
-    except OSError as e:  # a server that names the failed condition otherwise (412)
-        if "412" not in str(e) and "Precondition" not in str(e):
+    server refused because the key exists (412). A 409 (ConditionalRequestConflict: another
+    conditional write of the key raced this one; AWS says to retry) is retried with backoff; a
+    501 (the header not implemented) is the refusal of a store without conditional writes."""
+    for attempt in range(CONFLICT_RETRIES + 1):
+        try:
+            path.fs.pipe_file(path.key, bytes(data), mode="create")
+            return True
+        except FileExistsError:
+            return False
+        except FileNotFoundError:  # a PUT finds no object missing, only a bucket
+            check_bucket(path)
             raise
-        return False
+        except PermissionError as e:
+            raise denied(path, e) from None
+        except OSError as e:
+            code, status = server_error(e)
+            if code == "ConditionalRequestConflict" or status == 409:
+                if attempt < CONFLICT_RETRIES:
+                    time.sleep(min(0.1 * 2 ** attempt, 5.0))
+                    continue
+                raise StoreError(f"{path}: the store answered 409 ({code or 'Conflict'}) to every one of "
+                                 f"{CONFLICT_RETRIES + 1} conditional creates (another writer keeps "
+                                 f"racing for this key, or the store misreads the request); run again "
+                                 f"later") from None
+            if code == "NotImplemented" or status == 501 or e.errno == errno.ENOSYS:
+                raise _refuse_unconditional(path, f"answered 501 ({code or 'NotImplemented'}) to a "
+                                                  f"conditional create of {path}") from None
+            if "412" not in str(e) and "Precondition" not in str(e):  # a 412 named otherwise
+                raise
+            return False
+    raise AssertionError("unreachable")
 
 
 def check_conditional_writes(path: ObjectPath) -> None:
     """Refuse a store that ignores conditional creates before relying on them (once per process
-    and bucket): a probe object beside `path` is created twice, and the second must fail."""
+    and bucket): a probe object beside `path` (named after it) is created twice, and the second
+    must fail; it is then deleted, which claims and locks need too (credentials that may create
+    but not delete are refused here, before any claim or lock is left that cannot be released)."""
     bucket = f"{path.protocol}://{path.key.split('/', 1)[0]}"
     if (os.getpid(), bucket) in _CONDITIONAL_OK:
         return
-    probe = path.parent / f".conditional-write-probe-{uuid.uuid4().hex}"
+    check_bucket(path)  # a missing bucket is said with the URL asked for, not the probe's
+    probe = path.with_name(f"{path.name}.conditional-write-probe-{uuid.uuid4().hex[:12]}")
     try:
         _put_if_absent(probe, b"1")  # False only when a retry of a lost answer met this very PUT
         honoured = not _put_if_absent(probe, b"2")
-    finally:
+    except BaseException as e:
+        with contextlib.suppress(Exception):  # the error that stopped the probe is the one to say
+            probe.unlink(missing_ok=True)
+        if isinstance(e, AccessDenied):  # said of the object asked for, not of the probe beside it
+            raise AccessDenied(str(e).replace(str(probe), str(path), 1)) from None
+        raise
+    else:
         try:
             probe.unlink(missing_ok=True)
-        except OSError:  # a store that lets this writer create but not delete: the probe stays
-            pass
+        except PermissionError:
+            raise StoreError(
+                f"{bucket}: these credentials may create objects but not delete them (s3:DeleteObject "
+                f"denied for the probe object {probe}, left behind: delete it when you can). A "
+                f"claim or lock is released by deleting it: grant s3:DeleteObject on this prefix, "
+                f"or put the run on a local or shared filesystem.") from None
     if not honoured:
-        raise StoreError(
-            f"{bucket}: this object store ignores conditional writes (If-None-Match: *): a second "
-            f"create of the probe object {probe} succeeded. Several workers on one run rely on "
-            f"them to claim each shard once (--claims {', '.join(CLAIM_CHOICES)}: on object storage "
-            f"every choice does; flock needs a filesystem). Use a server that supports them (AWS S3 "
-            f"does), or put the run on a local or shared filesystem.")
+        raise _refuse_unconditional(path, f"ignores conditional writes (If-None-Match: *): a second "
+                                          f"create of the probe object {probe} succeeded")
     _CONDITIONAL_OK.add((os.getpid(), bucket))
 
 
@@ -374,7 +469,10 @@ class ObjectLocation(Location):
         return ObjectReader(path)
 
     def read_range(self, path: ObjectPath, offset: int, size: int) -> bytes:
-        return path.fs.cat_file(path.key, start=offset, end=offset + size)
+        try:
+            return path.fs.cat_file(path.key, start=offset, end=offset + size)
+        except PermissionError as e:
+            raise denied(path, e) from None
 
     def size(self, path: ObjectPath) -> int:
         return path.stat().st_size
