@@ -124,17 +124,19 @@ bench-gpu: $(STAMP)
 
 # Wheels the device tool's H200 machine lacks (it has torch, transformers, numpy...; benchmarks/GPU.md),
 # at this venv's versions, for its Python: carried as .whl/ and installed by benchmarks/gpu_run.sh.
-# GPU_PYTHON=3.11 adds this machine's builds for the CPU check (`gpu_run.sh --device cpu --quick`).
+# GPU_PYTHON=3.11 adds this machine's builds for the CPU check (`gpu_run.sh --device cpu --quick`);
+# GPU_WHEEL_DIR=/tmp/whl311 puts them in a scratch folder instead (then WHEELS=/tmp/whl311 gpu_run.sh).
 GPU_PYTHON ?= 3.12
+GPU_WHEEL_DIR ?= .whl
 GPU_WHEELS := diffusers importlib_metadata lazy_importer zipp zarr donfig google_crc32c numcodecs \
 	simplejpeg pyspng webdataset braceexpand
 gpu-wheels: $(STAMP)
 	$(BIN)/python -m pip download --quiet --no-deps --only-binary=:all: --python-version $(GPU_PYTHON) \
 	  --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 \
 	  --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux1_x86_64 \
-	  -d .whl $$($(BIN)/python -c "import importlib.metadata as m; \
+	  -d $(GPU_WHEEL_DIR) $$($(BIN)/python -c "import importlib.metadata as m; \
 	    print(*(f'{n}=={m.version(n)}' for n in '$(GPU_WHEELS)'.split()))")
-	@du -sh .whl; ls .whl
+	@du -sh $(GPU_WHEEL_DIR); ls $(GPU_WHEEL_DIR)
 
 # shard files/s and peak RSS at 200,000 small files and 2,000 photos; status/verify over 100,000 rows
 # Seconds the 95 % bootstrap intervals add to an eval report at 10,000 and 100,000 rows.

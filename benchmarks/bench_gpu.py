@@ -319,7 +319,7 @@ def write_profile(step: Callable[[], object], path: Path, device: torch.device, 
             step()
         if cuda:
             torch.cuda.synchronize(device)
-    key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"  # torch >= 2.4's name
     table = prof.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=90)
     path.write_text(f"torch.profiler, {steps} calls, sorted by {key}\n{table}\n")
 
@@ -598,7 +598,8 @@ def write_results(out: Path, env: dict, rows: list[dict], t0: float) -> None:
 
 
 COLUMNS = [("row", "row"), ("images/s", "pipeline_img_s"), ("model alone", "model_alone_img_s"),
-           ("pipe/model", "pipeline_over_model"), ("peak GiB", "peak_gpu_gib"),
+           ("pipe/model", "pipeline_over_model"), ("steady img/s", "pipeline_steady_img_s"),
+           ("steady/model", "steady_over_model"), ("peak GiB", "peak_gpu_gib"),
            ("x reference", "speedup_vs_reference"), ("GPU waited", "gpu_wait_fraction"),
            ("ref img/s", "reference_img_s"), ("train samples/s", "train_samples_per_s"),
            ("data wait", "data_wait_fraction"), ("s", "seconds")]

@@ -65,24 +65,38 @@ def test_zero_budget_writes_every_row_as_skipped_with_the_environment(tmp_path):
     assert all(r["status"] == "skipped" and "budget" in r["note"] for r in rows)
 
 
-@pytest.mark.slow
-def test_quick_grid_runs_end_to_end_on_the_cpu(tmp_path, capsys):
-    out = tmp_path / "gpu_results.json"
-    bench_gpu.main(["--device", "cpu", "--quick", "--out", str(out)])
-    rows = json.loads(out.read_text())["rows"]
+def check_quick_rows(rows: list[dict], out_dir: Path) -> None:
+    """What every row of a --quick run holds (the slow test; also run on gpu_run.sh's CPU results)."""
     assert [r for r in rows if r["status"] != "ok"] == []
     ref = {r["jpeg_px"]: r["reference_img_s"] for r in rows if r["kind"] == "reference"}
+    assert all(r["tf32"] is False for r in rows if r["kind"] == "reference")
     for r in rows:
         if r["kind"] in ("dnf", "clip", "npr"):
             assert r["images"] == 16 and r["pipeline_img_s"] > 0 and r["model_alone_img_s"] > 0
             assert r["pipeline_over_model"] == pytest.approx(r["pipeline_img_s"] / r["model_alone_img_s"],
                                                              rel=1e-2, abs=1e-3)  # kept to 3 decimals
+            assert r["pipeline_steady_img_s"] > 0
+            steady = r["pipeline_steady_img_s"] / r["model_alone_img_s"]
+            assert r["steady_over_model"] == pytest.approx(steady, rel=1e-2, abs=1e-3)
             assert 0 <= r["gpu_wait_fraction"] < 1
         if r["kind"] == "dnf":
             expected = r["pipeline_img_s"] / ref[r["jpeg_px"]]
             assert r["speedup_vs_reference"] == pytest.approx(expected, rel=1e-2)
+    assert rows[0]["warmup_s"] > 0 and all("warmup_s" not in r for r in rows[1:])
+    alone = next(r for r in rows if r["kind"] == "alone")
+    assert alone["channels_last"] is False and alone["model_alone_img_s"] > 0
+    assert alone["channels_last_speedup"] == pytest.approx(rows[0]["model_alone_img_s"]
+                                                           / alone["model_alone_img_s"], rel=2e-2)
     train = next(r for r in rows if r["kind"] == "train")
-    assert train["train_samples_per_s"] > 0 and 0 <= train["data_wait_fraction"] <= 1
+    assert train["epoch"] == 2 and train["train_samples_per_s"] > 0 and 0 <= train["data_wait_fraction"] <= 1
+    assert "self_cpu_time_total" in (out_dir / "gpu_profile_row1.txt").read_text()
+
+
+@pytest.mark.slow
+def test_quick_grid_runs_end_to_end_on_the_cpu(tmp_path, capsys):
+    out = tmp_path / "gpu_results.json"
+    bench_gpu.main(["--device", "cpu", "--quick", "--out", str(out)])
+    check_quick_rows(json.loads(out.read_text())["rows"], tmp_path)
     assert "| dnf bf16" in capsys.readouterr().out  # the closing table
 
 
