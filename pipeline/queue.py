@@ -40,6 +40,7 @@ from storage.lock_holder import holder_fields, holder_gone
 HEARTBEAT_S = 10.0
 STALE_S = 120.0
 CLAIM_MODES = ("auto", "flock", "heartbeat")
+TAKEN = b"taken by "  # a takeover marker's bytes once its taker has decided to go on
 _NO_FLOCK = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
 
 
@@ -68,9 +69,10 @@ class Claim:
     """This process's hold on one shard, kept alive by a heartbeat thread until released."""
 
     def __init__(self, queue: ShardQueue, shard_id: int, fd: int | None, owner: str,
-                 takeover: Path | None = None):
+                 takeover: Path | None = None, replaced: str | None = None):
         self.queue, self.shard_id, self._fd, self.owner = queue, shard_id, fd, owner
         self._takeover, self.lost = takeover, False
+        self._replaced = replaced  # the owner this claim was taken from (its last beat may land late)
         self._since = time.time()
         self._lock = threading.Lock()  # a beat never writes through a descriptor release has closed
         self._released = False
@@ -100,12 +102,34 @@ class Claim:
         path = self.queue.lock_path(self.shard_id)
         rec = read_record(path)
         marker = self.queue.takeover_path(self.shard_id, self.owner)
-        if rec is None or rec.get("owner") != self.owner or marker.exists():
+        # a record of the owner this claim was taken from: that owner's beat begun before the
+        # takeover landed after it (the owner sees the taker's decision and gives up): rewritten
+        mine = rec is not None and rec.get("owner") in (self.owner, self._replaced or self.owner)
+        if not mine or marker.exists():
             self._lose()
             return
         write_bytes_atomic(path, data)
-        if marker.exists():  # a taker judged the beat before this one stale and goes ahead (it
-            self._lose()  # checks the record after its marker): this beat does not keep the claim
+        if marker.exists() and not self._taker_backed_off(marker):
+            self._lose()
+
+    def _taker_backed_off(self, marker: StoragePath) -> bool:
+        """After a beat, a taker's marker is there: it judged the beat before this one stale and
+        now decides on the record it reads again. This beat landed before that read (the taker
+        backs off: deletes its marker) or after (the taker goes on: its marker says `taken`
+        before it writes its record). Wait for the decision, so that exactly one of the two
+        goes on; a taker stalled longer than stale_s counts as going on."""
+        deadline = time.monotonic() + max(self.queue.stale_s, 1.0)
+        pause = 0.02
+        while time.monotonic() < deadline:
+            try:
+                if marker.read_bytes().startswith(TAKEN):
+                    return False
+            except FileNotFoundError:
+                rec = read_record(self.queue.lock_path(self.shard_id))
+                return rec is not None and rec.get("owner") == self.owner
+            time.sleep(pause)
+            pause = min(pause * 2, 0.5)
+        return False
 
     def _lose(self) -> None:
         self.lost = True
@@ -211,8 +235,10 @@ class ShardQueue:
         if read_record(path) != rec:
             marker.unlink(missing_ok=True)
             return None
+        # the decision, before the record: an owner whose beat lands now waits for it and gives up
+        write_bytes_atomic(marker, TAKEN + self.owner.encode())
         write_bytes_atomic(path, _record(self.owner, time.time(), "heartbeat"))
-        return Claim(self, shard_id, None, self.owner, takeover=marker)
+        return Claim(self, shard_id, None, self.owner, takeover=marker, replaced=str(rec.get("owner")))
 
     @contextmanager
     def try_claim(self, shard_id: int) -> Iterator[bool]:

@@ -246,3 +246,87 @@ def test_an_object_lock_of_a_dead_process_on_this_host_is_taken_at_once(tmp_path
     with object_lock(lock, stale_s=3600):
         assert time.monotonic() - t0 < 30
     assert not lock.exists()
+
+
+def _interleave(monkeypatch, owner_waits_for: str):
+    """Hooks that hold the owner's beat (thread 'owner') just before its write of the record until
+    the taker has `owner_waits_for` ('marker': made its takeover marker; 'record': written its own
+    record), and hold the taker just after its marker until the owner has written."""
+    import threading
+
+    import pipeline.queue as pq
+
+    at_write, marker_made, taker_wrote, owner_wrote = (threading.Event() for _ in range(4))
+    real_write, real_create = pq.write_bytes_atomic, pq.create_exclusive
+
+    def create(path, data):
+        made = real_create(path, data)
+        if ".takeover-" in str(path):
+            marker_made.set()
+            if owner_waits_for == "marker":
+                owner_wrote.wait(5)  # the taker re-reads the record after the owner's beat
+        return made
+
+    def write(path, data):
+        if threading.current_thread().name == "owner" and str(path).endswith(".lock"):
+            at_write.set()  # the owner's first check (no marker) is done
+            (marker_made if owner_waits_for == "marker" else taker_wrote).wait(5)
+            real_write(path, data)
+            owner_wrote.set()
+            return
+        real_write(path, data)
+        if str(path).endswith(".lock"):
+            taker_wrote.set()
+
+    monkeypatch.setattr(pq, "write_bytes_atomic", write)
+    monkeypatch.setattr(pq, "create_exclusive", create)
+    return at_write
+
+
+def _race(tmp_path, monkeypatch, owner_waits_for: str):
+    """An owner stalled past stale_s beats again just as a taker takes its claim over."""
+    import threading
+
+    q = queue(tmp_path, stale_s=0.3)
+    q.heartbeat_s = 3600  # beats only when the test says
+    owner = q.claim(0)
+    time.sleep(0.5)  # the owner stalled past stale_s
+    taker_q = queue(tmp_path, stale_s=0.3)
+    at_write = _interleave(monkeypatch, owner_waits_for)
+    beat = threading.Thread(target=owner.refresh, name="owner")
+    beat.start()
+    assert at_write.wait(5)
+    taken = taker_q.claim(0)
+    beat.join(10)
+    return q, owner, taken
+
+
+def test_owner_beat_after_the_takeover_marker_leaves_exactly_one_holder(tmp_path, monkeypatch):
+    """Owner checks (no marker), taker makes its marker, owner writes its beat, taker re-reads (a
+    new beat): the taker backs off; the owner, seeing the marker after its write, must then go
+    on (both used to back off: nobody held the shard until stale_s passed)."""
+    q, owner, taken = _race(tmp_path, monkeypatch, "marker")
+    assert (taken is None) != owner.lost, (taken, owner.lost)
+    holder = json.loads(q.lock_path(0).read_text())["owner"]
+    assert holder == (owner.owner if taken is None else taken.owner)
+    for c in (owner, taken):
+        if c is not None and not c.lost:
+            c.refresh()
+            assert not c.lost  # the one left holds on at its next beat
+            c.release()
+    assert not q.lock_path(0).exists()
+
+
+def test_owner_beat_landing_after_the_takers_record_leaves_the_taker_holding(tmp_path, monkeypatch):
+    """Taker makes its marker, finds the record unchanged and writes its own; the owner's beat,
+    begun before the marker, lands after it and overwrites it: the owner must count its claim
+    lost, and the taker keep it (its next beat writes its record back)."""
+    q, owner, taken = _race(tmp_path, monkeypatch, "record")
+    assert taken is not None and owner.lost
+    taken.refresh()
+    assert not taken.lost
+    assert json.loads(q.lock_path(0).read_text())["owner"] == taken.owner
+    owner.release()
+    assert q.lock_path(0).exists()  # the loser leaves the taker's claim alone
+    taken.release()
+    assert not q.lock_path(0).exists()
