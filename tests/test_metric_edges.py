@@ -635,3 +635,10 @@ def test_train_seeds_help_says_the_folder_holds_the_last_calls_seeds():
 
     text = " ".join(re.sub(r"[│╭╮╰╯─]", " ", cli("train", "--help").stdout).split())
     assert "seeds.json" in text and "last" in text
+
+
+def test_nan_scores_never_reach_a_ranking_unchecked():
+    """Item 2's cause: ranks() put NaN above +inf, so a NaN scored as the most generated image."""
+    y, s = np.array([0, 1, 0, 1]), np.array([0.1, 0.2, np.nan, 0.3])
+    with pytest.raises(ValueError, match="NaN"):
+        binary_metrics(y, s, threshold=0.0)

@@ -28,8 +28,13 @@ def logits_of(probs: np.ndarray) -> np.ndarray:
 
 
 def ranks(scores: np.ndarray) -> np.ndarray:
-    """Dense ranks of the scores (equal scores share a rank): the same order without infinities."""
-    codes = np.unique(np.asarray(scores, dtype=np.float64), return_inverse=True)[1]
+    """Dense ranks of the scores (equal scores share a rank): the same order without infinities.
+    NaN has no place in an order (np.unique would rank it above +inf): a ValueError, since every
+    stage refuses NaN scores with a message naming their file before scoring."""
+    scores = np.asarray(scores, dtype=np.float64)
+    if np.isnan(scores).any():
+        raise ValueError(f"{int(np.isnan(scores).sum())} NaN scores reached the metrics unchecked")
+    codes = np.unique(scores, return_inverse=True)[1]
     return codes.reshape(-1).astype(np.float64)
 
 
