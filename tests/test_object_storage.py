@@ -518,3 +518,29 @@ def test_credentials_that_cannot_delete_are_refused_up_front_naming_the_permissi
     left = list(objects(s3, bucket))  # the probe (named in the message) and no claim
     assert len(left) == 1 and left[0].startswith("run/cache/x.claims/00000.lock.conditional-write-probe-")
     assert left[0] in str(refused.value)
+
+
+def test_keys_with_dot_segments_double_slashes_and_version_id_are_kept_exactly(s3, in_process):
+    """S3 keys are names, not paths: `a//b`, `./c`, `d/./e`, `f/../g` and `l?versionId=3` are other
+    objects than `a/b`, `c`, `d/e`, `g`, `l`; each is listed, read and written under its own key
+    (they used to be normalised away or cut at `?versionId=`: an image lost, or another one read)."""
+    from storage.locations import as_path
+    from storage.locations.object_store import read_objects
+
+    bucket = in_process
+    odd = ["a//b.png", "./c.png", "d/./e.png", "f/../g.png", "l?versionId=3.png", "m/../../n.png"]
+    decoys = ["a/b.png", "c.png", "d/e.png", "g.png", "l", "n.png"]
+    client = s3.client()
+    name = str(bucket).removeprefix("s3://")
+    for k in odd + decoys:
+        client.put_object(Bucket=name, Key=k, Body=f"bytes of {k}".encode())
+    urls = [f"{bucket}/{k}" for k in odd]
+    assert {str(p) for p, _ in bucket.walk_files()} >= set(urls)
+    got = read_objects(urls)
+    assert [got[u] for u in urls] == [f"bytes of {k}".encode() for k in odd]
+    for k, u in zip(odd, urls, strict=True):
+        assert as_path(u).read_bytes() == f"bytes of {k}".encode(), k
+        as_path(u).write_bytes(b"rewritten")
+        assert client.get_object(Bucket=name, Key=k)["Body"].read() == b"rewritten", k
+    assert all(client.get_object(Bucket=name, Key=k)["Body"].read() == f"bytes of {k}".encode()
+               for k in decoys)

@@ -108,11 +108,32 @@ def storage_options(protocol: str) -> dict:
     return options
 
 
+@functools.cache
+def _literal_keys(cls: type) -> type:
+    """`cls` (s3fs's filesystem) taking every key as it is: s3fs cuts a key at `?versionId=` (a
+    version of the object, in its URL syntax), but `?` is a key character like any other and this
+    project never names versions."""
+    class LiteralKeys(cls):  # type: ignore[valid-type, misc]
+        def split_path(self, path: str) -> tuple[str, str, None]:
+            trail = path[len(path.rstrip("/")):]
+            path = self._strip_protocol(path).lstrip("/")
+            if "/" not in path:
+                return path, "", None
+            bucket, key = self._find_bucket_key(path)
+            return bucket, key + trail, None
+
+    LiteralKeys.__name__ = LiteralKeys.__qualname__ = f"LiteralKeys{cls.__name__}"
+    return LiteralKeys
+
+
 def filesystem(protocol: str) -> Any:
     """This process's fsspec filesystem of `protocol` (a forked worker opens its own)."""
     key = (os.getpid(), protocol)
     if key not in _FILESYSTEMS:
-        _FILESYSTEMS[key] = fsspec.filesystem(protocol, **storage_options(protocol))
+        cls = fsspec.get_filesystem_class(protocol)
+        if protocol in ("s3", "s3a"):
+            cls = _literal_keys(cls)
+        _FILESYSTEMS[key] = cls(**storage_options(protocol))
     return _FILESYSTEMS[key]
 
 
@@ -157,7 +178,9 @@ class ObjectPath:
             raise OptionError(f"{protocol}://{rest.split('@')[-1]}: credentials do not belong in a URL; "
                               f"set them in the environment (AWS_ACCESS_KEY_ID, ...) or a profile")
         self.protocol = protocol
-        self.key = posixpath.normpath(rest).strip("/") if rest.strip("/") else ""
+        # the key exactly as given (a key is a name: `a//b`, `./c`, `d/../e` are other objects than
+        # `a/b`, `c`, `e`), less the slashes that end a prefix
+        self.key = rest.strip("/")
 
     # -- pathlib's names ---------------------------------------------------------------------
     def __str__(self) -> str:
