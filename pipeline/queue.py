@@ -10,7 +10,8 @@ heartbeat) that a background thread refreshes every `HEARTBEAT_S` seconds. Two w
   flock fails, and always on object storage): the file is created exclusively (a conditional PUT,
   `If-None-Match: *`, on object storage); a claim whose owner is a dead process of this host,
   boot and PID namespace (`storage.lock_holder`: a pid of another container means nothing
-  here), or whose heartbeat is older than `stale_s`, is taken over by exactly one worker (it
+  here), or whose heartbeat is older than `stale_s` (on the storage's clock: the record's mtime,
+  never another host's clock), is taken over by exactly one worker (it
   creates a takeover marker for that owner exclusively first). An owner that finds its claim
   taken over marks it lost and does not mark the shard done.
 
@@ -40,6 +41,7 @@ from storage.lock_holder import holder_fields, holder_gone
 HEARTBEAT_S = 10.0
 STALE_S = 120.0
 CLAIM_MODES = ("auto", "flock", "heartbeat")
+CLOCK_CHECK_S = 300.0  # how often a queue measures the storage clock's offset from its own
 TAKEN = b"taken by "  # a takeover marker's bytes once its taker has decided to go on
 _NO_FLOCK = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
 
@@ -50,7 +52,8 @@ def _record(owner: str, since: float, mode: str) -> bytes:
 
 
 def read_record(path: StoragePath) -> dict | None:
-    """The claim record in `path`; an unreadable one gets the file's mtime as its heartbeat."""
+    """The claim record in `path`, with `written`: when it was written on the storage's clock (the
+    file's mtime, the object's LastModified); an unreadable one gets that as its heartbeat."""
     try:
         text = path.read_text()
         mtime = path.stat().st_mtime
@@ -59,10 +62,10 @@ def read_record(path: StoragePath) -> dict | None:
     try:
         rec = json.loads(text)
         if isinstance(rec, dict) and "heartbeat" in rec:
-            return rec
+            return {**rec, "written": mtime}
     except ValueError:
         pass
-    return {"owner": f"unreadable:{mtime}", "host": "?", "pid": 0, "heartbeat": mtime}
+    return {"owner": f"unreadable:{mtime}", "host": "?", "pid": 0, "heartbeat": mtime, "written": mtime}
 
 
 class Claim:
@@ -176,6 +179,7 @@ class ShardQueue:
             stale_s = float(os.environ.get("DNF_CLAIM_STALE_S", STALE_S))
         self.mode, self.stale_s, self.heartbeat_s = mode, stale_s, heartbeat_s
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self._clock: tuple[float, float] | None = None  # (storage clock - this clock, when measured)
 
     def lock_path(self, shard_id: int) -> StoragePath:
         return self.claims_dir / f"{shard_id:05d}.lock"
@@ -215,9 +219,29 @@ class ShardQueue:
             return self._take_over(shard_id)
         return Claim(self, shard_id, None, self.owner)
 
+    def _storage_now(self) -> float:
+        """Now on the storage's clock: this host's clock plus its offset from the storage's, measured
+        (every CLOCK_CHECK_S) as the mtime of an object written now: so every host judges a
+        claim's age on one clock, whatever the skew between hosts."""
+        if self._clock is None or time.monotonic() - self._clock[1] > CLOCK_CHECK_S:
+            probe = self.claims_dir / f".clock-{hashlib.sha256(self.owner.encode()).hexdigest()[:16]}"
+            before = time.time()
+            write_bytes_atomic(probe, b"clock\n")
+            after = time.time()
+            try:
+                written = probe.stat().st_mtime
+            finally:
+                probe.unlink(missing_ok=True)
+            self._clock = (written - (before + after) / 2, time.monotonic())
+        return time.time() + self._clock[0]
+
+    def age(self, rec: dict) -> float:
+        """Seconds since the record's last beat, on the storage's clock (not the writer's)."""
+        return self._storage_now() - float(rec.get("written", rec.get("heartbeat", 0)))
+
     def is_stale(self, rec: dict) -> bool:
         """A claim record whose heartbeat is too old, or whose process on this host is gone."""
-        return time.time() - float(rec.get("heartbeat", 0)) > self.stale_s or holder_gone(rec)
+        return holder_gone(rec) or self.age(rec) > self.stale_s
 
     def _take_over(self, shard_id: int) -> Claim | None:
         path = self.lock_path(shard_id)
@@ -269,6 +293,9 @@ class ShardQueue:
                 pass
             finally:
                 os.close(fd)
-        age = time.time() - float(rec.get("heartbeat", 0))
+        try:
+            age = self.age(rec)
+        except STORAGE_ERRORS:  # the storage's clock not readable (read-only credentials): this one's
+            age = time.time() - float(rec.get("written", 0))
         stale = ", stale: will be taken over" if rec.get("mode") != "flock" and self.is_stale(rec) else ""
         return f"{rec.get('host')} pid {rec.get('pid')} (heartbeat {age:.0f} s ago{stale})"

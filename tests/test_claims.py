@@ -23,10 +23,22 @@ def queue(tmp_path, mode="heartbeat", stale_s=60.0) -> ShardQueue:
 
 
 def plant(q: ShardQueue, shard: int, host: str, pid: int, age_s: float) -> None:
+    """Another worker's claim record, last written `age_s` ago (its mtime too, where it can be set:
+    a claim's age is judged on the storage's clock; on object storage a test waits instead)."""
     q.claims_dir.mkdir(parents=True, exist_ok=True)
-    q.lock_path(shard).write_text(json.dumps({"owner": f"{host}:{pid}:x", "host": host, "pid": pid,
-                                              "mode": "heartbeat", "since": 0,
-                                              "heartbeat": time.time() - age_s}))
+    path = q.lock_path(shard)
+    path.write_text(json.dumps({"owner": f"{host}:{pid}:x", "host": host, "pid": pid, "mode": "heartbeat",
+                                "since": 0, "heartbeat": time.time() - age_s}))
+    backdate(path, age_s)
+
+
+def backdate(path, age_s: float) -> None:
+    """Set a local file's mtime `age_s` seconds back (object storage keeps its own times)."""
+    import os
+    from pathlib import Path
+
+    if isinstance(path, Path):
+        os.utime(path, (time.time() - age_s, time.time() - age_s))
 
 
 def test_heartbeat_claim_is_exclusive_and_refreshed(tmp_path):
@@ -43,10 +55,10 @@ def test_heartbeat_claim_is_exclusive_and_refreshed(tmp_path):
 
 
 def test_stale_claim_is_taken_over_by_exactly_one_worker(tmp_path):
-    a, b, c = queue(tmp_path), queue(tmp_path), queue(tmp_path)
-    plant(a, 1, "otherhost", 4242, age_s=5)
+    a, b, c = queue(tmp_path, stale_s=2), queue(tmp_path, stale_s=2), queue(tmp_path, stale_s=2)
+    plant(a, 1, "otherhost", 4242, age_s=0)
     assert a.claim(1) is None  # fresh heartbeat on another host: left alone
-    plant(a, 1, "otherhost", 4242, age_s=600)
+    time.sleep(3.1)  # stale by the storage's clock (S3's times have whole seconds)
     assert "stale" in a.holder(1)
     taken = [q.claim(1) for q in (a, b, c)]
     assert sum(t is not None for t in taken) == 1
@@ -55,10 +67,10 @@ def test_stale_claim_is_taken_over_by_exactly_one_worker(tmp_path):
 
 
 def test_owner_that_was_taken_over_notices_and_keeps_off(tmp_path):
-    a, b = queue(tmp_path, stale_s=0.2), queue(tmp_path, stale_s=0.2)
+    a, b = queue(tmp_path, stale_s=1), queue(tmp_path, stale_s=1)
     claim = a.claim(2)
     claim._stop.set()  # a stalled worker: no more heartbeats
-    time.sleep(0.4)
+    time.sleep(2.2)  # past stale_s on the storage's clock (S3's times have whole seconds)
     other = b.claim(2)
     assert other is not None
     claim.refresh()
@@ -141,6 +153,7 @@ def test_live_claim_of_another_pid_namespace_on_the_same_host_name_is_left_alone
         assert q.claim(0) is None, rec  # alive in its own namespace: not seized
         assert "stale" not in q.holder(0)
         q.lock_path(0).write_text(json.dumps({**rec, "heartbeat": time.time() - 600}))
+        backdate(q.lock_path(0), 600)
         claim = q.claim(0)  # its heartbeat long stale: taken over
         assert claim is not None
         claim.release()
@@ -330,3 +343,34 @@ def test_owner_beat_landing_after_the_takers_record_leaves_the_taker_holding(tmp
     assert q.lock_path(0).exists()  # the loser leaves the taker's claim alone
     taken.release()
     assert not q.lock_path(0).exists()
+
+
+def test_clock_skew_between_hosts_never_seizes_a_live_claim(tmp_path):
+    """A claim's age is judged on one clock, the storage's (the record's modification time against
+    an object written now), not by comparing one host's clock with another's: a taker whose clock
+    runs 300 s ahead, or an owner whose clock runs 300 s behind, seized live claims."""
+    import types
+
+    import pipeline.queue as pq
+
+    def with_clock(skew_s: float, call):
+        real = pq.time
+        pq.time = types.SimpleNamespace(time=lambda: real.time() + skew_s, sleep=real.sleep,
+                                        monotonic=real.monotonic)
+        try:
+            return call()
+        finally:
+            pq.time = real
+
+    owner = queue(tmp_path, stale_s=60)
+    claim = owner.claim(0)
+    assert with_clock(300, lambda: queue(tmp_path, stale_s=60).claim(0)) is None  # taker ahead
+    assert with_clock(300, lambda: "stale" not in queue(tmp_path, stale_s=60).holder(0))
+    claim.refresh()
+    assert not claim.lost
+    claim.release()
+    slow = with_clock(-300, lambda: queue(tmp_path, stale_s=60).claim(1))  # owner behind
+    assert slow is not None
+    with_clock(-300, slow.refresh)
+    assert queue(tmp_path, stale_s=60).claim(1) is None
+    slow.release()
