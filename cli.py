@@ -152,22 +152,37 @@ def audit(run: str = RUN_OPT,
     typer.echo(json.dumps(result, indent=2) if as_json else format_audit(result))
 
 
+# extract's longer options, here so its signature stays readable
+EXTRACT_MODEL_OPT = typer.Option(None, help="The feature kind's model: a local folder, or a hub id "
+                                            "(org/name) in the local Hugging Face cache. dnf, dire: "
+                                            "a diffusers UNet2DModel or DDPM pipeline folder; "
+                                            "latent-dnf: a Stable Diffusion pipeline folder; clip: "
+                                            "a CLIPVisionModelWithProjection folder (default "
+                                            "openai/clip-vit-large-patch14); npr needs none.")
+EXTRACT_ENCODING_OPT = typer.Option("", help="reference (uint8, as the kind's authors save it: dnf, dire, "
+                                             "npr) or raw (float16); default: the kind's (reference for "
+                                             "dnf, dire and npr; raw for clip and latent-dnf, which "
+                                             "store only raw).")
+EXTRACT_FEATURE_OPT = typer.Option("dnf", help="The feature kind: dnf (one UNet pass, the paper's feature), "
+                                               "dire (DIRE's |x - DDIM reconstruction| over --ddim-steps, "
+                                               "~2x that many passes), npr (NPR's up-sampling residual; no "
+                                               "model), clip (UnivFD's CLIP image embedding) or latent-dnf "
+                                               "(DNF in a Stable Diffusion latent: VAE, then one UNet "
+                                               "pass).")
+EXTRACT_GEOMETRY_OPT = typer.Option("resize", help="resize (the whole image to size x size: the "
+                                                   "reference), crop-resize (the largest centred square, "
+                                                   "resized: DIRE's) or crop (the central size x size window "
+                                                   "at native resolution; smaller images upscaled).")
+
+
 @app.command()
 def extract(
     run: str = RUN_OPT,
-    model: Optional[Path] = typer.Option(None, help="The feature kind's model: a local folder, or a hub id "
-                                                    "(org/name) in the local Hugging Face cache. dnf, dire: "
-                                                    "a diffusers UNet2DModel or DDPM pipeline folder; "
-                                                    "latent-dnf: a Stable Diffusion pipeline folder; clip: "
-                                                    "a CLIPVisionModelWithProjection folder (default "
-                                                    "openai/clip-vit-large-patch14); npr needs none."),
+    model: Optional[Path] = EXTRACT_MODEL_OPT,
     download: bool = typer.Option(False, help="Fetch a hub id missing from the local cache (network)."),
     size: int = typer.Option(256, help="Images are resized to size x size."),
     timestep: int = typer.Option(0, help="Diffusion timestep t of the noise prediction."),
-    encoding: str = typer.Option("", help="reference (uint8, as the kind's authors save it: dnf, dire, "
-                                          "npr) or raw (float16); default: the kind's (reference for "
-                                          "dnf, dire and npr; raw for clip and latent-dnf, which "
-                                          "store only raw)."),
+    encoding: str = EXTRACT_ENCODING_OPT,
     batch_size: int = typer.Option(0, help="Images per UNet forward pass (0: from free GPU memory; "
                                            "16 on the CPU)."),
     workers: int = typer.Option(-1, help="Decoding processes (-1: on a GPU cores - 1, at most 8; "
@@ -192,16 +207,8 @@ def extract(
     device: str = DEVICE_OPT,
     cache_dir: Optional[str] = typer.Option(None, help="Cache folder or URL (default RUN/cache/<id>)."),
     redo: Optional[List[int]] = typer.Option(None, "--redo", help="Compute this shard again (repeatable)."),
-    feature: str = typer.Option("dnf", help="The feature kind: dnf (one UNet pass, the paper's feature), "
-                                            "dire (DIRE's |x - DDIM reconstruction| over --ddim-steps, "
-                                            "~2x that many passes), npr (NPR's up-sampling residual; no "
-                                            "model), clip (UnivFD's CLIP image embedding) or latent-dnf "
-                                            "(DNF in a Stable Diffusion latent: VAE, then one UNet "
-                                            "pass)."),
-    geometry: str = typer.Option("resize", help="resize (the whole image to size x size: the reference), "
-                                                "crop-resize (the largest centred square, resized: DIRE's) "
-                                                "or crop (the central size x size window at native "
-                                                "resolution; smaller images upscaled)."),
+    feature: str = EXTRACT_FEATURE_OPT,
+    geometry: str = EXTRACT_GEOMETRY_OPT,
     crop: bool = typer.Option(False, help="The same as --geometry crop-resize."),
     inversion_steps: int = typer.Option(1, help="DDIM inversion steps (1: the reference, eps at t)."),
     ddim_steps: int = typer.Option(20, help="Steps of the DDIM schedule linspace(0, T, steps + 1)."),
