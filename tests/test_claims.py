@@ -374,3 +374,76 @@ def test_clock_skew_between_hosts_never_seizes_a_live_claim(tmp_path):
     with_clock(-300, slow.refresh)
     assert queue(tmp_path, stale_s=60).claim(1) is None
     slow.release()
+
+
+def test_a_worker_stalled_inside_its_write_undoes_the_done_marker_its_bytes_broke(tmp_path, tiny_model,
+                                                                                 monkeypatch, capsys):
+    """Worker A passes its claim check, stalls at the start of its shard write (SIGSTOP, a slow
+    PUT) past the stale time; B takes the claim over, writes the shard with other bytes and marks
+    it done; A resumes and writes its bytes over B's. A must not leave that silently: it finds the
+    stored data no longer match B's done marker, removes the marker (the shard is pending again,
+    not bad) and says so; the next extract recomputes the shard and `verify` passes."""
+    import threading
+
+    import stages.extract as extract
+    from stages.shard import run_shard
+    from stages.verify import run_verify
+    from storage.zarr_cache import ZarrCache
+
+    run_shard([make_dataset(tmp_path / "data", per_class=2, splits=("train",))], tmp_path / "run",
+              shard_size=4)
+    monkeypatch.setenv("DNF_CLAIM_STALE_S", "0.2")
+    real_compute, real_write = extract.compute_shard, ZarrCache.write_shard
+    jobs = []
+
+    def compute(job, *args):
+        jobs.append(job)
+        return real_compute(job, *args)
+
+    def stall_then_write(cache, start, *arrays):
+        if len(jobs) == 1 and not getattr(cache, "_stalled", False):
+            cache._stalled = True
+            jobs[0].claim._stop.set()  # stopped inside the write: no heartbeats
+            time.sleep(0.4)
+            done = []
+
+            def worker_b():  # another process in truth: its own thread (no fence of A's)
+                taker = ShardQueue(jobs[0].claim.queue.claims_dir, 1, cache.is_done, mode="heartbeat",
+                                   stale_s=0.2).claim(0)
+                assert taker is not None, "the stale claim was not taken over"
+                theirs = (arrays[0] + 1, *arrays[1:])  # B's bytes differ from A's
+                cache.mark_done(_b_marker(theirs, real_write(cache, start, *theirs)))
+                taker.release()
+                done.append(True)
+
+            b = threading.Thread(target=worker_b)
+            b.start()
+            b.join()
+            assert done, "worker B failed"
+        return real_write(cache, start, *arrays)
+
+    monkeypatch.setattr(extract, "compute_shard", compute)
+    monkeypatch.setattr(ZarrCache, "write_shard", stall_then_write)
+    opts = extract.ExtractOptions(model=tiny_model, size=32, workers=0, batch_size=4, device="cpu",
+                                  claims="heartbeat")
+    result = extract.run_extract(tmp_path / "run", opts)
+    said = capsys.readouterr()
+    assert result["shards_done_now"] == 0, result
+    assert "writes nothing of it" not in said.out + said.err
+    assert "done marker" in said.out + said.err and "removed" in said.out + said.err, said
+    report = run_verify(tmp_path / "run")
+    assert report["ok"], report  # pending again, not bad
+    monkeypatch.setattr(ZarrCache, "write_shard", real_write)
+    assert extract.run_extract(tmp_path / "run", opts)["shards_done_now"] == 1
+    report = run_verify(tmp_path / "run")
+    assert report["ok"] and report["caches"][0]["shards_checked"] == 1, report
+
+
+def _b_marker(arrays, index):
+    """The done marker worker B writes for its bytes `arrays` of shard 0 (no row rejected)."""
+    from storage.cache_config import DoneMarker
+    from storage.cache_folder import shard_checksum
+
+    n = len(arrays[0])
+    return DoneMarker(shard=0, rows=(0, n), count=n, cached=n, rejected=(),
+                      checksum=shard_checksum(arrays[0], arrays[1], arrays[4]), index=index)

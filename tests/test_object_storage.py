@@ -544,3 +544,21 @@ def test_keys_with_dot_segments_double_slashes_and_version_id_are_kept_exactly(s
         assert client.get_object(Bucket=name, Key=k)["Body"].read() == b"rewritten", k
     assert all(client.get_object(Bucket=name, Key=k)["Body"].read() == f"bytes of {k}".encode()
                for k in decoys)
+
+
+def test_a_fenced_write_on_object_storage_is_stopped_before_its_put(s3, in_process):
+    """On object storage the fence comes before the PUT (and before an upload's completion): a
+    check that raises leaves the object as it was."""
+    from storage.locations import fenced, location
+
+    target = in_process / "cache/f/shard.bin"
+    target.write_bytes(b"the taker's")
+
+    def check():
+        raise LookupError("claim lost")
+
+    for write in (lambda: location(target).write_whole(target, b"mine"),
+                  lambda: location(target).write_streamed(target, lambda f: f.write(b"mine"))):
+        with fenced(check), pytest.raises(LookupError):
+            write()
+    assert objects(s3, str(in_process).removeprefix("s3://")) == {"cache/f/shard.bin": b"the taker's"}

@@ -9,7 +9,7 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Union
 
-from storage.locations.base import Location
+from storage.locations.base import Location, fenced  # noqa: F401 (fenced: for the stages)
 from storage.locations.local import LocalLocation
 from storage.locations.object_store import ObjectLocation, ObjectPath
 

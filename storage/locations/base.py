@@ -7,10 +7,38 @@ the ones whose meaning differs between a POSIX filesystem and an object store.""
 
 from __future__ import annotations
 
+import contextvars
 from abc import ABC, abstractmethod
-from collections.abc import Callable
-from contextlib import AbstractContextManager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any, BinaryIO
+
+_FENCE: contextvars.ContextVar[Callable[[], None] | None] = contextvars.ContextVar("fence", default=None)
+
+
+@contextmanager
+def fenced(check: Callable[[], None]) -> Iterator[None]:
+    """While the block runs (in this thread), every write that makes a file appear or replaces it
+    (`write_whole`, `write_streamed`) calls `check()` as its last step before it does (before the
+    rename, the PUT, the upload's completion); `check` raises to stop the write. What a worker
+    uses to check its shard's claim as late as it can."""
+    token = _FENCE.set(check)
+    try:
+        yield
+    finally:
+        _FENCE.reset(token)
+
+
+def check_fence() -> None:
+    """Call the check of the enclosing `fenced` block, if any (itself unfenced: a check that
+    writes, a claim's heartbeat, is not checked again)."""
+    check = _FENCE.get()
+    if check is not None:
+        token = _FENCE.set(None)
+        try:
+            check()
+        finally:
+            _FENCE.reset(token)
 
 
 class RangeReader(ABC):

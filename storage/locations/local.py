@@ -11,7 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
-from storage.locations.base import Location, RangeReader
+from storage.locations.base import Location, RangeReader, check_fence
 
 
 def fsync_dir(path: Path) -> None:
@@ -57,6 +57,7 @@ class LocalLocation(Location):
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = _temporary(path, data)
         try:
+            check_fence()
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
@@ -74,6 +75,7 @@ class LocalLocation(Location):
                 fill(f)
                 f.flush()
                 os.fsync(f.fileno())
+            check_fence()
             os.replace(tmp, path)
         except BaseException:
             tmp.unlink(missing_ok=True)  # an error in `fill` leaves no file behind

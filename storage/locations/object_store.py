@@ -29,7 +29,7 @@ from typing import Any, BinaryIO
 import fsspec
 
 from storage.errors import OptionError, UserError
-from storage.locations.base import Location, RangeReader
+from storage.locations.base import Location, RangeReader, check_fence
 
 RETRY_ATTEMPTS = 10  # botocore's standard mode: exponential backoff with jitter, up to ~20 s apart
 _FILESYSTEMS: dict[tuple[int, str], Any] = {}
@@ -456,15 +456,18 @@ class ObjectLocation(Location):
     remote = True
 
     def write_whole(self, path: ObjectPath, data: bytes) -> None:
+        check_fence()
         path.write_bytes(data)
 
     def write_streamed(self, path: ObjectPath, fill: Callable[[BinaryIO], None]) -> None:
         f = path.open("wb")  # an upload that appears whole when closed, never before
         try:
             fill(f)
+            check_fence()
         except BaseException:
             if hasattr(f, "discard"):
                 f.discard()  # abort the upload: no partial object
+                f.closed = True  # discarded: nothing for close() (on garbage collection) to upload
             raise
         f.close()
 
