@@ -458,7 +458,7 @@ class ShardWriter:
         there, the marker is removed (the shard is pending again, recomputed by the next extract)
         instead of being left to fail `verify`; without a marker yet, the taker's own write comes
         later or has come before, which `verify` tells."""
-        head = f"shard {shard_id:05d}: {why}, but only after this worker wrote its data"
+        head = f"shard {shard_id:05d}: {why}; this worker found that out only after it wrote its data"
         there = self.cache.done_marker(shard_id)
         if there is None:
             self.log(f"{head}; the other worker has not marked it done yet (if its data were written "
@@ -476,7 +476,7 @@ class ShardWriter:
             return
         if self.cache.done_marker(shard_id) == there:  # not rewritten meanwhile (not atomic: a
             self.cache.done_path(shard_id).unlink(missing_ok=True)  # narrow window, no CAS delete)
-            self.log(f"{head}, which replaced the data the other worker marked done: its done marker "
+            self.log(f"{head}, which replaced the data the other worker marked done: that done marker "
                      f"no longer matched the stored data and was removed, so the shard is pending "
                      f"again and the next `extract` recomputes it; moves on")
         else:
