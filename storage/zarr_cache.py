@@ -264,19 +264,12 @@ def write_row_shard(layout: RowShardLayout, shard: int, rows: np.ndarray) -> Non
     if data is None:  # every row empty: as zarr-python, no file
         path.unlink(missing_ok=True)
         return
-    if is_remote(path):  # one PUT: the object is there whole or not at all
-        write_bytes_atomic(path, data)
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a killed writer (we hold the claim)
-        stale.unlink(missing_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:  # on disk before the done marker: a crash never leaves a marker without data
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
+    if not is_remote(path) and path.parent.exists():  # left by a killed writer (we hold the claim)
+        for stale in path.parent.glob(f".{path.name}.*.tmp"):
+            stale.unlink(missing_ok=True)
+    # one PUT, or a synced temporary file renamed: whole or absent, on disk before the done marker;
+    # the shard's claim is checked as the write's last step (storage.locations.fenced)
+    write_bytes_atomic(path, data)
 
 
 def fsync_tree(path: Path) -> None:

@@ -424,6 +424,10 @@ def test_a_worker_stalled_inside_its_write_undoes_the_done_marker_its_bytes_brok
 
     monkeypatch.setattr(extract, "compute_shard", compute)
     monkeypatch.setattr(ZarrCache, "write_shard", stall_then_write)
+    # the stall lands after the write's last claim check, just before its rename (the window the
+    # fence cannot close: test_zarr_format checks the fence itself): A's rename goes through
+    import storage.locations.local
+    monkeypatch.setattr(storage.locations.local, "check_fence", lambda: None)
     opts = extract.ExtractOptions(model=tiny_model, size=32, workers=0, batch_size=4, device="cpu",
                                   claims="heartbeat")
     result = extract.run_extract(tmp_path / "run", opts)

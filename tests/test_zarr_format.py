@@ -97,3 +97,25 @@ def test_format_1_caches_are_read_and_refused_for_writing(cached, tmp_path, tiny
     assert proc.returncode == 2 and "format-1" in proc.stderr and "new cache folder" in proc.stderr
     with pytest.raises(CacheError, match="format-1"):
         old.write_shard(0, *old.read_rows(0, 8)[:2], *old.shard_metadata(0, 8), old.read_rows(0, 8)[2])
+
+
+def test_direct_shard_writer_checks_the_claim_as_its_last_step(tmp_path):
+    """A worker whose claim was taken while it computed must not replace the taker's shard file:
+    the direct writer's rename is fenced like every other write of a shard."""
+    from storage.locations import fenced
+
+    data = np.arange(4 * 3 * 8 * 8, dtype="uint8").reshape(4, 3, 8, 8)
+    path = tmp_path / "a.zarr"
+    zarr.create_array(path, shape=data.shape, dtype="uint8", chunks=(1, 3, 8, 8), shards=(4, 3, 8, 8),
+                      compressors=ZstdCodec(level=3), fill_value=0)
+    layout = RowShardLayout.read(path)
+    write_row_shard(layout, 0, data)
+    taker = (path / "c/0/0/0/0").read_bytes()
+
+    def claim_lost():
+        raise LookupError("claim lost")
+
+    with fenced(claim_lost), pytest.raises(LookupError):
+        write_row_shard(layout, 0, data[::-1].copy())
+    assert (path / "c/0/0/0/0").read_bytes() == taker
+    assert sorted(p.name for p in (path / "c/0/0/0").iterdir()) == ["0"]  # no temporary file left
