@@ -34,9 +34,19 @@ class Entry:
     exif: bool | None = None
     quality: int | None = None  # JPEG quality estimated from the quantisation tables
     subsampling: str | None = None  # JPEG chroma subsampling: 4:4:4, 4:2:2, 4:2:0
+    # The input source that reads it (stages.domain.sources), recorded only where the address alone
+    # does not tell it; None (and absent in manifests written before) = inferred from the address.
+    kind: str | None = None
+    offset: int | None = None  # where its `size` bytes start in the file its address names (a tar member)
 
     def to_json(self) -> dict:
-        return asdict(self)
+        """The manifest row; `kind` and `offset` only where set, so rows of files and parquet rows
+        are written as they always were."""
+        d = asdict(self)
+        for optional in ("kind", "offset"):
+            if d[optional] is None:
+                del d[optional]
+        return d
 
 
 def within_roots(path: str, roots: list[str]) -> bool:

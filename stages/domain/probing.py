@@ -1,0 +1,106 @@
+"""What `shard` learns of an image by reading it: its key (sha256 of the bytes), size and header
+facts after a full decode, or the reason it is refused. Runs in `shard`'s worker processes, so it
+imports no torch."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import warnings
+
+from PIL import Image, UnidentifiedImageError
+
+from stages.domain.image_facts import header_facts
+from stages.domain.image_limits import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
+from storage.locations import as_path, is_url
+from storage.locations.object_store import read_objects
+
+OBJECTS_AT_ONCE = 64  # objects fetched concurrently by one probe task: latency overlapped, memory bounded
+
+
+def probe_file(path: str, max_pixels: int = DEFAULT_MAX_PIXELS,
+               max_bytes: int = DEFAULT_MAX_BYTES) -> dict:
+    """Read, hash and fully decode one file: `{"key", "size", "facts"}` or `{"reason"}`."""
+    if is_url(path):
+        return probe_object(path, max_pixels, max_bytes)
+    try:
+        if os.path.isdir(path):
+            return {"reason": "is a folder, not an image file"}
+        size = os.path.getsize(path)
+        if size == 0:
+            return {"reason": "empty file (0 bytes)"}
+        if size > max_bytes:
+            return {"reason": f"too large: {size} bytes > --max-bytes {max_bytes}"}
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        return {"reason": f"unreadable: {e.strerror or e}"}
+    return probe_bytes(data, max_pixels, max_bytes)
+
+
+def probe_files(paths: list[str], max_pixels: int, max_bytes: int) -> list[dict]:
+    """`probe_file` of each path, the objects on object storage fetched concurrently in groups."""
+    if not any(is_url(p) for p in paths):
+        return [probe_file(p, max_pixels, max_bytes) for p in paths]
+    out = []
+    for k in range(0, len(paths), OBJECTS_AT_ONCE):
+        part = paths[k:k + OBJECTS_AT_ONCE]
+        got = read_objects([p for p in part if is_url(p)])
+        out += [probe_object(p, max_pixels, max_bytes, got[p]) if is_url(p) else
+                probe_file(p, max_pixels, max_bytes) for p in part]
+    return out
+
+
+def probe_object(url: str, max_pixels: int, max_bytes: int, fetched: bytes | BaseException | None = None,
+                 ) -> dict:
+    """`probe_file` of an object on object storage (read whole: one GET), or of its bytes fetched."""
+    try:
+        if isinstance(fetched, BaseException):
+            raise fetched
+        data = fetched if fetched is not None else as_path(url).read_bytes()
+    except FileNotFoundError:
+        return {"reason": "missing: no such object"}
+    except OSError as e:
+        return {"reason": f"unreadable: {e.strerror or e}"}
+    if not data:
+        return {"reason": "empty file (0 bytes)"}
+    return probe_bytes(data, max_pixels, max_bytes)
+
+
+def probe_bytes(data: bytes | None, max_pixels: int = DEFAULT_MAX_PIXELS,
+                max_bytes: int = DEFAULT_MAX_BYTES) -> dict:
+    """Hash and fully decode an image's bytes (a file's, a parquet cell's, an archive member's)."""
+    if not data:
+        return {"reason": "empty image bytes (0 bytes or null)"}
+    if len(data) > max_bytes:
+        return {"reason": f"too large: {len(data)} bytes > --max-bytes {max_bytes}"}
+    key = hashlib.sha256(data).hexdigest()
+    reason, facts = check_image_bytes(data, max_pixels)
+    if reason:
+        return {"reason": reason, "key": key}
+    return {"key": key, "size": len(data), "facts": facts}
+
+
+def check_image_bytes(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[str | None, dict]:
+    """(None, the header's facts) when `data` decodes completely as an image within the pixel
+    limit, else (the reason, {})."""
+    Image.MAX_IMAGE_PIXELS = None  # our own limit below, checked before any pixel is decoded
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(io.BytesIO(data)) as im:
+                w, h = im.size
+                if w * h > max_pixels:
+                    return f"too large: {w}x{h} pixels > --max-pixels {max_pixels}", {}
+                if w < 1 or h < 1:
+                    return f"empty image: {w}x{h} pixels", {}
+                facts = header_facts(im)
+                if im.format == "JPEG":
+                    im.draft("RGB", (max(1, w // 8), max(1, h // 8)))  # fast, still reads all data
+                im.load()
+    except UnidentifiedImageError:
+        return "not an image: no image format recognised", {}
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        return f"truncated or corrupt image: {e}", {}
+    return None, facts
