@@ -8,10 +8,18 @@ the ones whose meaning differs between a POSIX filesystem and an object store.""
 from __future__ import annotations
 
 import contextvars
+import hashlib
+import json
+import time
+import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from typing import Any, BinaryIO
+
+from storage.lock_holder import holder_fields, holder_gone
+
+LOCK_STALE_S = 120.0  # a creation lock older than this is a dead holder's: taken over
 
 _FENCE: contextvars.ContextVar[Callable[[], None] | None] = contextvars.ContextVar("fence", default=None)
 
@@ -58,6 +66,8 @@ class Location(ABC):
     """The storage-specific operations on a path of one kind."""
 
     remote = False  # True: no POSIX file descriptors, no rename, no flock
+    has_flock = True  # False: files here can never hold a POSIX advisory lock (flock)
+    described = "on a filesystem"  # where a path of this kind is, for messages ("... is on X")
 
     @abstractmethod
     def write_whole(self, path: Any, data: bytes) -> None:
@@ -94,3 +104,75 @@ class Location(ABC):
     @abstractmethod
     def mtime(self, path: Any) -> float:
         """When the file was last written, in seconds since the epoch."""
+
+    @abstractmethod
+    def walk_files(self, folder: Any) -> list[tuple[Any, int]]:
+        """Every file below `folder` (at any depth) with its size in bytes, sorted by its path as
+        text (an object store's key order); [] when `folder` does not exist. Symlinked folders are
+        not followed; a symlink to a file is listed with the size of its target."""
+
+    @abstractmethod
+    def write_marker(self, path: Any, data: bytes) -> bool:
+        """Publish a marker saying that work is complete (a done marker): True when `path` now
+        holds `data`; False when another writer's marker was there first and is kept (the caller
+        compares it with its own). A filesystem replaces the file atomically (always True: a
+        second writer's marker holds the same facts); object storage creates it once, by a
+        conditional PUT."""
+
+    @abstractmethod
+    def lock(self, path: Any) -> AbstractContextManager[None]:
+        """An exclusive lock named `path`, held while the block runs: `flock` on a filesystem (the
+        kernel drops it when its process dies), a `creation_lock` on object storage."""
+
+    @contextmanager
+    def creation_lock(self, path: Any, stale_s: float = LOCK_STALE_S) -> Iterator[None]:
+        """An exclusive lock that needs only exclusive creation: the file `path`, created with
+        `create_exclusive` (a conditional PUT on object storage) and deleted at the end. A lock
+        left by a dead holder (older than `stale_s`) is removed by the one waiter that creates its
+        takeover marker first; so is one whose holder, a process on this host, is gone."""
+        token = json.dumps({"owner": uuid.uuid4().hex, **holder_fields(), "since": time.time()}).encode()
+        while not self.create_exclusive(path, token):
+            try:
+                held = path.read_bytes()
+                rec = json.loads(held)
+            except FileNotFoundError:
+                continue  # released meanwhile
+            except ValueError:
+                held, rec = b"", {}
+            if time.time() - rec.get("since", 0) > stale_s or holder_gone(rec):
+                marker = path.with_name(f"{path.name}.takeover-{hashlib.sha256(held).hexdigest()[:16]}")
+                if self.create_exclusive(marker, token):
+                    path.unlink(missing_ok=True)
+                    marker.unlink(missing_ok=True)
+            time.sleep(0.2)
+        try:
+            yield
+        finally:
+            path.unlink(missing_ok=True)
+
+    @abstractmethod
+    def zarr_store(self, path: Any) -> Any:
+        """What zarr-python opens for the Zarr store at `path` (`zarr.open_group(store, ...)`)."""
+
+    @abstractmethod
+    def sync_tree(self, path: Any) -> None:
+        """Make a file, or every file and folder under `path`, written by a library with ordinary
+        writes (zarr-python's chunk files), durable: fsync on a filesystem; nothing on object
+        storage, where a PUT that returned is durable."""
+
+    @abstractmethod
+    def remove_stale(self, folder: Any, patterns: list[str]) -> None:
+        """Delete the files under `folder` matching the glob `patterns` that a killed writer left
+        (temporaries it would have renamed; the caller holds the claim on what they belong to).
+        Object storage has none (every object is written by one PUT): nothing is done there."""
+
+    @abstractmethod
+    def file_for_ranged_reads(self, path: Any) -> Any:
+        """What to hand a library that opens a file itself and reads parts of it (pyarrow's
+        `ParquetFile`): the local path as text (the library opens it its own way), or a seekable
+        file object whose reads are ranged GETs."""
+
+    @abstractmethod
+    def file_for_whole_read(self, path: Any) -> Any:
+        """What to hand a library that reads a whole file (`torch.load`): the local path, or the
+        object's bytes read in one GET, as a seekable in-memory file."""

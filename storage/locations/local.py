@@ -3,6 +3,7 @@ creation by `link`, which a rename-based writer never half-creates."""
 
 from __future__ import annotations
 
+import fcntl
 import os
 import tempfile
 import uuid
@@ -66,8 +67,8 @@ class LocalLocation(Location):
 
     def write_streamed(self, path: Path, fill: Callable[[BinaryIO], None]) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a killed writer (the
-            stale.unlink(missing_ok=True)  # caller holds the shard's claim)
+        # left by a killed writer (the caller holds the shard's claim)
+        self.remove_stale(path.parent, [f".{path.name}.*.tmp"])
         # a unique name, not the pid: a pid repeats on other hosts and in other PID namespaces
         tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
         try:
@@ -112,3 +113,55 @@ class LocalLocation(Location):
 
     def mtime(self, path: Path) -> float:
         return path.stat().st_mtime
+
+    def walk_files(self, folder: Path) -> list[tuple[Path, int]]:
+        out = []
+        for dirpath, _, files in os.walk(folder, followlinks=False):
+            for name in files:
+                full = os.path.join(dirpath, name)
+                try:
+                    size = os.path.getsize(full)
+                except FileNotFoundError:  # a symlink whose target is gone: the link's own size
+                    size = os.lstat(full).st_size
+                out.append((full, size))
+        return [(Path(full), size) for full, size in sorted(out)]
+
+    def write_marker(self, path: Path, data: bytes) -> bool:
+        self.write_whole(path, data)
+        return True
+
+    @contextmanager
+    def lock(self, path: Path) -> Iterator[None]:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a+") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    def zarr_store(self, path: Path) -> Path:
+        return path
+
+    def sync_tree(self, path: Path) -> None:
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+        elif path.is_dir():
+            for dirpath, _, files in os.walk(path):
+                for name in files:
+                    self.sync_tree(Path(dirpath) / name)
+                fsync_dir(Path(dirpath))
+        if path.parent.exists():
+            fsync_dir(path.parent)
+
+    def remove_stale(self, folder: Path, patterns: list[str]) -> None:
+        for pattern in patterns:
+            for stale in folder.glob(pattern):
+                stale.unlink(missing_ok=True)
+
+    def file_for_ranged_reads(self, path: Path) -> str:
+        return str(path)
+
+    def file_for_whole_read(self, path: Path) -> Path:
+        return path

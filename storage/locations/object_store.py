@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import functools
+import io
 import os
 import posixpath
 import re
@@ -22,7 +23,7 @@ import time
 import uuid
 from collections import namedtuple
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path, PurePosixPath
 from typing import Any, BinaryIO
 
@@ -454,6 +455,8 @@ class ObjectLocation(Location):
     """Objects through fsspec: a PUT is atomic, so a whole write needs no temporary name."""
 
     remote = True
+    has_flock = False
+    described = "on object storage"
 
     def write_whole(self, path: ObjectPath, data: bytes) -> None:
         check_fence()
@@ -505,3 +508,31 @@ class ObjectLocation(Location):
 
     def mtime(self, path: ObjectPath) -> float:
         return path.stat().st_mtime
+
+    def walk_files(self, folder: ObjectPath) -> list[tuple[ObjectPath, int]]:
+        return folder.walk_files()
+
+    def write_marker(self, path: ObjectPath, data: bytes) -> bool:
+        return self.create_exclusive(path, data)
+
+    def lock(self, path: ObjectPath) -> AbstractContextManager[None]:
+        return self.creation_lock(path)
+
+    def zarr_store(self, path: ObjectPath) -> Any:
+        from storage.locations.zarr_keys import LiteralKeyStore  # loads zarr: only where it is used
+
+        # fsspec's instance cache is per process and thread: one client each
+        options = {k: v for k, v in storage_options(path.protocol).items() if k != "skip_instance_cache"}
+        return LiteralKeyStore.from_url(str(path), storage_options=options)
+
+    def sync_tree(self, path: ObjectPath) -> None:
+        pass  # a PUT that returned is durable
+
+    def remove_stale(self, folder: ObjectPath, patterns: list[str]) -> None:
+        pass  # no temporaries: every object is written by one PUT
+
+    def file_for_ranged_reads(self, path: ObjectPath) -> Any:
+        return path.open("rb")
+
+    def file_for_whole_read(self, path: ObjectPath) -> io.BytesIO:
+        return io.BytesIO(path.read_bytes())
