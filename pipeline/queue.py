@@ -35,7 +35,7 @@ from pathlib import Path
 
 from storage.atomic import create_exclusive, write_bytes_atomic
 from storage.errors import OptionError
-from storage.locations import STORAGE_ERRORS, StoragePath, as_path, is_remote
+from storage.locations import STORAGE_ERRORS, StoragePath, as_path, location
 from storage.lock_holder import holder_fields, holder_gone
 
 HEARTBEAT_S = 10.0
@@ -168,9 +168,10 @@ class ShardQueue:
         if mode not in CLAIM_MODES:
             raise OptionError(f"--claims {mode}: one of {', '.join(CLAIM_MODES)}")
         self.claims_dir = as_path(claims_dir)
-        if is_remote(self.claims_dir):
+        where = location(self.claims_dir)
+        if not where.has_flock:
             if mode == "flock":
-                raise OptionError(f"--claims flock: {self.claims_dir} is on object storage, which has no "
+                raise OptionError(f"--claims flock: {self.claims_dir} is {where.described}, which has no "
                                   f"flock; use --claims heartbeat (or auto)")
             mode = "heartbeat"
         self.num_shards = num_shards

@@ -10,25 +10,20 @@ has label -1 and is listed in its done marker.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
-import json
-import os
-import time
-import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
-from storage.atomic import create_exclusive, dumps_json, encode_text, read_json, write_json_atomic
+from storage.atomic import dumps_json, encode_text, read_json, write_json_atomic
 from storage.cache_config import CacheConfig, DoneMarker, ManifestRef
 from storage.errors import UserError
-from storage.locations import StoragePath, as_path, is_remote
-from storage.lock_holder import holder_fields, holder_gone
+from storage.locations import StoragePath, as_path, location
+from storage.locations.base import LOCK_STALE_S
 
 NOT_CACHED = -1  # label of a row whose image was rejected at extract time
 
@@ -37,51 +32,16 @@ class CacheError(UserError, RuntimeError):
     """A cache that cannot be used as asked; the message names the folder and what differs."""
 
 
-@contextmanager
-def file_lock(path: Path) -> Iterator[None]:
-    """An exclusive advisory lock held for the duration of the block (released if the process dies)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
-LOCK_STALE_S = 120.0  # an object lock older than this is a dead holder's: taken over
-
-
-@contextmanager
-def object_lock(path: StoragePath, stale_s: float = LOCK_STALE_S) -> Iterator[None]:
-    """An exclusive lock on object storage: the object `path`, created with a conditional PUT and
-    deleted at the end. A lock left by a dead holder (older than `stale_s`) is removed by the one
-    waiter that creates its takeover marker first; so is one whose holder, a process on this host,
-    is gone."""
-    token = json.dumps({"owner": uuid.uuid4().hex, **holder_fields(), "since": time.time()}).encode()
-    while not create_exclusive(path, token):
-        try:
-            held = path.read_bytes()
-            rec = json.loads(held)
-        except FileNotFoundError:
-            continue  # released meanwhile
-        except ValueError:
-            held, rec = b"", {}
-        if time.time() - rec.get("since", 0) > stale_s or holder_gone(rec):
-            marker = path.with_name(f"{path.name}.takeover-{hashlib.sha256(held).hexdigest()[:16]}")
-            if create_exclusive(marker, token):
-                path.unlink(missing_ok=True)
-                marker.unlink(missing_ok=True)
-        time.sleep(0.2)
-    try:
-        yield
-    finally:
-        path.unlink(missing_ok=True)
+def object_lock(path: StoragePath, stale_s: float = LOCK_STALE_S) -> AbstractContextManager[None]:
+    """An exclusive lock made by exclusive creation (on object storage: a conditional PUT), as
+    `Location.creation_lock` describes: a dead holder's lock is taken over."""
+    return location(path).creation_lock(path, stale_s)
 
 
 def storage_lock(path: StoragePath) -> AbstractContextManager[None]:
-    """`file_lock` on a filesystem, `object_lock` on object storage."""
-    return object_lock(path) if is_remote(path) else file_lock(path)
+    """The lock `path`'s location offers (`Location.lock`: flock on a filesystem, a creation lock
+    on object storage)."""
+    return location(path).lock(path)
 
 
 def shard_checksum(dnf: np.ndarray, label: np.ndarray, keys: list[str]) -> str:
@@ -209,14 +169,11 @@ class FeatureCache(ABC):
         return {int(p.stem) for p in self.done_dir.glob("*.json") if p.stem.isdigit()}
 
     def mark_done(self, marker: DoneMarker) -> None:
-        """Written last, atomically: from now on the shard counts as complete. On object storage it
-        is created with a conditional PUT: a second writer of the shard (whose data are the same
-        bytes) finds it there and moves on; a different marker there is an error."""
+        """Written last, atomically: from now on the shard counts as complete (`Location.write_marker`:
+        on object storage it is created with a conditional PUT: a second writer of the shard (whose
+        data are the same bytes) finds it there and moves on; a different marker there is an error)."""
         path = self.done_path(marker.shard)
-        if not is_remote(path):
-            write_json_atomic(path, marker.to_json())
-            return
-        if not create_exclusive(path, encode_text(dumps_json(marker.to_json()))):
+        if not location(path).write_marker(path, encode_text(dumps_json(marker.to_json()))):
             there = self.done_marker(marker.shard)
             if there is None or (there.rows, there.checksum) != (marker.rows, marker.checksum):
                 raise CacheError(f"{path}: another worker marked shard {marker.shard:05d} done with "
@@ -230,12 +187,7 @@ class FeatureCache(ABC):
                           f"compute it again")
 
     def size_bytes(self) -> int:
-        if is_remote(self.root):
-            return sum(size for _, size in self.root.walk_files())
-        total = 0
-        for dirpath, _, files in os.walk(self.root):
-            total += sum(os.path.getsize(os.path.join(dirpath, f)) for f in files)
-        return total
+        return sum(size for _, size in location(self.root).walk_files(self.root))
 
     # -- what a backend implements -----------------------------------------------------------
     @abstractmethod

@@ -3,12 +3,11 @@
 
 from __future__ import annotations
 
-import io
 import pickle
 
 import torch
 
-from storage.locations import StoragePath, as_path, is_remote
+from storage.locations import StoragePath, as_path, location
 
 
 def read_state_dict(path: StoragePath | str, error: type[Exception],
@@ -20,8 +19,7 @@ def read_state_dict(path: StoragePath | str, error: type[Exception],
     if not path.is_file():
         raise error(f"{path}: no such checkpoint file")
     try:
-        obj = torch.load(io.BytesIO(path.read_bytes()) if is_remote(path) else path, map_location="cpu",
-                         weights_only=True)
+        obj = torch.load(location(path).file_for_whole_read(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise error(f"{path}: refused: loading it would need more than plain tensors "
                     f"(weights_only=True): {str(e).splitlines()[0]}") from e

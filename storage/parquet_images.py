@@ -20,7 +20,7 @@ from typing import Any
 
 from storage.atomic import read_json, write_json_atomic
 from storage.errors import UserError
-from storage.locations import StoragePath, as_path, is_remote, location
+from storage.locations import StoragePath, as_path, location
 
 ADDRESS = re.compile(r"^(?P<file>.+\.parquet)#(?P<row>\d+)$", re.IGNORECASE)
 MAGIC = b"PAR1"
@@ -163,7 +163,7 @@ def open_parquet(file: str | StoragePath) -> Any:
     import pyarrow.parquet as pq  # imported here: only processes that read parquet load pyarrow
 
     path = as_path(file)
-    return pq.ParquetFile(path.open("rb") if is_remote(path) else file)
+    return pq.ParquetFile(location(path).file_for_ranged_reads(path))
 
 
 def read_column(file: str, row_group: int, column: str) -> list[bytes | None]:

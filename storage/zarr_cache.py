@@ -28,12 +28,11 @@ import numpy as np
 import zarr
 from zarr.codecs import ZstdCodec
 
-from storage.atomic import fsync_dir, write_bytes_atomic
+from storage.atomic import write_bytes_atomic
 from storage.cache_config import CacheConfig
 from storage.cache_folder import NOT_CACHED, CacheError, FeatureCache, RowReader
-from storage.locations import StoragePath, as_path, is_remote, location
+from storage.locations import StoragePath, as_path, location
 from storage.locations.base import RangeReader
-from storage.locations.object_store import storage_options
 
 EMPTY = np.uint64(2**64 - 1)
 # zstd level of the DNF chunks. Measured on 256x256 reference-encoded DNF (benchmarks/bench.py
@@ -42,46 +41,10 @@ EMPTY = np.uint64(2**64 - 1)
 ZSTD_LEVEL = 1
 
 
-class LiteralKeyStore(zarr.storage.FsspecStore):
-    """zarr-python's fsspec store with keys deleted as names: fsspec's `rm` expands `[ ] * ?` as
-    patterns (S3 allows them in keys), so deleting under a run `r[1]` also deleted `r1`'s objects."""
-
-    async def _remove(self, paths: list[str]) -> None:
-        for path in paths:
-            try:
-                await self.fs._rm_file(path)
-            except FileNotFoundError:
-                pass
-
-    async def delete(self, key: str) -> None:
-        """Delete one key (absent: nothing to do)."""
-        self._check_writable()
-        await self._remove([f"{self.path}/{key}".rstrip("/")])
-
-    async def delete_dir(self, prefix: str) -> None:
-        """Delete every key under `prefix`, listed first."""
-        self._check_writable()
-        root = f"{self.path}/{prefix}".rstrip("/")
-        try:
-            await self._remove(list(await self.fs._find(root)))
-        except FileNotFoundError:
-            pass
-
-    async def clear(self) -> None:
-        """Delete every key of the store, listed first."""
-        try:
-            await self._remove([p for p in await self.fs._find(self.path) if p != self.path])
-        except FileNotFoundError:
-            pass
-
-
 def zarr_store(path: StoragePath) -> Any:
-    """What zarr-python opens for `path`: the local path, or an fsspec store for a URL (each
-    process opens its own) that deletes keys literally."""
-    if is_remote(path):  # fsspec's instance cache is per process and thread: one client each
-        options = {k: v for k, v in storage_options(path.protocol).items() if k != "skip_instance_cache"}
-        return LiteralKeyStore.from_url(str(path), storage_options=options)
-    return path
+    """What zarr-python opens for `path` (`Location.zarr_store`: the local path, or an fsspec store
+    for a URL, each process its own, that deletes keys literally)."""
+    return location(path).zarr_store(path)
 
 
 @dataclass(frozen=True)
@@ -264,9 +227,8 @@ def write_row_shard(layout: RowShardLayout, shard: int, rows: np.ndarray) -> Non
     if data is None:  # every row empty: as zarr-python, no file
         path.unlink(missing_ok=True)
         return
-    if not is_remote(path) and path.parent.exists():  # left by a killed writer (we hold the claim)
-        for stale in path.parent.glob(f".{path.name}.*.tmp"):
-            stale.unlink(missing_ok=True)
+    # left by a killed writer (we hold the claim); object storage has none
+    location(path).remove_stale(path.parent, [f".{path.name}.*.tmp"])
     # one PUT, or a synced temporary file renamed: whole or absent, on disk before the done marker;
     # the shard's claim is checked as the write's last step (storage.locations.fenced)
     write_bytes_atomic(path, data)
@@ -274,19 +236,8 @@ def write_row_shard(layout: RowShardLayout, shard: int, rows: np.ndarray) -> Non
 
 def fsync_tree(path: Path) -> None:
     """fsync a file, or every file and folder under `path` (zarr-python's chunk files of a shard);
-    nothing to do on object storage, where a PUT that returned is durable."""
-    if is_remote(path):
-        return
-    if path.is_file():
-        with open(path, "rb") as f:
-            os.fsync(f.fileno())
-    elif path.is_dir():
-        for dirpath, _, files in os.walk(path):
-            for name in files:
-                fsync_tree(Path(dirpath) / name)
-            fsync_dir(Path(dirpath))
-    if path.parent.exists():
-        fsync_dir(path.parent)
+    nothing to do on object storage, where a PUT that returned is durable (`Location.sync_tree`)."""
+    location(path).sync_tree(path)
 
 
 def open_rows(array_path: Path, required=None, damaged=None) -> RowReader:
@@ -402,12 +353,9 @@ class ZarrCache(FeatureCache):
         """Remove the `*.partial` files a killed zarr-python write left for this shard's chunks
         (never read, but they would stay forever; this worker holds the shard's claim). Object
         storage has none: zarr-python writes each chunk object with one PUT."""
-        if is_remote(self.zarr_path):
-            return
         for name in ("dnf", "label", "key", "split", "source"):
             chunks = self.zarr_path / name / "c"
-            for stale in [*chunks.glob(f"{shard}.*.partial"), *chunks.glob(f"{shard}/**/*.partial")]:
-                stale.unlink(missing_ok=True)
+            location(chunks).remove_stale(chunks, [f"{shard}.*.partial", f"{shard}/**/*.partial"])
 
     def _dnf_layout(self) -> RowShardLayout | None:
         """The dnf array's layout when the direct writer handles it (every cache this project

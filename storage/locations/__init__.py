@@ -54,11 +54,6 @@ def location(path: StoragePath) -> Location:
     raise TypeError(f"not a storage path: {path!r}")
 
 
-def is_remote(path: StoragePath | str) -> bool:
-    """True for a path on object storage."""
-    return location(as_path(path)).remote
-
-
 def staged(folder: StoragePath) -> AbstractContextManager[Path]:
     """A local folder for files written with ordinary file APIs into `folder` (see `Location.staged`)."""
     return location(folder).staged(folder)

@@ -65,7 +65,6 @@ class RangeReader(ABC):
 class Location(ABC):
     """The storage-specific operations on a path of one kind."""
 
-    remote = False  # True: no POSIX file descriptors, no rename, no flock
     has_flock = True  # False: files here can never hold a POSIX advisory lock (flock)
     described = "on a filesystem"  # where a path of this kind is, for messages ("... is on X")
 

@@ -454,7 +454,6 @@ def check_conditional_writes(path: ObjectPath) -> None:
 class ObjectLocation(Location):
     """Objects through fsspec: a PUT is atomic, so a whole write needs no temporary name."""
 
-    remote = True
     has_flock = False
     described = "on object storage"
 
