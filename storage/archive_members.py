@@ -16,8 +16,12 @@ IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".
 
 
 class ArchiveError(UserError, ValueError):
-    """A tar or zip archive that cannot be read (truncated, damaged, not an archive); the message
-    names it and says why."""
+    """A tar or zip archive that cannot be read (truncated, damaged, not an archive): the message
+    names it and says why; `why` alone is the reason a reject of the archive gives."""
+
+    def __init__(self, path: object, why: str):
+        super().__init__(f"{path}: {why}")
+        self.path, self.why = str(path), why
 
 
 @dataclass(frozen=True, slots=True)

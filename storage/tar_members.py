@@ -41,12 +41,12 @@ def iter_tar(path: StoragePath | str, max_bytes: int) -> Iterator[Member]:
     try:
         f = RangeFile(location(path).open_reader(path), PASS_READAHEAD)
     except FileNotFoundError as e:
-        raise ArchiveError(f"{path}: missing: the archive was removed") from e
+        raise ArchiveError(path, "missing: the archive was removed") from e
     with f:
         try:
             tar = tarfile.open(fileobj=f, mode="r:")
         except tarfile.TarError as e:
-            raise ArchiveError(f"{path}: not a readable tar archive ({e})") from e
+            raise ArchiveError(path, f"not a readable tar archive ({e})") from e
         try:
             while (m := tar.next()) is not None:
                 if m.isdir():
@@ -67,7 +67,7 @@ def iter_tar(path: StoragePath | str, max_bytes: int) -> Iterator[Member]:
         except (tarfile.TarError, EOFError) as e:
             why = f"damaged or truncated ({e})"
         if why is not None:
-            raise ArchiveError(f"{path}: {why}; the members before it were read, the rest are lost")
+            raise ArchiveError(path, f"{why}; the members before it were read, the rest are lost")
 
 
 class TarMembers:
@@ -86,8 +86,8 @@ class TarMembers:
             path = as_path(tar)
             reader = self._readers[tar] = location(path).open_reader(path)
         if offset < 0 or offset + size > reader.size:
-            raise ArchiveError(f"{tar}: {reader.size} bytes, a member at {offset} needs {size} more: "
-                               f"the tar changed since `shard`")
+            raise ArchiveError(tar, f"{reader.size} bytes, too few for a member of {size} bytes at "
+                                    f"{offset}: the tar changed since `shard`")
         return reader.read(offset, size)
 
     def close(self) -> None:

@@ -27,12 +27,12 @@ def open_zip(path: StoragePath | str, readahead: int = MEMBER_READAHEAD) -> zipf
     try:
         f = RangeFile(location(path).open_reader(path), readahead)
     except FileNotFoundError as e:
-        raise ArchiveError(f"{path}: missing: the archive was removed") from e
+        raise ArchiveError(path, "missing: the archive was removed") from e
     try:
         return zipfile.ZipFile(f)
     except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, EOFError) as e:
         f.close()
-        raise ArchiveError(f"{path}: not a readable zip archive, or truncated (its central directory "
+        raise ArchiveError(path, f"not a readable zip archive, or truncated (its central directory "
                            f"at the end is missing or damaged: {e})") from e
 
 
@@ -95,24 +95,24 @@ class ZipMembers:
         self._open: dict[str, tuple[zipfile.ZipFile, dict[int, zipfile.ZipInfo]]] = {}
         self._pid = os.getpid()
 
-    def read(self, archive: str, name: str, offset: int, max_bytes: int) -> bytes:
-        """The bytes of member `name` whose local header is at `offset` in the zip `archive`."""
-        if self._pid != os.getpid():
+    def read(self, archive: str, name: str, offset: int, size: int) -> bytes:
+        """The bytes of member `name`, `size` bytes uncompressed, whose local header is at `offset` in
+        the zip `archive` (a path or URL); ArchiveError when the zip no longer holds it so, ValueError
+        with the reason when the member cannot be read."""
+        if self._pid != os.getpid():  # a forked loader worker opens its own
             self._open, self._pid = {}, os.getpid()
         if archive not in self._open:
             zf = open_zip(archive)
             self._open[archive] = (zf, {i.header_offset: i for i in zf.infolist()})
         zf, by_offset = self._open[archive]
         info = by_offset.get(offset)
-        if info is None or info.filename != name:
-            raise ArchiveError(f"{archive}: no member {name!r} at byte {offset}: the zip changed since "
-                               f"`shard`")
+        if info is None or info.filename != name or info.file_size != size:
+            raise ArchiveError(archive, f"no member {name!r} of {size} bytes at byte {offset}: the zip "
+                                        f"changed since `shard`")
         refused = member_refusal(info)
         if refused is not None:
             raise ValueError(refused)
-        if info.file_size > max_bytes:
-            raise ValueError(f"too large: {info.file_size} bytes > --max-bytes {max_bytes}")
-        return read_member(zf, info, max_bytes)
+        return read_member(zf, info, size)
 
     def close(self) -> None:
         """Close the archives this process opened."""

@@ -123,9 +123,11 @@ def test_a_pass_over_a_diffusiondb_zip_and_reads_by_offset_give_the_written_byte
     assert [m.offset for m in members] == sorted(m.offset for m in members)
     reader = ZipMembers()
     for m in reversed(members):
-        assert reader.read(str(path), m.name, m.offset, BIG) == expected[m.name]
+        assert reader.read(str(path), m.name, m.offset, m.size) == expected[m.name]
     with pytest.raises(ArchiveError, match="changed since"):
-        reader.read(str(path), "other.png", members[0].offset, BIG)
+        reader.read(str(path), "other.png", members[0].offset, members[0].size)
+    with pytest.raises(ArchiveError, match="changed since"):
+        reader.read(str(path), members[0].name, members[0].offset, members[0].size + 1)
     reader.close()
 
 
