@@ -13,142 +13,36 @@ after the existing ones, which stay untouched (as do the caches made of them).
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
 import json
 import os
 import shutil
-import warnings
 from collections import Counter
-from dataclasses import dataclass, field, replace
-from multiprocessing import get_context
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from PIL import Image, UnidentifiedImageError
-
 import pipeline
-from pipeline.progress import Progress
-from stages.domain.image_facts import header_facts
 from stages.domain.image_limits import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
-from stages.domain.layouts import LAYOUTS, SPLIT_NAMES, infer_from_layout, parse_label
-from stages.domain.parquet_layouts import (
-    ColumnOptions,
-    Columns,
-    ParquetInputError,
-    Row,
-    dataset_files,
-    describe_label,
-    infer_columns,
-    is_parquet_dataset,
-    path_only_rows,
-    read_rows,
-    resolve_dataset,
-    source_folder,
+from stages.domain.layouts import LAYOUTS, SPLIT_NAMES, parse_label
+from stages.domain.parquet_layouts import ColumnOptions, resolve_dataset
+from stages.domain.probe_tasks import PROBE_BATCH, _probe_batch, probe_all  # noqa: F401 (importable here)
+from stages.domain.sources import (
+    Candidate,
+    Collected,
+    ShardError,
+    SourceOptions,
+    kind_of,
+    recognise,
+    recorded_kind,
 )
-from storage.atomic import read_jsonl, write_jsonl_atomic
-from storage.errors import UserError
+from stages.domain.sources import source as source_of
+from stages.domain.sources.base import entry_address, input_address
 from storage.locations import ObjectPath, as_path, is_url
-from storage.locations.object_store import read_objects
 from storage.packed_images import pack_path, write_pack
-from storage.parquet_images import (
-    ParquetError,
-    ParquetSource,
-    address,
-    check_index_append,
-    footer_signature,
-    open_parquet,
-    path_order,
-    read_column,
-    split_address,
-    write_index,
-)
-from storage.run import Append, Entry, Run, RunError, RunInfo, within_roots
+from storage.parquet_images import check_index_append, path_order, split_address, write_index
+from storage.run import Append, Entry, Run, RunError, RunInfo
 
-LIST_SUFFIXES = {".csv", ".jsonl"}
-PROBE_BATCH = 1024  # files per probe task and per checkpoint file (DNF_SHARD_BATCH overrides)
-
-
-NO_LABEL_FOLDER = ("no label: the folders name no real/fake class (0_real, 1_fake, real, nature, ai, "
-                   "<generator> under a split) and no --label or --layout was given")
-NO_LABEL_PARQUET = ("no label: the parquet file has no label column (label, labels, is_fake, fake, class, "
-                    "target); name it with --label-column, or give --label")
-
-
-class ShardError(UserError, RuntimeError):
-    """Inputs that cannot be sharded as a whole (missing input, conflicting labels)."""
-
-
-@dataclass(frozen=True, slots=True)
-class Candidate:
-    """A file found in the inputs, with what its location or list row says about it."""
-
-    path: str
-    label: int | None
-    source: str | None
-    split: str | None
-    reason: str | None = None  # set when the candidate is refused before it is read
-
-
-def _walk_folder(root: Path, layout: str = "auto") -> list[Candidate]:
-    """Every file below `root` (sorted, symlinked folders not followed), with its layout labels."""
-    out = []
-    root_name = root.resolve().name
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
-        dirnames.sort()
-        rel_dirs = list(Path(dirpath).relative_to(root).parts)
-        label, source, split = infer_from_layout(rel_dirs, root_name, layout)
-        for name in sorted(filenames):
-            out.append(Candidate(os.path.abspath(os.path.join(dirpath, name)), label, source, split))
-        # Folders named like images (x.jpg/) or symlinks to folders are files the user may expect
-        # to be taken: report them instead of silently skipping.
-        for name in list(dirnames):
-            full = os.path.join(dirpath, name)
-            if os.path.islink(full):
-                out.append(Candidate(os.path.abspath(full), label, source, split))
-    return out
-
-
-def _walk_objects(root: ObjectPath, layout: str = "auto") -> list[Candidate]:
-    """Every object below the prefix `root` (one listing, in key order), with its layout labels:
-    a folder of images on object storage."""
-    out = []
-    for obj, _ in root.walk_files():
-        rel_dirs = list(obj.relative_to(root).parts[:-1])
-        label, source, split = infer_from_layout(rel_dirs, root.name, layout)
-        out.append(Candidate(str(obj), label, source, split))
-    return out
-
-
-def input_address(inp: str | Path | ObjectPath) -> str:
-    """An input as the run records it: a URL as it is, a local path made absolute."""
-    return str(as_path(inp)) if is_url(str(inp)) or isinstance(inp, ObjectPath) else os.path.abspath(inp)
-
-
-def _read_list(path: Path) -> list[Candidate]:
-    """Rows of a `.csv` (header with `path`, `label`, optional `source`, `split`) or `.jsonl` list."""
-    base = path.parent
-    if path.suffix == ".csv":
-        with open(path, newline="") as f:
-            rows = list(csv.DictReader(f))
-    else:
-        try:
-            rows = read_jsonl(path)
-        except ValueError as e:
-            raise ShardError(str(e)) from e
-    out = []
-    for n, row in enumerate(rows, 1):
-        if not row.get("path"):
-            raise ShardError(f"{path}: row {n} has no 'path' (columns: path, label, source, split)")
-        p = Path(str(row["path"]))
-        p = os.path.normpath(p if p.is_absolute() else base / p)
-        label = parse_label(row["label"]) if row.get("label") not in (None, "") else None
-        split = row.get("split") or None
-        outside = None if within_roots(p, [os.path.abspath(base)]) else \
-            f"outside the list file's folder {os.path.abspath(base)} (paths may not leave it)"
-        out.append(Candidate(os.path.abspath(p), label, row.get("source") or path.stem,
-                             SPLIT_NAMES.get(str(split).lower(), split) if split else None, outside))
-    return out
+__all__ = ["Candidate", "Collected", "ShardError", "collect", "run_shard"]
 
 
 def parse_split_map(pairs: list[str] | None) -> dict[str, str]:
@@ -160,61 +54,6 @@ def parse_split_map(pairs: list[str] | None) -> dict[str, str]:
             raise ShardError(f"--split-map {pair!r}: expected FROM=TO, e.g. val=test")
         out[SPLIT_NAMES.get(old.strip().lower(), old.strip())] = new.strip()
     return out
-
-
-def _parquet_input(inp: Path, columns: ColumnOptions, found: Collected) -> list[Candidate]:
-    """A candidate per row of a parquet file or dataset folder; its files are added to `found`, the
-    files the dataset's conventions leave out to its rejects, and files in no split to its notes."""
-    import pyarrow as pa
-
-    listing = dataset_files(inp, columns.config)
-    found.rejects += [{"path": str(p), "stage": "shard", "reason": why} for p, why in listing.left_out]
-    if not listing.files:
-        left = listing.left_out
-        raise ShardError(f"{inp}: no .parquet files" + (f" to read ({len(left)} left out, e.g. {left[0][0]}: "
-                                                        f"{left[0][1]})" if left else ""))
-    out = []
-    for file, file_split in listing.files:
-        try:
-            size, footer = footer_signature(str(file))
-            meta = open_parquet(str(file)).metadata
-            cols = infer_columns(meta.schema.to_arrow_schema(), columns, file)
-            rows = list(read_rows(file, cols, columns))
-            path_only = path_only_rows(file, cols)
-        except (ParquetError, ParquetInputError) as e:  # one bad file is a reject, the others are read
-            found.rejects.append({"path": str(file), "reason": str(e), "stage": "shard"})
-            continue
-        except (OSError, pa.ArrowException) as e:  # pyarrow's refusal of a damaged file; a bug still raises
-            found.rejects.append({"path": str(file), "stage": "shard",
-                                  "reason": f"not a readable parquet file: {e}"})
-            continue
-        found.parquet[str(file)] = ParquetSource(str(file), size, footer, tuple(
-            meta.row_group(i).num_rows for i in range(meta.num_row_groups)), cols.image)
-        unsplit = file_split is None and cols.split is None
-        if unsplit:
-            found.unsplit.append(str(file))
-        found.inferred.append({"file": str(file), "rows": meta.num_rows,
-                               "split": "train" if unsplit else file_split,
-                               "splits_from": listing.how, "columns": cols.describe()})
-        for r in rows:
-            split = r.split or file_split
-            out.append(Candidate(address(str(file), r.row), r.label, r.source or source_folder(file),
-                                 SPLIT_NAMES.get(split.lower(), split) if split else None,
-                                 _row_refusal(r, cols, path_only.get(r.row))))
-    return out
-
-
-def _row_refusal(r: Row, cols: Columns, path_only: str | None) -> str | None:
-    """Why a parquet row is refused before its bytes are read (None: it is read)."""
-    if path_only is not None:
-        return (f"the Image cell has a path ({path_only!r}) but no bytes: the image is elsewhere, on the "
-                f"machine that wrote the file; write the dataset with its images embedded (push_to_hub "
-                f"does; to_parquet of images loaded from paths does not)")
-    if r.label is None and r.raw_label is not None:
-        named = "the value or its class name" if cols.class_names else "the value"
-        return (f"label {describe_label(r.raw_label, cols)} is neither real nor fake (name its values with "
-                f"--real-values / --fake-values: {named})")
-    return None
 
 
 def unsplit_note(found: Collected, split: str | None, split_map: dict[str, str]) -> dict:
@@ -230,73 +69,35 @@ def unsplit_note(found: Collected, split: str | None, split_map: dict[str, str])
                     f"--split (or --split-map train=test) to choose"}
 
 
-@dataclass
-class Collected:
-    """What `collect` found besides the candidates: parquet files read, and files refused whole."""
-
-    parquet: dict[str, ParquetSource] = field(default_factory=dict)
-    inferred: list[dict] = field(default_factory=list)  # per parquet file: columns, split, rows
-    unsplit: list[str] = field(default_factory=list)  # parquet files no name or column gave a split
-    rejects: list[dict] = field(default_factory=list)
-
-
 def collect(inputs: list[Path], label: str | None = None, source: str | None = None,
             split: str | None = None, layout: str = "auto",
             split_map: dict[str, str] | None = None, columns: ColumnOptions | None = None,
-            found: Collected | None = None) -> list[Candidate]:
-    """Candidates from folders, list files, parquet datasets and single files, with the options'
-    overrides applied; parquet files read go into `found`."""
+            found: Collected | None = None, options: SourceOptions | None = None) -> list[Candidate]:
+    """Candidates of every input, from the first registered source that recognises it
+    (`stages.domain.sources`), with the options' overrides applied; files refused whole and parquet
+    files read go into `found`."""
     found = found if found is not None else Collected()
+    opts = options or SourceOptions(layout, columns or ColumnOptions())
     forced_label = None
     if label is not None:
         forced_label = parse_label(label)
         if forced_label is None:
             raise ShardError(f"--label {label!r}: expected real or fake")
-    if layout not in LAYOUTS:
-        raise ShardError(f"--layout {layout!r}: one of {', '.join(LAYOUTS)}")
+    if opts.layout not in LAYOUTS:
+        raise ShardError(f"--layout {opts.layout!r}: one of {', '.join(LAYOUTS)}")
     found_c: list[Candidate] = []
     for inp in inputs:
         inp = as_path(inp)
-        if isinstance(inp, ObjectPath):
-            found_c += _object_input(inp, layout, columns or ColumnOptions(), found)
-            continue
-        if not os.path.lexists(inp):
+        if not isinstance(inp, ObjectPath) and not os.path.lexists(inp):
             raise ShardError(f"{inp}: no such file or folder")
-        if inp.suffix.lower() == ".parquet" or (inp.is_dir() and is_parquet_dataset(inp)):
-            found_c += _parquet_input(inp, columns or ColumnOptions(), found)
-        elif inp.is_dir():
-            found_c += _walk_folder(inp, layout)
-        elif inp.suffix.lower() in LIST_SUFFIXES:
-            found_c += _read_list(inp)
-        else:
-            lab, src, spl = infer_from_layout(list(inp.parent.parts[-4:]), inp.parent.name, layout)
-            found_c.append(Candidate(os.path.abspath(inp), lab, src or inp.parent.name, spl))
+        found_c += recognise(inp).candidates(inp, opts, found)
     split_map = split_map or {}
     return [
-        Candidate(
-            c.path,
-            forced_label if forced_label is not None else c.label,
-            source or c.source or "unknown",
-            split or split_map.get(c.split or "train", c.split or "train"),
-            c.reason,
-        )
+        replace(c, label=forced_label if forced_label is not None else c.label,
+                source=source or c.source or "unknown",
+                split=split or split_map.get(c.split or "train", c.split or "train"))
         for c in found_c
     ]
-
-
-def _object_input(inp: ObjectPath, layout: str, columns: ColumnOptions, found: Collected) -> list[Candidate]:
-    """Candidates of an input on object storage: a prefix of images, or one image object."""
-    if inp.suffix.lower() in LIST_SUFFIXES:
-        raise ShardError(f"{inp}: list files on object storage are not read; give a prefix of image "
-                         f"files or parquet files")
-    if inp.suffix.lower() == ".parquet" or (inp.is_dir() and is_parquet_dataset(inp)):
-        return _parquet_input(inp, columns, found)
-    if inp.is_dir():
-        return _walk_objects(inp, layout)
-    if not inp.exists():
-        raise ShardError(f"{inp}: no such object or prefix")
-    lab, src, spl = infer_from_layout([inp.parent.name], inp.parent.name, layout)
-    return [Candidate(str(inp), lab, src or inp.parent.name, spl)]
 
 
 def input_roots(inputs: list[Path]) -> list[str]:
@@ -305,172 +106,9 @@ def input_roots(inputs: list[Path]) -> list[str]:
     for inp in inputs:
         if is_url(str(inp)) or isinstance(inp, ObjectPath):
             roots.append(input_address(inp))
-            continue
-        inp = Path(inp)
-        if inp.is_file() and inp.suffix.lower() in LIST_SUFFIXES:
-            roots.append(os.path.abspath(inp.parent))
         else:
-            roots.append(os.path.abspath(inp))
+            roots.append(recognise(Path(inp)).root(Path(inp)))
     return sorted(set(roots))
-
-
-def probe_file(path: str, max_pixels: int = DEFAULT_MAX_PIXELS,
-               max_bytes: int = DEFAULT_MAX_BYTES) -> dict:
-    """Read, hash and fully decode one file: `{"key", "size", "facts"}` or `{"reason"}`."""
-    if is_url(path):
-        return _probe_object(path, max_pixels, max_bytes)
-    try:
-        if os.path.isdir(path):
-            return {"reason": "is a folder, not an image file"}
-        size = os.path.getsize(path)
-        if size == 0:
-            return {"reason": "empty file (0 bytes)"}
-        if size > max_bytes:
-            return {"reason": f"too large: {size} bytes > --max-bytes {max_bytes}"}
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as e:
-        return {"reason": f"unreadable: {e.strerror or e}"}
-    return probe_bytes(data, max_pixels, max_bytes)
-
-
-OBJECTS_AT_ONCE = 64  # objects fetched concurrently by one probe task: latency overlapped, memory bounded
-
-
-def _probe_objects(paths: list[str], max_pixels: int, max_bytes: int) -> list[dict]:
-    """`probe_file` of each path, the objects on object storage fetched concurrently in groups."""
-    out = []
-    for k in range(0, len(paths), OBJECTS_AT_ONCE):
-        part = paths[k:k + OBJECTS_AT_ONCE]
-        got = read_objects([p for p in part if is_url(p)])
-        out += [_probe_object(p, max_pixels, max_bytes, got[p]) if is_url(p) else
-                probe_file(p, max_pixels, max_bytes) for p in part]
-    return out
-
-
-def _probe_object(url: str, max_pixels: int, max_bytes: int, fetched: bytes | BaseException | None = None,
-                  ) -> dict:
-    """`probe_file` of an object on object storage (read whole: one GET), or of its bytes fetched."""
-    try:
-        if isinstance(fetched, BaseException):
-            raise fetched
-        data = fetched if fetched is not None else as_path(url).read_bytes()
-    except FileNotFoundError:
-        return {"reason": "missing: no such object"}
-    except OSError as e:
-        return {"reason": f"unreadable: {e.strerror or e}"}
-    if not data:
-        return {"reason": "empty file (0 bytes)"}
-    return probe_bytes(data, max_pixels, max_bytes)
-
-
-def probe_bytes(data: bytes | None, max_pixels: int = DEFAULT_MAX_PIXELS,
-                max_bytes: int = DEFAULT_MAX_BYTES) -> dict:
-    """Hash and fully decode an image's bytes (a file's, a parquet cell's)."""
-    if not data:
-        return {"reason": "empty image bytes (0 bytes or null)"}
-    if len(data) > max_bytes:
-        return {"reason": f"too large: {len(data)} bytes > --max-bytes {max_bytes}"}
-    key = hashlib.sha256(data).hexdigest()
-    reason, facts = check_image_bytes(data, max_pixels)
-    if reason:
-        return {"reason": reason, "key": key}
-    return {"key": key, "size": len(data), "facts": facts}
-
-
-def check_image_bytes(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[str | None, dict]:
-    """(None, the header's facts) when `data` decodes completely as an image within the pixel
-    limit, else (the reason, {})."""
-    Image.MAX_IMAGE_PIXELS = None  # our own limit below, checked before any pixel is decoded
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            with Image.open(io.BytesIO(data)) as im:
-                w, h = im.size
-                if w * h > max_pixels:
-                    return f"too large: {w}x{h} pixels > --max-pixels {max_pixels}", {}
-                if w < 1 or h < 1:
-                    return f"empty image: {w}x{h} pixels", {}
-                facts = header_facts(im)
-                if im.format == "JPEG":
-                    im.draft("RGB", (max(1, w // 8), max(1, h // 8)))  # fast, still reads all data
-                im.load()
-    except UnidentifiedImageError:
-        return "not an image: no image format recognised", {}
-    except (OSError, SyntaxError, ValueError, EOFError) as e:
-        return f"truncated or corrupt image: {e}", {}
-    return None, facts
-
-
-
-def _probe_batch(args: tuple) -> tuple[int, list[dict]]:
-    b, paths, max_pixels, max_bytes, group = args
-    if group is None:
-        if any(is_url(p) for p in paths):
-            return b, _probe_objects(paths, max_pixels, max_bytes)
-        return b, [probe_file(p, max_pixels, max_bytes) for p in paths]
-    source, row_group, first = group  # one row group of a parquet file: its image column read once
-    try:
-        cells = read_column(source.file, row_group, source.column)
-    except ParquetError as e:
-        return b, [{"reason": str(e)} for _ in paths]
-    return b, [probe_bytes(cells[split_address(p)[1] - first], max_pixels, max_bytes) for p in paths]
-
-
-def probe_batches(paths: list[str], size: int, parquet: dict[str, ParquetSource]) -> list[tuple]:
-    """(paths, row group or None) batches: up to `size` consecutive files, or the rows of one row
-    group of a parquet file (so each row group is read once)."""
-    out: list[tuple] = []
-    for p in paths:
-        parts = split_address(p)
-        group = None
-        if parts is not None and parts[0] in parquet:
-            src = parquet[parts[0]]
-            rg, first = src.row_group_of(parts[1])
-            group = (src, rg, first)
-        last = out[-1] if out else None
-        if last is not None and ((group is None and last[1] is None and len(last[0]) < size)
-                                 or (group is not None and last[1] == group)):
-            last[0].append(p)
-        else:
-            out.append(([p], group))
-    return out
-
-
-def probe_all(paths: list[str], workers: int, max_pixels: int, max_bytes: int,
-              checkpoints: Path, parquet: dict[str, ParquetSource] | None = None) -> list[dict]:
-    """`probe_file` of every path (or `probe_bytes` of every parquet row), in order, on `workers`
-    processes. Each finished batch is written to `checkpoints/NNNNNN.jsonl` (atomically), and
-    batches found there are not probed again."""
-    size = int(os.environ.get("DNF_SHARD_BATCH", PROBE_BATCH))
-    batches = probe_batches(paths, size, parquet or {})
-    results: list[list[dict] | None] = [None] * len(batches)
-    progress = Progress(len(paths), "shard: probing", unit="file")
-    for b, (batch, _) in enumerate(batches):
-        rows = read_jsonl(checkpoints / f"{b:06d}.jsonl")
-        if [r.pop("path") for r in rows] == batch:
-            results[b] = rows
-            progress.update(len(batch))
-    todo = [(b, batches[b][0], max_pixels, max_bytes, batches[b][1]) for b in range(len(batches))
-            if results[b] is None]
-    if todo:
-        checkpoints.mkdir(parents=True, exist_ok=True)
-
-    def done(b: int, rows: list[dict]) -> None:
-        write_jsonl_atomic(checkpoints / f"{b:06d}.jsonl",
-                           [{"path": p, **r} for p, r in zip(batches[b][0], rows, strict=True)])
-        results[b] = rows
-        progress.update(len(rows))
-
-    if workers > 1 and sum(len(t[1]) for t in todo) > 64:
-        with get_context("spawn").Pool(workers) as pool:
-            for b, rows in pool.imap_unordered(_probe_batch, todo):
-                done(b, rows)
-    else:
-        for task in todo:
-            done(*_probe_batch(task))
-    progress.close()
-    return [r for rows in results for r in rows]
 
 
 def conflict_rejects(key: str, group: list[Entry], old: Entry | None) -> list[dict]:
@@ -489,10 +127,10 @@ def conflict_rejects(key: str, group: list[Entry], old: Entry | None) -> list[di
 
 
 def manifest_order(entry: Entry) -> tuple:
-    """Files by key, then parquet rows in the files' order (files by name, rows in order), so
-    that `extract` reads each row group once in all."""
-    parts = split_address(entry.path)
-    return (0, entry.key, 0) if parts is None else (1, *parts)
+    """Files by key, then the images of sources with an order of their own in that order (a parquet
+    file's rows: files by name, rows in order), so that `extract` reads each store unit once."""
+    order = source_of(kind_of(entry)).order(entry_address(entry))
+    return (0, entry.key, 0) if order is None else (1, *order)
 
 
 def build_manifest(candidates: list[Candidate], results: list[dict], existing: dict[str, Entry] | None = None,
@@ -505,10 +143,10 @@ def build_manifest(candidates: list[Candidate], results: list[dict], existing: d
         if "reason" in r:
             rejects.append({"path": c.path, "reason": r["reason"], "stage": "shard"})
         elif c.label is None:
-            rejects.append({"path": c.path, "stage": "shard", "reason": NO_LABEL_PARQUET
-                            if split_address(c.path) else NO_LABEL_FOLDER})
+            rejects.append({"path": c.path, "stage": "shard", "reason": source_of(c.kind).no_label})
         else:
-            entry = Entry(r["key"], c.path, c.label, c.source, c.split, r["size"], **r.get("facts", {}))
+            entry = Entry(r["key"], c.path, c.label, c.source, c.split, r["size"], **r.get("facts", {}),
+                          kind=recorded_kind(c), offset=c.offset)
             by_key.setdefault(r["key"], []).append(entry)
     entries, duplicates, conflicts = [], [], 0
     for key in sorted(by_key):
@@ -569,17 +207,26 @@ class ShardOptions:
     max_pixels: int = DEFAULT_MAX_PIXELS
     max_bytes: int = DEFAULT_MAX_BYTES
     columns: ColumnOptions = ColumnOptions()  # parquet inputs' columns and label values
+    label_field: str | None = None  # a JSON sidecar's / metadata's field naming the label
+    source_field: str | None = None  # ... naming the source
 
     def recorded(self) -> dict:
-        """run.json's `options` (layout, split map and parquet columns only where given, as older
-        runs have none)."""
+        """run.json's `options` (layout, split map, sidecar fields and parquet columns only where
+        given, as older runs have none)."""
         d = {"label": self.label, "source": self.source, "split": self.split,
              "max_pixels": self.max_pixels, "max_bytes": self.max_bytes}
         if self.layout != "auto":
             d["layout"] = self.layout
         if self.split_map:
             d["split_map"] = list(self.split_map)
+        for name in ("label_field", "source_field"):
+            if getattr(self, name) is not None:
+                d[name] = getattr(self, name)
         return {**d, **self.columns.recorded()}
+
+    def sources(self) -> SourceOptions:
+        """The options every input source may use."""
+        return SourceOptions(self.layout, self.columns, self.label_field, self.source_field)
 
 
 def progress_dir(run: Run, inputs: list[str], opts: ShardOptions, append: bool) -> Path:
@@ -668,26 +315,28 @@ def run_shard(inputs: list[Path], run_dir: Path, shard_size: int = 1024, label: 
               max_pixels: int = DEFAULT_MAX_PIXELS, max_bytes: int = DEFAULT_MAX_BYTES,
               pack: bool = False, layout: str = "auto", split_map: list[str] | None = None,
               append: bool = False, dry_run: bool = False, columns: ColumnOptions | None = None,
-              download: bool = False) -> dict:
+              download: bool = False, label_field: str | None = None,
+              source_field: str | None = None) -> dict:
     """Index `inputs` into `run_dir` (or, with `append`, after its existing shards); return a
     summary. Rerunning with the same inputs is a no-op (with `pack`, it writes the packed tars
     still missing); a killed run continues from its probe checkpoints."""
     if shard_size < 1:
         raise ShardError(f"--shard-size must be at least 1 (got {shard_size})")
     opts = ShardOptions(shard_size, label, source, split, layout, tuple(split_map or ()), max_pixels,
-                        max_bytes, columns or ColumnOptions())
+                        max_bytes, columns or ColumnOptions(), label_field, source_field)
     inputs = [as_path(p) if is_url(str(p)) else resolve_dataset(Path(p), download)  # ids: the hub cache
               for p in inputs]
     found = Collected()
     candidates = collect(inputs, label, source, split, layout, parse_split_map(split_map), opts.columns,
-                         found)
+                         found, opts.sources())
     note = unsplit_note(found, split, parse_split_map(split_map))
     if dry_run:
         return {"dry_run": True, "files": len(candidates), "table": layout_table(candidates),
                 "parquet": found.inferred, "refused": found.rejects, **note}
-    if pack and found.parquet:
-        raise ShardError("--pack: parquet inputs are read in place, a row group at a time (already large "
-                         "sequential reads); pack folders of image files only")
+    unpackable = sorted({c.kind for c in candidates if not source_of(c.kind).packable})
+    if pack and unpackable:
+        raise ShardError(f"--pack: {', '.join(unpackable)} inputs are read in place, a store unit at a time "
+                         f"(already large sequential reads); pack folders of image files only")
     run = Run(run_dir)
     append = append and run.run_json.exists()
     if append and found.parquet:
@@ -706,8 +355,8 @@ def run_shard(inputs: list[Path], run_dir: Path, shard_size: int = 1024, label: 
             extra.update(pack_shards(run, [run.shard_entries(i) for i in shards], a.first_shard))
         return shard_summary(run.info(), [], 0, extra)
     first = run.info().num_shards if append else 0
-    probed = iter(probe_all([c.path for c in candidates if c.reason is None], workers, max_pixels,
-                            max_bytes, checkpoints, found.parquet))
+    probed = iter(probe_all([c for c in candidates if c.reason is None], workers, max_pixels,
+                            max_bytes, checkpoints, found))
     results = [{"reason": c.reason} if c.reason else next(probed) for c in candidates]
     entries, rejects, duplicates, conflicts = build_manifest(
         candidates, results, {e.key: e for e in run.entries()} if append else None)
