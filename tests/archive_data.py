@@ -44,7 +44,7 @@ def write_img2dataset_tar(folder: Path, shard: int, images: list[tuple[str, byte
             meta = {"url": f"https://example.com/{key}.{ext}", "key": key, "status": "success",
                     "error_message": None, "caption": f"picture {i}", "width": 40, "height": 36,
                     "label": "fake" if label else "real",
-                    "generator": generators[i % len(generators)] if label else "laion"}
+                    "generator": generators[i // 2 % len(generators)] if label else "laion"}
             sample = {"__key__": key, ext: data, "txt": meta["caption"], "json": meta}
             if cls:
                 sample["cls"] = label

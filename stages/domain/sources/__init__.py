@@ -24,11 +24,15 @@ from stages.domain.sources.files import Files
 from stages.domain.sources.list_file import ListFile
 from stages.domain.sources.packed import PackedReader, PackedTars
 from stages.domain.sources.parquet_rows import ParquetRows
+from stages.domain.sources.webdataset_tar import WebDatasetTars
+from stages.domain.sources.zip_archive import ZipArchives
 from storage.locations import StoragePath
 from storage.run import Entry
 
 SOURCES: tuple[InputSource, ...] = (
     ListFile(),  # .csv / .jsonl lists of files
+    WebDatasetTars(),  # a .tar of WebDataset samples, or a folder or prefix holding tars (img2dataset's)
+    ZipArchives(),  # a .zip of images, or a folder or prefix holding zips (DiffusionDB's)
     ParquetRows(),  # a .parquet file, or a folder or prefix holding a parquet dataset
     PackedTars(),  # the run's own RUN/packed/*.tar (read side only: recognises no input)
     Files(),  # a folder or prefix of image files, or one file: last, it takes anything
