@@ -9,7 +9,6 @@ before that, or with `reread`, the headers are read again (never a full decode).
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -17,8 +16,7 @@ import numpy as np
 from stages.domain.confounds import ADVICE, CATEGORICAL, score_all
 from stages.domain.image_facts import FACTS, read_facts
 from stages.domain.pairing import source_groups
-from stages.domain.parquet_layouts import image_bytes_at
-from storage.parquet_images import ParquetSource, read_index, split_address
+from stages.domain.sources import ReadContext, RunReader
 from storage.run import Entry, Run
 
 DEFAULT_THRESHOLD = 0.8
@@ -27,22 +25,18 @@ SCORE = ("balanced accuracy of the best single rule on the property alone (a thr
 HEADER_BYTES = 1 << 18  # enough for any header, its quantisation tables and EXIF
 
 
-def file_facts(entry: Entry, reread: bool = False,
-               sources: Mapping[str, ParquetSource] | None = None,
+def file_facts(entry: Entry, reread: bool = False, images: RunReader | None = None,
                unread: list[dict] | None = None) -> dict:
-    """An entry's header facts (and size), from the manifest or, failing that, from its header
-    (a parquet row's from the column recorded in `sources`, the run's parquet.json). A header that
-    cannot be read again keeps the manifest's facts and is added to `unread` with the reason."""
+    """An entry's header facts (and size), from the manifest or, failing that, from its header read
+    through its input source (`images`: a file's first bytes; a parquet row's bytes, from the
+    column recorded in the run's parquet.json, checked by its key). A header that cannot be read
+    again keeps the manifest's facts and is added to `unread` with the reason."""
     facts = {k: getattr(entry, k) for k in FACTS}
     if reread or entry.format is None:
         try:
-            if split_address(entry.path):  # a parquet row: its row group is read for it
-                head = image_bytes_at(entry.path, sources or {}, entry.key)[:HEADER_BYTES]
-            else:
-                with open(entry.path, "rb") as f:
-                    head = f.read(HEADER_BYTES)
+            head = (images or RunReader()).head(entry, HEADER_BYTES)
             facts = read_facts(head) or facts
-        except (OSError, ValueError) as e:  # gone or changed since `shard`
+        except (OSError, ValueError) as e:  # gone or changed since `shard` (ReadError is a ValueError)
             if unread is not None:
                 unread.append({"path": entry.path, "reason": str(e) if str(e) else type(e).__name__})
     return {**facts, "size": entry.size}
@@ -71,9 +65,10 @@ def run_audit(run_dir: Path, threshold: float = DEFAULT_THRESHOLD, reread: bool 
     t0 = time.perf_counter()
     run = Run(run_dir)
     entries = run.entries()
-    sources = read_index(run.root) if reread or any(e.format is None for e in entries) else {}
+    images = RunReader(ReadContext(run.root))
     unread: list[dict] = []
-    facts = [file_facts(e, reread, sources, unread) for e in entries]
+    facts = [file_facts(e, reread, images, unread) for e in entries]
+    images.close()
     sources: dict[str, dict] = {}
     for split in sorted({e.split for e in entries}):
         idx = [i for i, e in enumerate(entries) if e.split == split]

@@ -32,13 +32,13 @@ from stages.domain.pairing import source_groups
 from stages.domain.plots import curves_png, reliability_png, robustness_png
 from stages.domain.scoring import Scoring, mean_over_sources, score
 from stages.domain.seed_spread import SEEDS_FILE, seed_markdown, seed_spread
+from stages.domain.sources import ReadContext, RunReader
 from storage.atomic import readable, write_bytes_atomic, write_json_atomic
 from storage.cache_config import CacheConfig, describe_differences
 from storage.cache_folder import CacheError, FeatureCache
 from storage.caches import find_cache, perturbed_siblings
 from storage.feature_dataset import CacheIndex, cache_index
 from storage.locations import as_path, staged
-from storage.parquet_images import read_index
 from storage.run import Entry, Run
 
 METRIC_COLUMNS = ("n_real", "n_fake", "acc", "ap", "auc", "real_acc", "fake_acc")
@@ -285,19 +285,19 @@ def worst_errors(index: CacheIndex, scores: np.ndarray, n: int, logits: bool = F
     return out
 
 
-def gallery_png(errors: list[dict], cache: FeatureCache, paths: dict[str, str], out: Path,
-                sources: dict | None = None) -> Path:
-    """gallery.png: a section per source and kind of mistake, a tile per image: the image, its DNF,
-    probability and file name."""
+def gallery_png(errors: list[dict], cache: FeatureCache, entries: dict[str, Entry], out: Path,
+                images: RunReader) -> Path:
+    """gallery.png: a section per source and kind of mistake, a tile per image: the image (read
+    through its input source, checked by its key), its DNF, probability and file name."""
     reader = cache.row_reader()
     sections: dict[str, list] = {}
     for e in errors:
         what = "reals flagged as generated" if e["kind"] == "false positive" else "generated images missed"
         title = f"{e['source']}: {what}"
+        entry = entries.get(e["key"])
         sections.setdefault(title, []).append(
-            tile(paths.get(e["key"], ""), reader[e["row"]],
-                 [f"{e['kind']} p={e['probability']:.3f}", Path(paths.get(e["key"], "?")).name],
-                 sources, e["key"]))  # a parquet row from the column shard recorded, checked by its key
+            tile(entry if entry is not None else "", reader[e["row"]],
+                 [f"{e['kind']} p={e['probability']:.3f}", Path(entry.path if entry else "?").name], images))
     reader.close()
     return section_sheet(sections, out)
 
@@ -489,8 +489,8 @@ def run_eval(run_dir: Path, checkpoint: Path, split: str = "test", name: str | N
         rep["plots"] = write_plots(rep, index, logits, out)
         if opts.gallery:
             rep["gallery"] = worst_errors(index, logits, opts.gallery, logits=True)
-            rep["plots"]["gallery"] = gallery_png(rep["gallery"], cache, paths, out / "gallery.png",
-                                                  read_index(run.root)).name
+            rep["plots"]["gallery"] = gallery_png(rep["gallery"], cache, entries, out / "gallery.png",
+                                                  RunReader(ReadContext(run.root))).name
         write_report(out, rep, f"{name}: {as_path(checkpoint).name} on {split} ({config.feature_id})")
     return {"out": str(final), **{k: rep["overall"][k] for k in ("n", "acc", "ap", "auc")}, "note": note,
             "perturbations": list(rep["perturbations"])}

@@ -7,10 +7,10 @@ import os
 from pathlib import Path
 
 from stages.domain.gallery import sheet, tile
+from stages.domain.sources import ReadContext, RunReader
 from storage.cache_folder import NOT_CACHED
 from storage.caches import find_cache
 from storage.errors import UserError
-from storage.parquet_images import read_index
 from storage.run import Run
 
 
@@ -36,9 +36,10 @@ def run_show(run_dir: Path, wanted: list[str], out: Path, feature_id: str | None
                             f"at extract)")
         chosen.append(entry)
     reader = cache.row_reader()
-    sources = read_index(run.root)  # a parquet row is read from the column shard recorded
-    tiles = [tile(e.path, reader[row_of[e.key]], [f"{'fake' if e.label else 'real'} {e.split}", e.source,
-                                                  Path(e.path).name], sources, e.key) for e in chosen]
+    images = RunReader(ReadContext(run.root))  # each through its input source, checked by its key
+    tiles = [tile(e, reader[row_of[e.key]], [f"{'fake' if e.label else 'real'} {e.split}", e.source,
+                                             Path(e.path).name], images) for e in chosen]
     reader.close()
+    images.close()
     sheet(tiles, Path(out))
     return {"out": str(out), "images": len(tiles), "cache": str(cache.root)}

@@ -11,9 +11,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from stages.domain.parquet_layouts import image_bytes_at
+from stages.domain.sources import ReadContext, RunReader
+from stages.domain.sources.base import entry_address
 from storage.atomic import readable
 from storage.parquet_images import ParquetSource
+from storage.run import Entry
 
 PANEL = 128  # pixels of each image in a tile
 PAD = 4
@@ -31,23 +33,35 @@ def dnf_view(dnf: np.ndarray) -> Image.Image:
     return Image.fromarray(np.ascontiguousarray(x.transpose(1, 2, 0)), "RGB")
 
 
-def original_view(path: str, sources: Mapping[str, ParquetSource] | None = None,
+def _reader(reader: RunReader | Mapping[str, ParquetSource] | None) -> RunReader:
+    """A RunReader; a mapping is the run's parquet.json (`read_index`), as callers once passed it."""
+    if isinstance(reader, RunReader):
+        return reader
+    return RunReader(ReadContext(indexes={"parquet": dict(reader or {})}))
+
+
+def original_view(image: str | Entry, reader: RunReader | Mapping[str, ParquetSource] | None = None,
                   key: str | None = None) -> Image.Image:
-    """The original image as RGB (a parquet row from the column recorded in `sources`, the run's
-    parquet.json; checked against its manifest `key`), or a grey panel when it can no longer be read."""
+    """The original image as RGB, read through its input source (`reader`: the run's RunReader; or
+    the run's parquet.json, as before); checked against its manifest `key` (an Entry's own when
+    `image` is one), or a grey panel when it can no longer be read."""
+    entry = image if isinstance(image, Entry) else Entry(key or "", str(image), 0, "", "", 0)
     try:
-        with Image.open(io.BytesIO(image_bytes_at(path, sources or {}, key))) as im:
+        runs = _reader(reader)
+        data = runs.read(entry) if entry.key else runs.reader(entry).read(entry_address(entry))
+        with Image.open(io.BytesIO(data)) as im:
             return im.convert("RGB")
-    except (OSError, ValueError, SyntaxError):
+    except (OSError, ValueError, SyntaxError):  # ReadError is a ValueError
         return Image.new("RGB", (PANEL, PANEL), (96, 96, 96))
 
 
-def tile(path: str, dnf: np.ndarray, caption: list[str], sources: Mapping[str, ParquetSource] | None = None,
+def tile(image: str | Entry, dnf: np.ndarray, caption: list[str],
+         reader: RunReader | Mapping[str, ParquetSource] | None = None,
          key: str | None = None) -> Image.Image:
-    """The image and its DNF side by side, with up to three caption lines below (`sources`, `key`:
+    """The image and its DNF side by side, with up to three caption lines below (`reader`, `key`:
     as `original_view` takes them)."""
     out = Image.new("RGB", (TILE_W, TILE_H), (255, 255, 255))
-    out.paste(original_view(path, sources, key).resize((PANEL, PANEL), Image.BICUBIC), (PAD, PAD))
+    out.paste(original_view(image, reader, key).resize((PANEL, PANEL), Image.BICUBIC), (PAD, PAD))
     out.paste(dnf_view(dnf).resize((PANEL, PANEL), Image.NEAREST), (2 * PAD + PANEL, PAD))
     draw, font = ImageDraw.Draw(out), ImageFont.load_default()
     for i, text in enumerate(caption[:LINES]):

@@ -26,7 +26,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Hashable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from stages.domain.parquet_layouts import ColumnOptions
 from storage.errors import UserError
@@ -107,6 +107,8 @@ class ReadContext:
     roots: tuple[str, ...] | None = None  # the run's input folders: an address outside one is refused
     recheck: bool = True  # check a container unchanged since `shard` before its first read
     # (extract checks them all once up front and says False)
+    indexes: dict[str, Any] | None = None  # by kind, what `shard` recorded for a source's reads
+    # (parquet: parquet.json's files) when the caller has it already; else read from `run_root`
 
 
 class EntryReader(ABC):

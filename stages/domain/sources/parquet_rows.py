@@ -110,6 +110,7 @@ class RowReader(EntryReader):
     row group read is kept, so consecutive rows cost one read."""
 
     changed = "changed since `shard`: the row's sha256 no longer matches the manifest key"
+    kind_name = "parquet"
 
     def __init__(self, ctx: ReadContext):
         self.ctx = ctx
@@ -118,8 +119,9 @@ class RowReader(EntryReader):
 
     def _reader(self) -> RowGroupReader:
         if self._rows is None:
-            root = self.ctx.run_root
-            self._rows = RowGroupReader(read_index(root) if root is not None else {})
+            given, root = (self.ctx.indexes or {}).get(self.kind_name), self.ctx.run_root
+            self._rows = RowGroupReader(dict(given) if given is not None else
+                                        read_index(root) if root is not None else {})
         return self._rows
 
     def read(self, address: Address) -> bytes:
