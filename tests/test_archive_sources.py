@@ -1,0 +1,253 @@
+"""WebDataset tars (img2dataset's layout, written by `webdataset.TarWriter`) and zips (DiffusionDB's
+layout, written by `zipfile`) read in place: sharded with no option beyond the label field (or the
+folder layout), extracted, trained on and evaluated, locally and on the loopback S3 server, with
+the features of the same images sharded and extracted as loose files; bad members and damaged
+archives as rejects naming them; a shard and an extract killed part-way resume to the same bytes."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tarfile
+from pathlib import Path
+
+import pytest
+from archive_data import sample_images, write_diffusiondb_zip, write_img2dataset_tar
+from conftest import cli, write
+from test_crash_points import run_killed_at, tree
+from test_object_storage import bucket, in_process, s3, upload  # noqa: F401 (fixtures)
+
+from stages.extract import ExtractOptions, run_extract
+from stages.shard import run_shard
+from storage.caches import find_cache
+from storage.locations import as_path
+from storage.run import Run
+
+SPLITS = ("train", "val", "test")
+PER_SPLIT = 4  # 2 real, 2 fake
+EXTRACT = dict(size=32, batch_size=4, workers=0, device="cpu")
+
+
+def split_images() -> dict[str, list[tuple[str, bytes, int]]]:
+    images = sample_images(PER_SPLIT * len(SPLITS))
+    return {s: images[k * PER_SPLIT:(k + 1) * PER_SPLIT] for k, s in enumerate(SPLITS)}
+
+
+def make_inputs(root: Path) -> dict[str, Path]:
+    """The same images three ways: loose files `files/<split>/{0_real,1_fake}/`, img2dataset tars
+    `wds/<split>/NNNNN.tar` (labels in each sample's JSON `label`), DiffusionDB zips
+    `zips/<split>/{0_real,1_fake}/part-NNNNNN.zip` (labels from the folders)."""
+    for k, (split, images) in enumerate(split_images().items()):
+        write_img2dataset_tar(root / "wds" / split, k, images)
+        for label in (0, 1):
+            mine = [im for im in images if im[2] == label]
+            folder = ("0_real", "1_fake")[label]
+            write_diffusiondb_zip(root / "zips" / split / folder, 2 * k + label, mine)
+            for i, (ext, data, _) in enumerate(mine):
+                write(root / "files" / split / folder / f"{i}.{ext}", data)
+    return {name: root / name for name in ("files", "wds", "zips")}
+
+
+def features(run: str | Path, feature_id: str) -> dict[str, bytes]:
+    """key -> the cached feature's bytes."""
+    cache = find_cache(as_path(str(run)) / "cache", feature_id)
+    _, labels, _, keys = cache.index_arrays()
+    rows = cache.read_rows(0, len(keys))[0]
+    return {str(k): rows[i].tobytes() for i, k in enumerate(keys)}
+
+
+def manifest(run: str | Path) -> list[dict]:
+    return [e.to_json() for e in Run(as_path(str(run))).entries()]
+
+
+@pytest.fixture(scope="module")
+def reference(module_tmp, tiny_model):
+    """The loose files, sharded and extracted: the features every archive run must give."""
+    root = module_tmp("archives")
+    inputs = make_inputs(root / "data")
+    run = root / "files-run"
+    run_shard([inputs["files"]], run, shard_size=4)
+    out = run_extract(run, ExtractOptions(model=tiny_model, **EXTRACT))
+    return inputs, {(e["key"], e["label"], e["split"]) for e in manifest(run)}, \
+        features(run, out["feature_id"])
+
+
+def check_run(run: str | Path, reference, tiny_model, kind: str) -> str:
+    """Extract the sharded `run`; its manifest and features must be the loose files'."""
+    _, entries, feats = reference
+    rows = manifest(run)
+    assert {(e["key"], e["label"], e["split"]) for e in rows} == entries
+    suffix = {"webdataset": ".tar#", "zip": ".zip#"}[kind]
+    assert all(e["kind"] == kind and suffix in e["path"] and e["offset"] is not None for e in rows)
+    out = run_extract(run, ExtractOptions(model=tiny_model, **EXTRACT))
+    assert out["rejected"] == 0 and out["images"] == len(entries), out
+    assert features(run, out["feature_id"]) == feats
+    return out["feature_id"]
+
+
+def train_and_eval(run: str | Path) -> dict:
+    cli("train", "--run", run, "--epochs", 1, "--batch-size", 4, "--workers", 0, "--device", "cpu",
+        "--head", "linear")
+    cli("eval", "--run", run, "--checkpoint", f"{run}/train/default/best.pt", "--workers", 0,
+        "--device", "cpu", "--bootstrap", 20)
+    return json.loads(as_path(f"{run}/eval/default-test/report.json").read_text())
+
+
+def test_webdataset_tars_and_zips_give_the_features_of_the_same_files(reference, tiny_model, tmp_path):
+    inputs, entries, _ = reference
+    summary = run_shard([inputs["wds"]], tmp_path / "wds-run", shard_size=4, label_field="label")
+    assert summary["rejects"] == 0 and summary["images"] == len(entries), summary
+    check_run(tmp_path / "wds-run", reference, tiny_model, "webdataset")
+    assert Run(tmp_path / "wds-run").rejects() == []  # img2dataset's .parquet and _stats.json: metadata
+    assert {e["source"] for e in manifest(tmp_path / "wds-run")} == {"wds"}
+    run_shard([inputs["zips"]], tmp_path / "zip-run", shard_size=4)
+    check_run(tmp_path / "zip-run", reference, tiny_model, "zip")
+    report = train_and_eval(tmp_path / "zip-run")
+    assert report["overall"]["n"] == PER_SPLIT
+
+
+def test_archives_on_s3_read_in_place_as_locally(reference, tiny_model, in_process, s3, bucket):  # noqa: F811
+    inputs, entries, _ = reference
+    bucket_url = in_process
+    upload(s3, bucket, inputs["wds"], "wds")
+    upload(s3, bucket, inputs["zips"], "zips")
+    run = f"{bucket_url}/runs/wds"
+    run_shard([f"{bucket_url}/wds"], run, shard_size=4, label_field="label")
+    check_run(run, reference, tiny_model, "webdataset")
+    report = train_and_eval(run)
+    assert report["overall"]["n"] == PER_SPLIT
+    run = f"{bucket_url}/runs/zips"
+    run_shard([f"{bucket_url}/zips"], run, shard_size=4)
+    check_run(run, reference, tiny_model, "zip")
+    assert all(e["path"].startswith(f"{bucket_url}/zips/") for e in manifest(run))
+
+
+def test_labels_sources_and_splits_from_metadata_cls_and_folders(tmp_path):
+    images = sample_images(4)
+    write_img2dataset_tar(tmp_path / "cls", 0, images, cls=True)  # .cls 0/1, no field named
+    write_img2dataset_tar(tmp_path / "gen/test", 1, images)  # --source-field generator
+    write_diffusiondb_zip(tmp_path / "ddb", 1, images, label_field=True)
+    summary = run_shard([tmp_path / "cls"], tmp_path / "r1", shard_size=8)
+    assert sorted((e["label"], e["source"], e["split"]) for e in manifest(tmp_path / "r1")) == \
+        [(0, "cls", "train"), (0, "cls", "train"), (1, "cls", "train"), (1, "cls", "train")], summary
+    run_shard([tmp_path / "gen"], tmp_path / "r2", shard_size=8, label_field="label",
+              source_field="generator")
+    assert sorted((e["label"], e["source"], e["split"]) for e in manifest(tmp_path / "r2")) == \
+        [(0, "laion", "test"), (0, "laion", "test"), (1, "flux", "test"), (1, "sdxl", "test")]
+    run_shard([tmp_path / "ddb"], tmp_path / "r3", shard_size=8, label_field="label")
+    assert sorted((e["label"], e["source"]) for e in manifest(tmp_path / "r3")) == \
+        [(0, "ddb"), (0, "ddb"), (1, "ddb"), (1, "ddb")]
+    run_shard([tmp_path / "ddb"], tmp_path / "r4", shard_size=8, label="fake")  # DiffusionDB: all generated
+    assert [e["label"] for e in manifest(tmp_path / "r4")] == [1] * 4
+
+
+def test_a_cls_of_class_indices_is_no_label_and_other_limits_are_applied(tmp_path):
+    import webdataset as wds
+
+    images = sample_images(3)
+    folder = tmp_path / "imagenet/1_fake"  # the folder's label, not the class indices 0, 1, 7
+    folder.mkdir(parents=True)
+    with wds.TarWriter(str(folder / "00000.tar")) as sink:
+        for i, cls in enumerate((0, 1, 7)):
+            sink.write({"__key__": f"k{i}", images[i][0]: images[i][1], "cls": cls})
+    run_shard([tmp_path / "imagenet"], tmp_path / "r1", shard_size=8)
+    assert [e["label"] for e in manifest(tmp_path / "r1")] == [1, 1, 1]
+    # the listing pass probes under the default limits; a smaller one is applied as to files
+    run_shard([tmp_path / "imagenet"], tmp_path / "r2", shard_size=8, max_pixels=40 * 36)
+    reasons = sorted(r["reason"] for r in Run(tmp_path / "r2").rejects())
+    widths = sorted(int(r.split("too large: ")[1].split("x")[0]) for r in reasons)
+    assert widths == [41, 42] and all(r.endswith("pixels > --max-pixels 1440") for r in reasons)
+
+
+def test_bad_members_and_damaged_archives_are_rejects_naming_them(tmp_path):
+    import webdataset as wds
+
+    good = sample_images(3)
+    folder = tmp_path / "wds"
+    folder.mkdir()
+    with wds.TarWriter(str(folder / "00000.tar")) as sink:
+        sink.write({"__key__": "a", "jpg": good[0][1], "json": {"label": "real"}})
+        sink.write({"__key__": "b", "png": b"not an image", "json": {"label": "fake"}})
+        sink.write({"__key__": "c", "png": good[1][1][:60], "json": {"label": "fake"}})  # truncated
+        sink.write({"__key__": "d", "webp": good[2][1], "json": {"label": "cat"}})
+        sink.write({"__key__": "e", "jpg": good[0][1] + b"x", "json": {}})  # no label anywhere
+    raw = (folder / "00000.tar").read_bytes()
+    with tarfile.open(folder / "00000.tar") as t:
+        cut = t.getmember("d.webp").offset_data + 10
+    (folder / "00001.tar").write_bytes(raw[:cut])  # a copy truncated inside d.webp
+    (folder / "00002.tar").write_bytes(b"garbage" * 100)
+    run_shard([folder], tmp_path / "run", shard_size=8, label_field="label", max_bytes=10_000)
+    rejects = {r["path"].removeprefix(f"{folder}/"): r["reason"] for r in Run(tmp_path / "run").rejects()}
+    assert "not an image" in rejects.pop("00000.tar#b.png")
+    assert "truncated" in rejects.pop("00000.tar#c.png")
+    assert "'cat'" in rejects.pop("00000.tar#d.webp")
+    assert "no label" in rejects.pop("00000.tar#e.jpg")
+    assert "truncated" in rejects.pop("00001.tar")
+    assert "not a readable tar" in rejects.pop("00002.tar")
+    # the truncated copy's members before the damage are read: a duplicate of a, b and c bad again
+    assert "not an image" in rejects.pop("00001.tar#b.png")
+    assert "truncated" in rejects.pop("00001.tar#c.png")
+    assert rejects == {}
+    assert [e["path"].rsplit("/", 1)[1] for e in manifest(tmp_path / "run")] == ["00000.tar#a.jpg"]
+    dup = json.loads((tmp_path / "run/duplicates.jsonl").read_text().splitlines()[0])
+    assert dup["path"].endswith("00001.tar#a.jpg")
+
+
+def test_members_changed_after_shard_are_extract_rejects_naming_them(tmp_path, tiny_model):
+    folder = tmp_path / "wds"
+    images = sample_images(4)
+    tar = write_img2dataset_tar(folder, 0, images)
+    run_shard([folder], tmp_path / "run", shard_size=8, label_field="label")
+    member = manifest(tmp_path / "run")[0]
+    raw = bytearray(tar.read_bytes())
+    raw[member["offset"] + 20] ^= 0xFF
+    tar.write_bytes(bytes(raw))
+    out = run_extract(tmp_path / "run", ExtractOptions(model=tiny_model, **EXTRACT))
+    assert out["rejected"] == 1 and out["images"] == 3
+    cache = find_cache(tmp_path / "run/cache", out["feature_id"])
+    (rejected,) = cache.done_marker(0).rejected
+    assert rejected["path"] == member["path"] and "changed since" in rejected["reason"]
+
+
+def test_a_killed_shard_and_extract_of_tars_and_zips_resume_to_the_same_bytes(tmp_path, tiny_model):
+    images = sample_images(6)
+    write_img2dataset_tar(tmp_path / "data/train", 0, images[:3])
+    write_img2dataset_tar(tmp_path / "data/test", 1, images[3:])
+    write_diffusiondb_zip(tmp_path / "data/val", 1, sample_images(4, seed=9500), label_field=True)
+
+    def shard(root: Path) -> None:
+        run_shard([tmp_path / "data"], root / "run", shard_size=2, label_field="label")
+
+    def extract(root: Path) -> None:
+        run_extract(root / "run", ExtractOptions(model=tiny_model, **EXTRACT))
+
+    shard(tmp_path / "ref")
+    assert {e["kind"] for e in manifest(tmp_path / "ref/run")} == {"webdataset", "zip"}
+    shutil.copytree(tmp_path / "ref", tmp_path / "sharded")
+    extract(tmp_path / "ref")
+    for stage, start, step in ((shard, None, 2), (extract, tmp_path / "sharded", 3)):
+        target = tmp_path / f"killed-{stage.__name__}"
+        shutil.copytree(start, target) if start else target.mkdir()
+        assert run_killed_at(lambda t=target, s=stage: s(t), step, after=True)
+        stage(target)
+        if stage is shard:
+            assert tree(target / "run") == tree(tmp_path / "sharded/run")
+        else:
+            assert tree(target / "run") == tree(tmp_path / "ref/run")
+
+
+def test_shard_reads_a_tar_once_and_extract_one_ranged_read_per_member(tmp_path, tiny_model, monkeypatch):
+    from storage.locations.local import FileReader
+
+    tar = write_img2dataset_tar(tmp_path / "wds", 0, sample_images(6))
+    reads: list[tuple[int, int]] = []
+    original = FileReader.read
+    monkeypatch.setattr(FileReader, "read", lambda self, o, n: reads.append((o, n)) or original(self, o, n))
+    run_shard([tmp_path / "wds"], tmp_path / "run", shard_size=8, label_field="label")
+    assert sum(n for _, n in reads) <= tar.stat().st_size  # one pass, nothing read twice
+    reads.clear()
+    run_extract(tmp_path / "run", ExtractOptions(model=tiny_model, **EXTRACT))
+    members = {(e["offset"], e["size"]) for e in manifest(tmp_path / "run")}
+    assert sorted(r for r in reads if r in members) == sorted(members)
+    with tarfile.open(tar) as t:
+        assert len([m for m in t.getmembers() if m.name.endswith(("jpg", "png", "webp"))]) == len(members)
