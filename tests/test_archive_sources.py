@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import shutil
 import tarfile
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -139,6 +140,15 @@ def test_labels_sources_and_splits_from_metadata_cls_and_folders(tmp_path):
         [(0, "ddb"), (0, "ddb"), (1, "ddb"), (1, "ddb")]
     run_shard([tmp_path / "ddb"], tmp_path / "r4", shard_size=8, label="fake")  # DiffusionDB: all generated
     assert [e["label"] for e in manifest(tmp_path / "r4")] == [1] * 4
+    # folders inside a zip count after those above it, as if it were unpacked where it is
+    with zipfile.ZipFile(write(tmp_path / "dl/GenImage/data.zip", b""), "w") as zf:
+        for i, (ext, data, label) in enumerate(images):
+            zf.writestr(f"{SPLITS[i % 2]}/{('0_real', '1_fake')[label]}/{i}.{ext}", data)
+    run_shard([tmp_path / "dl"], tmp_path / "r5", shard_size=8)
+    assert sorted((e["path"].rsplit("#", 1)[1], e["label"], e["source"], e["split"])
+                  for e in manifest(tmp_path / "r5")) == [
+        ("train/0_real/0.jpg", 0, "GenImage", "train"), ("train/0_real/2.webp", 0, "GenImage", "train"),
+        ("val/1_fake/1.png", 1, "GenImage", "val"), ("val/1_fake/3.jpg", 1, "GenImage", "val")]
 
 
 def test_a_cls_of_class_indices_is_no_label_and_other_limits_are_applied(tmp_path):
