@@ -57,6 +57,24 @@ def _print(summary: dict, as_json: bool) -> None:
                 typer.echo(f"{k}: {v}")
 
 
+def _print_dry_run(summary: dict) -> None:
+    """`shard --dry-run`'s table: parquet splits and columns, files refused, split x label x source."""
+    what = "images (files and parquet rows)" if summary["parquet"] else "files"
+    typer.echo(f"{summary['files']} {what} (dry run: nothing written)")
+    groups: dict = {}
+    for f in summary["parquet"]:  # one line per split and columns, not per file
+        g = groups.setdefault((f["split"] or "-", f["splits_from"], f["columns"]), [0, 0, f["file"]])
+        g[0], g[1] = g[0] + 1, g[1] + f["rows"]
+    for (split_name, how, cols), (files, rows, example) in groups.items():
+        typer.echo(f"  parquet split {split_name} (from {how}): {files} files, {rows} rows; "
+                   f"columns {cols} (e.g. {example})")
+    for r in summary["refused"]:
+        typer.echo(f"  refused {r['path']}: {r['reason']}")
+    for row in summary["table"]:
+        typer.echo(f"  {row['split']:>5} {row['label']:>4} {row['source']}: {row['files']} "
+                   f"(e.g. {row['example']})")
+
+
 @app.command()
 def shard(
     inputs: List[str] = typer.Argument(..., help="Image folders, .csv/.jsonl lists, image files, or "
@@ -96,6 +114,12 @@ def shard(
                                          "default; several without one are refused)."),
     download: bool = typer.Option(False, help="Fetch a Hugging Face dataset id missing from the local "
                                   "cache (network needed); without it ids are read offline."),
+    label_field: Optional[str] = typer.Option(None, help="Archives (WebDataset tars, zips): the field of "
+                                              "each image's JSON sidecar or metadata naming its label "
+                                              "(real/fake, 0/1); inputs without sidecars ignore it."),
+    source_field: Optional[str] = typer.Option(None, help="Archives: the sidecar or metadata field "
+                                               "naming the image's source (generator); default: the "
+                                               "archive's folder, by the layout rules."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
     """Index images into deterministic manifest shards (key = sha256 of the bytes); rerun to resume."""
@@ -107,24 +131,12 @@ def shard(
     with user_errors():
         summary = run_shard(inputs, run, shard_size, label, source, split, workers, max_pixels,
                             max_bytes, pack=pack, layout=layout, split_map=split_map, append=append,
-                            dry_run=dry_run, columns=columns, download=download)
+                            dry_run=dry_run, columns=columns, download=download,
+                            label_field=label_field, source_field=source_field)
     if as_json:
         _print(summary, True)
     elif dry_run:
-        what = "images (files and parquet rows)" if summary["parquet"] else "files"
-        typer.echo(f"{summary['files']} {what} (dry run: nothing written)")
-        groups: dict = {}
-        for f in summary["parquet"]:  # one line per split and columns, not per file
-            g = groups.setdefault((f["split"] or "-", f["splits_from"], f["columns"]), [0, 0, f["file"]])
-            g[0], g[1] = g[0] + 1, g[1] + f["rows"]
-        for (split_name, how, cols), (files, rows, example) in groups.items():
-            typer.echo(f"  parquet split {split_name} (from {how}): {files} files, {rows} rows; "
-                       f"columns {cols} (e.g. {example})")
-        for r in summary["refused"]:
-            typer.echo(f"  refused {r['path']}: {r['reason']}")
-        for row in summary["table"]:
-            typer.echo(f"  {row['split']:>5} {row['label']:>4} {row['source']}: {row['files']} "
-                       f"(e.g. {row['example']})")
+        _print_dry_run(summary)
     else:
         _print(summary, False)
         for row in summary["counts"]:
