@@ -261,3 +261,15 @@ def test_shard_reads_a_tar_once_and_extract_one_ranged_read_per_member(tmp_path,
     assert sorted(r for r in reads if r in members) == sorted(members)
     with tarfile.open(tar) as t:
         assert len([m for m in t.getmembers() if m.name.endswith(("jpg", "png", "webp"))]) == len(members)
+
+
+def test_a_folder_with_a_symlink_loop_beside_its_tars_is_read(tmp_path):
+    """Looking for archives lists the folder: a symlink loop there (ELOOP on stat) is a reject, as in
+    a folder of files, not a crash of the listing."""
+    write_img2dataset_tar(tmp_path / "wds", 0, sample_images(2))
+    (tmp_path / "wds/loop_a.png").symlink_to(tmp_path / "wds/loop_b.png")
+    (tmp_path / "wds/loop_b.png").symlink_to(tmp_path / "wds/loop_a.png")
+    run_shard([tmp_path / "wds"], tmp_path / "run", shard_size=8, label_field="label")
+    assert len(manifest(tmp_path / "run")) == 2
+    rejected = sorted(Path(r["path"]).name for r in Run(tmp_path / "run").rejects())
+    assert rejected == ["loop_a.png", "loop_b.png"]

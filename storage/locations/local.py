@@ -121,8 +121,8 @@ class LocalLocation(Location):
                 full = os.path.join(dirpath, name)
                 try:
                     size = os.path.getsize(full)
-                except FileNotFoundError:  # a symlink whose target is gone: the link's own size
-                    size = os.lstat(full).st_size
+                except OSError:  # a symlink whose target is gone, a loop (ELOOP), no permission:
+                    size = os.lstat(full).st_size  # the link's own size; reading it says why
                 out.append((full, size))
         return [(Path(full), size) for full, size in sorted(out)]
 
