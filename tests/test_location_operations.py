@@ -76,7 +76,7 @@ def test_walk_files_lists_every_file_below_with_its_size_in_path_order(where):
 
 def test_walk_files_on_a_filesystem_does_not_follow_symlinked_folders(tmp_path):
     """A symlink to a folder is not followed (no loop, no file twice); a symlink to a file is
-    listed with its target's size, a dangling one with its own."""
+    listed with its target's size, a dangling one or a loop of links with its own."""
     from storage.locations import location
 
     (tmp_path / "d").mkdir()
@@ -84,8 +84,11 @@ def test_walk_files_on_a_filesystem_does_not_follow_symlinked_folders(tmp_path):
     (tmp_path / "d" / "loop").symlink_to(tmp_path / "d")
     (tmp_path / "d" / "link").symlink_to(tmp_path / "d" / "f")
     (tmp_path / "d" / "gone").symlink_to(tmp_path / "nowhere")
+    (tmp_path / "d" / "x1").symlink_to(tmp_path / "d" / "x2")  # a loop: ELOOP on stat
+    (tmp_path / "d" / "x2").symlink_to(tmp_path / "d" / "x1")
     got = [(p.name, size) for p, size in location(tmp_path).walk_files(tmp_path / "d")]
-    assert got == [("f", 4), ("gone", len(str(tmp_path / "nowhere"))), ("link", 4)]
+    assert got == [("f", 4), ("gone", len(str(tmp_path / "nowhere"))), ("link", 4),
+                   ("x1", len(str(tmp_path / "d" / "x2"))), ("x2", len(str(tmp_path / "d" / "x1")))]
 
 
 def test_write_marker_creates_once_on_object_storage_and_replaces_on_a_filesystem(where):

@@ -108,7 +108,8 @@ class Location(ABC):
     def walk_files(self, folder: Any) -> list[tuple[Any, int]]:
         """Every file below `folder` (at any depth) with its size in bytes, sorted by its path as
         text (an object store's key order); [] when `folder` does not exist. Symlinked folders are
-        not followed; a symlink to a file is listed with the size of its target."""
+        not followed; a symlink to a file is listed with the size of its target, one that cannot be
+        followed (dangling, a loop) with its own size (reading it says why)."""
 
     @abstractmethod
     def write_marker(self, path: Any, data: bytes) -> bool:
