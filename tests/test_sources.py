@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import pickle
 from pathlib import Path
 
 import pyarrow as pa
@@ -106,6 +107,8 @@ def test_each_source_reads_an_entry_alone_and_in_a_batch_as_the_bytes_written(tm
     assert [reader.read(e) for e in entries] == [written[e.path] for e in entries]
     assert reader.read_many(entries) == [written[e.path] for e in entries]
     assert reader.units(entries, 4) is not None  # parquet rows: cut by row group
+    copy = pickle.loads(pickle.dumps(reader))  # as DataLoader workers get it
+    assert copy.read_many(entries[::-1]) == [written[e.path] for e in entries[::-1]]
     # the packed tars of a run of files
     run_shard([tmp_path / "data"], tmp_path / "packed_run", workers=1, pack=True)
     packed = Run(tmp_path / "packed_run")
