@@ -9,6 +9,7 @@ import io
 from dataclasses import dataclass
 
 from storage.errors import UserError
+from storage.locations import STORAGE_ERRORS, StoragePath, location
 from storage.locations.base import RangeReader
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".jxl",
@@ -91,3 +92,22 @@ class RangeFile(io.RawIOBase):
         if not self.closed:
             self.reader.close()
         super().close()
+
+
+MISSING = "missing: no such file (a dangling symbolic link, or removed since it was listed)"
+
+
+def unreadable(e: BaseException) -> str:
+    """The reason a storage error gives (`unreadable: Too many levels of symbolic links`)."""
+    return f"unreadable: {getattr(e, 'strerror', None) or e}"
+
+
+def open_archive(path: StoragePath, readahead: int) -> RangeFile:
+    """The archive at `path` as a seekable file; ArchiveError naming it when it is missing (a
+    dangling link too) or cannot be opened (a symlink loop, no permission, an I/O error)."""
+    try:
+        return RangeFile(location(path).open_reader(path), readahead)
+    except FileNotFoundError as e:
+        raise ArchiveError(path, MISSING) from e
+    except STORAGE_ERRORS as e:
+        raise ArchiveError(path, unreadable(e)) from e

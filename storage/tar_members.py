@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import os
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
-from storage.archive_members import ArchiveError, Member, RangeFile
-from storage.locations import StoragePath, as_path, location
+from storage.archive_members import ArchiveError, Member, RangeFile, open_archive, unreadable
+from storage.locations import STORAGE_ERRORS, StoragePath, as_path, location
 from storage.locations.base import RangeReader
 
 PASS_READAHEAD = 8 << 20  # a pass over a whole tar: 8 MiB per read (one ranged GET on object storage)
@@ -33,20 +33,22 @@ def _end_is_clean(f: RangeFile, offset: int) -> str | None:
     return None
 
 
-def iter_tar(path: StoragePath | str, max_bytes: int) -> Iterator[Member]:
+def iter_tar(path: StoragePath | str, max_bytes: int,
+             wanted: Callable[[str], bool] | None = None) -> Iterator[Member]:
     """Every member of the tar at `path` but folders, in archive order, with its bytes (None when it is
-    over `max_bytes`; links and other non-files carry `refused`). Raises ArchiveError naming the
-    archive when it is not a tar or is damaged or truncated, after the members read before."""
+    over `max_bytes`, or `wanted` says no to its name: a pass that lists the images and reads their
+    metadata only; links and other non-files carry `refused`). Raises ArchiveError naming the
+    archive when it is not a tar, is damaged or truncated, or cannot be read, after the members
+    read before."""
     path = as_path(path)
-    try:
-        f = RangeFile(location(path).open_reader(path), PASS_READAHEAD)
-    except FileNotFoundError as e:
-        raise ArchiveError(path, "missing: the archive was removed") from e
+    f = open_archive(path, PASS_READAHEAD)
     with f:
         try:
             tar = tarfile.open(fileobj=f, mode="r:")
         except tarfile.TarError as e:
             raise ArchiveError(path, f"not a readable tar archive ({e})") from e
+        except STORAGE_ERRORS as e:
+            raise ArchiveError(path, unreadable(e)) from e
         try:
             while (m := tar.next()) is not None:
                 if m.isdir():
@@ -55,7 +57,9 @@ def iter_tar(path: StoragePath | str, max_bytes: int) -> Iterator[Member]:
                     yield Member(m.name, m.offset_data, m.size, refused="not a regular file in the tar "
                                  "(a link or special file): no image bytes")
                     continue
-                if m.size > max_bytes:
+                if m.offset_data + m.size > f.size:
+                    raise tarfile.ReadError("unexpected end of data")
+                if m.size > max_bytes or (wanted is not None and not wanted(m.name)):
                     yield Member(m.name, m.offset_data, m.size)
                     continue
                 reader = tar.extractfile(m)
@@ -66,8 +70,31 @@ def iter_tar(path: StoragePath | str, max_bytes: int) -> Iterator[Member]:
             why = _end_is_clean(f, tar.offset)
         except (tarfile.TarError, EOFError) as e:
             why = f"damaged or truncated ({e})"
+        except STORAGE_ERRORS as e:
+            why = unreadable(e)
         if why is not None:
             raise ArchiveError(path, f"{why}; the members before it were read, the rest are lost")
+
+
+def read_spans(path: StoragePath | str, spans: list[tuple[int, int]]) -> Iterator[bytes | str]:
+    """The bytes at each (offset, size) of the tar at `path`, in one pass of large reads when the
+    spans are in archive order (one reader, one buffer: memory bounded by a member); a span the tar
+    no longer holds, or a read that fails, gives its reason instead. ArchiveError when the tar cannot
+    be opened."""
+    f = open_archive(as_path(path), PASS_READAHEAD)
+    with f:
+        for offset, size in spans:
+            if offset < 0 or offset + size > f.size:
+                yield (f"the tar is {f.size} bytes, too few for a member of {size} bytes at {offset}: "
+                       f"it changed since it was listed")
+                continue
+            try:
+                f.seek(offset)
+                data = f.read(size)
+            except STORAGE_ERRORS as e:
+                yield unreadable(e)
+                continue
+            yield data if len(data) == size else "the tar shrank while it was read"
 
 
 class TarMembers:

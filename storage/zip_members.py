@@ -11,8 +11,8 @@ import zipfile
 import zlib
 from collections.abc import Iterator
 
-from storage.archive_members import ArchiveError, Member, RangeFile
-from storage.locations import StoragePath, as_path, location
+from storage.archive_members import ArchiveError, Member, open_archive
+from storage.locations import StoragePath, as_path
 
 PASS_READAHEAD = 8 << 20  # a pass over a whole zip: 8 MiB per read
 MEMBER_READAHEAD = 1 << 16  # one member: its header and, for most images, all of its bytes in one read
@@ -24,10 +24,7 @@ def open_zip(path: StoragePath | str, readahead: int = MEMBER_READAHEAD) -> zipf
     """The zip at `path` opened through its central directory; ArchiveError naming it when it is
     missing, not a zip, or truncated (a truncated zip has lost its central directory)."""
     path = as_path(path)
-    try:
-        f = RangeFile(location(path).open_reader(path), readahead)
-    except FileNotFoundError as e:
-        raise ArchiveError(path, "missing: the archive was removed") from e
+    f = open_archive(path, readahead)
     try:
         return zipfile.ZipFile(f)
     except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, EOFError) as e:

@@ -273,3 +273,64 @@ def test_a_folder_with_a_symlink_loop_beside_its_tars_is_read(tmp_path):
     assert len(manifest(tmp_path / "run")) == 2
     rejected = sorted(Path(r["path"]).name for r in Run(tmp_path / "run").rejects())
     assert rejected == ["loop_a.png", "loop_b.png"]
+
+# --- review of issue 35: pairing, .cls, unreadable archives, memory, resume, dotted keys, compressed tars
+
+
+def write_tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
+    """A plain tar holding `members` (name, bytes) in this order, duplicate names kept."""
+    import io
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w", format=tarfile.GNU_FORMAT) as t:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            t.addfile(info, io.BytesIO(data))
+    return path
+
+
+def write_zip(path: Path, members: list[tuple[str, bytes]]) -> Path:
+    """A zip holding `members` in this order (a duplicate name warns in zipfile but is written)."""
+    import warnings
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings(), zipfile.ZipFile(path, "w") as zf:
+        warnings.simplefilter("ignore")
+        for name, data in members:
+            zf.writestr(name, data)
+    return path
+
+
+def labels_by_member(run: Path) -> dict[tuple[str, int], int]:
+    """(member name, offset) -> label of every entry of the run."""
+    return {(e["path"].rsplit("#", 1)[1], e["offset"]): e["label"] for e in manifest(run)}
+
+
+def rejects_by_name(run: Path) -> dict[str, str]:
+    return {r["path"].rsplit("/", 1)[1]: r["reason"] for r in Run(run).rejects()}
+
+
+def test_unreadable_archives_are_rejects_naming_them(tmp_path, monkeypatch):
+    folder = tmp_path / "in"
+    write_img2dataset_tar(folder, 0, sample_images(2))
+    for name in ("loop.tar", "loop.zip"):
+        (folder / name).symlink_to(folder / name)
+    (folder / "gone.tar").symlink_to(folder / "nowhere.tar")
+    (folder / "gone.zip").symlink_to(folder / "nowhere.zip")
+    run_shard([folder], tmp_path / "r1", label_field="label")
+    rejects = rejects_by_name(tmp_path / "r1")
+    assert rejects.pop("loop.tar").startswith("unreadable: ")
+    assert rejects.pop("loop.zip").startswith("unreadable: ")
+    for name in ("gone.tar", "gone.zip"):
+        reason = rejects.pop(name)
+        assert reason.startswith("missing") and "link" in reason
+    assert rejects == {} and len(manifest(tmp_path / "r1")) == 2
+    # no permission, an I/O error: the same (root reads a chmod 000 file, so the error is injected)
+    from storage.locations.local import FileReader
+
+    def refuse(self, path):
+        raise PermissionError(13, "Permission denied", str(path))
+    monkeypatch.setattr(FileReader, "__init__", refuse)
+    run_shard([folder / "00000.tar"], tmp_path / "r2", label_field="label")
+    assert rejects_by_name(tmp_path / "r2") == {"00000.tar": "unreadable: Permission denied"}
