@@ -125,10 +125,10 @@ def test_archives_on_s3_read_in_place_as_locally(reference, tiny_model, in_proce
 
 def test_labels_sources_and_splits_from_metadata_cls_and_folders(tmp_path):
     images = sample_images(4)
-    write_img2dataset_tar(tmp_path / "cls", 0, images, cls=True)  # .cls 0/1, no field named
+    write_img2dataset_tar(tmp_path / "cls", 0, images, cls=True)  # .cls 0/1, named by --label-field cls
     write_img2dataset_tar(tmp_path / "gen/test", 1, images)  # --source-field generator
     write_diffusiondb_zip(tmp_path / "ddb", 1, images, label_field=True)
-    summary = run_shard([tmp_path / "cls"], tmp_path / "r1", shard_size=8)
+    summary = run_shard([tmp_path / "cls"], tmp_path / "r1", shard_size=8, label_field="cls")
     assert sorted((e["label"], e["source"], e["split"]) for e in manifest(tmp_path / "r1")) == \
         [(0, "cls", "train"), (0, "cls", "train"), (1, "cls", "train"), (1, "cls", "train")], summary
     run_shard([tmp_path / "gen"], tmp_path / "r2", shard_size=8, label_field="label",
@@ -246,7 +246,10 @@ def test_a_killed_shard_and_extract_of_tars_and_zips_resume_to_the_same_bytes(tm
             assert tree(target / "run") == tree(tmp_path / "ref/run")
 
 
-def test_shard_reads_a_tar_once_and_extract_one_ranged_read_per_member(tmp_path, tiny_model, monkeypatch):
+def test_shard_reads_a_tar_twice_at_most_and_extract_one_ranged_read_per_member(tmp_path, tiny_model,
+                                                                                monkeypatch):
+    """shard lists a tar in one pass and its probe task reads the images in one more (large reads
+    both); extract reads each member by its offset."""
     from storage.locations.local import FileReader
 
     tar = write_img2dataset_tar(tmp_path / "wds", 0, sample_images(6))
@@ -254,7 +257,7 @@ def test_shard_reads_a_tar_once_and_extract_one_ranged_read_per_member(tmp_path,
     original = FileReader.read
     monkeypatch.setattr(FileReader, "read", lambda self, o, n: reads.append((o, n)) or original(self, o, n))
     run_shard([tmp_path / "wds"], tmp_path / "run", shard_size=8, label_field="label")
-    assert sum(n for _, n in reads) <= tar.stat().st_size  # one pass, nothing read twice
+    assert sum(n for _, n in reads) <= 2 * tar.stat().st_size  # the listing pass, the probe's pass
     reads.clear()
     run_extract(tmp_path / "run", ExtractOptions(model=tiny_model, **EXTRACT))
     members = {(e["offset"], e["size"]) for e in manifest(tmp_path / "run")}
@@ -273,6 +276,7 @@ def test_a_folder_with_a_symlink_loop_beside_its_tars_is_read(tmp_path):
     assert len(manifest(tmp_path / "run")) == 2
     rejected = sorted(Path(r["path"]).name for r in Run(tmp_path / "run").rejects())
     assert rejected == ["loop_a.png", "loop_b.png"]
+
 
 # --- review of issue 35: pairing, .cls, unreadable archives, memory, resume, dotted keys, compressed tars
 
@@ -311,6 +315,44 @@ def rejects_by_name(run: Path) -> dict[str, str]:
     return {r["path"].rsplit("/", 1)[1]: r["reason"] for r in Run(run).rejects()}
 
 
+def test_duplicate_member_names_take_the_metadata_of_their_own_sample(tmp_path):
+    (a, _, _), (b, _, _), (c, _, _) = [(d, e, lab) for e, d, lab in sample_images(3)]
+    tar = write_tar(tmp_path / "t/x.tar", [("same.png", a), ("same.json", b'{"label": 1}'),
+                                           ("same.png", b), ("same.json", b'{"label": 0}')])
+    run_shard([tmp_path / "t"], tmp_path / "r1", label_field="label")
+    with tarfile.open(tar) as t:
+        first, second = [m.offset_data for m in t.getmembers() if m.name == "same.png"]
+    assert labels_by_member(tmp_path / "r1") == {("same.png", first): 1, ("same.png", second): 0}
+    # a zip's metadata is keyed by name: two members of one name cannot be paired with it
+    write_zip(tmp_path / "z/x.zip", [("same.png", a), ("same.png", b), ("same.json", b'{"label": 1}'),
+                                     ("m/d.png", c), ("m/d.png", a),
+                                     ("m/meta.json", b'{"d.png": {"label": 0}}'),
+                                     ("ok.png", c), ("ok.json", b'{"label": 1}')])
+    run_shard([tmp_path / "z"], tmp_path / "r2", label_field="label")
+    rejects = Run(tmp_path / "r2").rejects()
+    assert sorted(r["path"].removeprefix(f"{tmp_path}/z/") for r in rejects) == \
+        ["x.zip#m/d.png", "x.zip#m/d.png", "x.zip#same.png", "x.zip#same.png"]
+    assert all("duplicate member name" in r["reason"] for r in rejects)
+    assert [e["path"].rsplit("/", 1)[1] for e in manifest(tmp_path / "r2")] == ["x.zip#ok.png"]
+    # no name-keyed metadata: the folders label each copy, nothing is ambiguous
+    write_zip(tmp_path / "f/1_fake/x.zip", [("same.png", a), ("same.png", b)])
+    run_shard([tmp_path / "f"], tmp_path / "r3")
+    assert sorted(e["label"] for e in manifest(tmp_path / "r3")) == [1, 1]
+
+
+def test_cls_is_a_label_only_when_named_by_label_field(tmp_path):
+    images = sample_images(2)
+    write_img2dataset_tar(tmp_path / "data/0_real", 0, images, cls=True)  # .cls 0 and 1, all 0/1
+    run_shard([tmp_path / "data"], tmp_path / "r1")
+    assert [e["label"] for e in manifest(tmp_path / "r1")] == [0, 0]  # the folder's, .cls unnamed
+    run_shard([tmp_path / "data"], tmp_path / "r2", label_field="cls")
+    assert sorted(e["label"] for e in manifest(tmp_path / "r2")) == [0, 1]
+    # a class index named as the label is refused like any other value of the field
+    write_tar(tmp_path / "idx/x.tar", [("k.png", images[1][1]), ("k.cls", b"7")])
+    run_shard([tmp_path / "idx"], tmp_path / "r3", label_field="cls")
+    assert "'7'" in rejects_by_name(tmp_path / "r3")["x.tar#k.png"]
+
+
 def test_unreadable_archives_are_rejects_naming_them(tmp_path, monkeypatch):
     folder = tmp_path / "in"
     write_img2dataset_tar(folder, 0, sample_images(2))
@@ -334,3 +376,83 @@ def test_unreadable_archives_are_rejects_naming_them(tmp_path, monkeypatch):
     monkeypatch.setattr(FileReader, "__init__", refuse)
     run_shard([folder / "00000.tar"], tmp_path / "r2", label_field="label")
     assert rejects_by_name(tmp_path / "r2") == {"00000.tar": "unreadable: Permission denied"}
+
+
+def test_the_listing_pass_keeps_no_member_bytes(tmp_path):
+    import tracemalloc
+
+    from stages.domain.sources import Collected, SourceOptions
+    from stages.domain.sources.webdataset_tar import WebDatasetTars
+
+    members = []
+    for i in range(40):  # 40 MiB of members, 1 MiB each
+        members += [(f"{i:03d}.png", bytes([i]) * (1 << 20)), (f"{i:03d}.json", b'{"label": 1}')]
+    write_tar(tmp_path / "big/x.tar", members)
+    tracemalloc.start()
+    try:
+        got = WebDatasetTars().candidates(tmp_path / "big", SourceOptions(label_field="label"), Collected())
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert len(got) == 40 and all(c.label == 1 for c in got)
+    assert peak < 24 << 20, peak  # a read buffer (8 MiB) and a member, not the tar
+
+
+def test_a_killed_shard_of_tars_resumes_without_probing_finished_tars(tmp_path, monkeypatch):
+    import stages.domain.sources.webdataset_tar as wt
+
+    images = sample_images(9)
+    for k in range(3):
+        write_img2dataset_tar(tmp_path / "data", k, images[3 * k:3 * k + 3])
+
+    def shard(root: Path, **kw) -> dict:
+        return run_shard([tmp_path / "data"], root / "run", shard_size=4, label_field="label", **kw)
+
+    probed: list[bytes] = []
+    original = wt.probe_bytes
+    monkeypatch.setattr(wt, "probe_bytes", lambda data, *a: probed.append(data) or original(data, *a))
+    dry = shard(tmp_path / "dry", dry_run=True)
+    assert dry["files"] == 9 and probed == []  # a dry run lists, it decodes nothing
+    shard(tmp_path / "ref")
+    assert len(probed) == 9
+    target = tmp_path / "killed"
+    target.mkdir()
+    # the probe checkpoints are the first writes: one per tar; die after the second
+    assert run_killed_at(lambda: shard(target), 2, after=True)
+    probed.clear()
+    shard(target)
+    assert len(probed) == 3  # only the third tar's images
+    assert tree(target / "run") == tree(tmp_path / "ref/run")
+
+
+def test_members_are_classified_by_their_last_extension_and_paired_by_key_then_stem(tmp_path):
+    images = [d for _, d, _ in sample_images(4)]
+    write_tar(tmp_path / "t/x.tar", [
+        ("sub/a.b.jpg", images[0]), ("sub/a.b.json", b'{"label": "fake"}'),  # dotted stem
+        ("k.seg.png", images[1]), ("k.json", b'{"label": "real"}'),  # WebDataset's key: k
+    ])
+    write_zip(tmp_path / "z/x.zip", [("sub/a.b.png", images[2]), ("sub/a.b.json", b'{"label": "fake"}'),
+                                     ("k.seg.png", images[3]), ("k.json", b'{"label": "real"}')])
+    for name in ("t", "z"):
+        run_shard([tmp_path / name], tmp_path / f"r{name}", label_field="label")
+        assert Run(tmp_path / f"r{name}").rejects() == []
+        assert sorted((e["path"].rsplit("#", 1)[1], e["label"]) for e in manifest(tmp_path / f"r{name}")) \
+            == sorted([(f"sub/a.b.{'jpg' if name == 't' else 'png'}", 1), ("k.seg.png", 0)])
+
+
+def test_compressed_tars_are_refused_saying_so(tmp_path):
+    import gzip
+
+    images = sample_images(2)
+    tar = write_img2dataset_tar(tmp_path / "in", 0, images)
+    (tmp_path / "in/01.tar.gz").write_bytes(gzip.compress(tar.read_bytes()))
+    (tmp_path / "in/02.tgz").write_bytes(gzip.compress(tar.read_bytes()))
+    run_shard([tmp_path / "in"], tmp_path / "r1", label_field="label")
+    rejects = rejects_by_name(tmp_path / "r1")
+    assert set(rejects) == {"01.tar.gz", "02.tgz"}
+    assert all(r.startswith("compressed tar: members cannot be read in place; decompress it")
+               for r in rejects.values())
+    (tmp_path / "one").mkdir()
+    (tmp_path / "one/x.tgz").write_bytes(gzip.compress(tar.read_bytes()))
+    run_shard([tmp_path / "one/x.tgz"], tmp_path / "r2", label_field="label")
+    assert list(rejects_by_name(tmp_path / "r2")) == ["x.tgz"]

@@ -3,19 +3,20 @@ holds archives (one archive, or a folder or prefix of them; img2dataset's `NNNNN
 `NNNNN_stats.json` beside a tar left out as its metadata, any other file there taken as an image
 file), and an image member's label, source and split.
 
-A member's label comes from, in this order: the JSON metadata's `--label-field` (a `KEY.json`
-sidecar as WebDataset pairs it, or a JSON member mapping image file names to their metadata as
-DiffusionDB's `part-NNNNNN.json` does), a `KEY.cls` sidecar (only in an archive where every `.cls`
-says 0 or 1: elsewhere `.cls` is a class index, not real/fake), the folders above the archive and
-inside it by the layout rules of folders; `shard --label` overrides all. Its source: the JSON's
-`--source-field`, else the layout's, else the archive's folder name (the first above split folders).
+A member's label comes from, in this order: the metadata field named by `--label-field` (a key of
+the sample's `KEY.json` as WebDataset pairs it, or of its entry in a JSON member mapping image file
+names to their metadata as DiffusionDB's `part-NNNNNN.json` does; `--label-field cls` / `txt`
+names the sample's `KEY.cls` / `KEY.txt` member), the folders above the archive and inside it by
+the layout rules of folders; `shard --label` overrides all. A `.cls` is a label only when named so:
+it is most often a class index (ImageNet's), not real/fake. Its source: the `--source-field`, else
+the layout's, else the archive's folder name (the first above split folders).
 Its split: the layout's."""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from stages.domain.layouts import infer_from_layout, parse_label
 from stages.domain.parquet_layouts import source_folder
@@ -23,9 +24,13 @@ from stages.domain.sources.base import Candidate, Collected, SourceOptions, inpu
 from storage.locations import StoragePath, as_path, location
 
 SIDECARS = frozenset({"json", "txt", "cls"})  # a sample's metadata members (WebDataset's extensions)
-NO_LABEL = ("no label: no --label-field value in its JSON metadata, no 0/1 .cls sidecar, and the folders "
-            "name no real/fake class (0_real, 1_fake, real, nature, ai, <generator> under a split); give "
-            "--label-field, --label or --layout")
+COMPRESSED_TARS = (".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tbz", ".tar.xz", ".txz", ".tar.zst", ".tzst")
+COMPRESSED = ("compressed tar: members cannot be read in place; decompress it (gunzip / unxz / unzstd "
+              "to a .tar) and shard the .tar")
+NO_LABEL = ("no label: no --label-field value in its metadata, and the folders name no real/fake class "
+            "(0_real, 1_fake, real, nature, ai, <generator> under a split); give --label-field, --label "
+            "or --layout")
+_MISSING = object()
 
 
 @dataclass(frozen=True)
@@ -44,12 +49,23 @@ Lister = Callable[[StoragePath, Place, SourceOptions, Collected], list[Candidate
 
 @dataclass(frozen=True)
 class Metadata:
-    """What an image member's metadata says: its JSON object, a 0/1 `.cls`, or why its JSON could
-    not be read."""
+    """What an image member's metadata says: its JSON object, the text of its `.cls` / `.txt`
+    members (by extension), why its JSON could not be read, and why it cannot be paired with the
+    image at all (a duplicate member name)."""
 
     meta: dict | None = None
-    cls: int | None = None
+    fields: dict[str, str] = field(default_factory=dict)
     error: str | None = None
+    ambiguous: str | None = None
+
+    def value(self, name: str) -> object:
+        """The metadata's value for the field `name` (`_MISSING` when it has none): a sidecar
+        member of that extension (`cls`), else the JSON's key."""
+        if name in self.fields:
+            return self.fields[name]
+        if self.meta is not None and name in self.meta:
+            return self.meta[name]
+        return _MISSING
 
 
 def split_key(name: str) -> tuple[str, str, list[str]]:
@@ -60,9 +76,27 @@ def split_key(name: str) -> tuple[str, str, list[str]]:
     return (f"{folder}/{stem}" if folder else stem), ext, [d for d in folder.split("/") if d not in ("", ".")]
 
 
+def last_ext(name: str) -> str:
+    """A member's last extension, lower case (`a/b.c.JSON`: `json`; none: "")."""
+    base = name.rpartition("/")[2]
+    return base.rpartition(".")[2].lower() if "." in base else ""
+
+
+def full_stem(name: str) -> str:
+    """A member's name without its last extension (`a/b.c.json`: `a/b.c`)."""
+    folder, _, base = name.rpartition("/")
+    stem = base.rpartition(".")[0] if "." in base else base
+    return f"{folder}/{stem}" if folder else stem
+
+
 def is_sidecar(name: str) -> bool:
-    """A sample's metadata member (`KEY.json`, `KEY.txt`, `KEY.cls`), not an image to read."""
-    return split_key(name)[1].lower() in SIDECARS
+    """A sample's metadata member (its last extension `.json`, `.txt`, `.cls`), not an image to read."""
+    return last_ext(name) in SIDECARS
+
+
+def is_compressed_tar(name: str) -> bool:
+    """A compressed tar (`.tar.gz`, `.tgz`, ...): its members cannot be read by offset."""
+    return name.lower().endswith(COMPRESSED_TARS)
 
 
 def _json(data: bytes) -> tuple[object, str | None]:
@@ -72,46 +106,72 @@ def _json(data: bytes) -> tuple[object, str | None]:
         return None, f"not valid JSON ({e})"
 
 
-def _cls(data: bytes) -> int | None:
-    text = data.decode("utf-8", "replace").strip()
-    return int(text) if text in ("0", "1") else None
-
-
-def read_metadata(sidecars: dict[str, bytes], images: list[str]) -> dict[str, Metadata]:
-    """Each image member's metadata from the archive's sidecar members (name -> bytes): its own
-    `KEY.json` / `KEY.cls`, or its entry in a JSON member that maps file names to objects."""
-    by_key: dict[str, dict[str, tuple[str, bytes]]] = {}
-    for name, data in sidecars.items():
-        key, ext, _ = split_key(name)
-        by_key.setdefault(key, {})[ext.lower()] = (name, data)
-    image_keys = {split_key(n)[0] for n in images}
-    mapped: dict[str, dict] = {}
-    for name, data in sidecars.items():  # DiffusionDB's part-NNNNNN.json: {file name: {...}}
-        key, ext, _ = split_key(name)
-        if ext.lower() == "json" and key not in image_keys:
-            obj, _ = _json(data)
-            if isinstance(obj, dict):
-                folder = name.rpartition("/")[0]
-                for k, v in obj.items():
-                    if isinstance(v, dict):
-                        mapped[f"{folder}/{k}" if folder else str(k)] = v
-    cls_values = [_cls(d) for n, d in sidecars.items() if split_key(n)[1].lower() == "cls"]
-    cls_ok = all(v is not None for v in cls_values)  # an archive of class indices says nothing
+def _own(name: str, index: dict[tuple[str, str], str]) -> dict[str, str]:
+    """ext -> the sidecar member of image `name`: by WebDataset's key first, then by its full stem."""
     out = {}
-    for name in images:
-        side = by_key.get(split_key(name)[0], {})
-        meta, error = None, None
-        if "json" in side:
-            obj, error = _json(side["json"][1])
+    for ext in SIDECARS:
+        for stem in (split_key(name)[0], full_stem(name)):
+            if (stem, ext) in index:
+                out[ext] = index[(stem, ext)]
+                break
+    return out
+
+
+def read_metadata(images: list[tuple[str, dict[str, bytes]]], dups: frozenset[str] = frozenset(),
+                  own_dups: frozenset[str] = frozenset()) -> list[Metadata]:
+    """Each image member's metadata, from the sidecars of its sample (name -> bytes: a tar sample's
+    own, a zip's all): its `KEY.json` / `KEY.cls` / `KEY.txt`, else its entry in a JSON member that
+    maps file names to objects. `dups`: names the archive holds more than once, whose mapped entry
+    cannot be paired with one of them; `own_dups`: likewise for own sidecars (a zip's, paired by name
+    alone; a tar's are paired within their sample)."""
+    indexes: dict[int, dict[tuple[str, str], str]] = {}
+    owned: list[dict[str, str]] = []
+    used: set[tuple[int, str]] = set()
+    for name, sidecars in images:
+        if id(sidecars) not in indexes:
+            indexes[id(sidecars)] = {(full_stem(n), last_ext(n)): n for n in sidecars}
+        own = _own(name, indexes[id(sidecars)])
+        owned.append(own)
+        used |= {(id(sidecars), n) for n in own.values()}
+    mapped: dict[str, tuple[dict, str]] = {}  # DiffusionDB's part-NNNNNN.json: {file name: {...}}
+    groups = {id(s): s for _, s in images}
+    for gid, sidecars in groups.items():
+        for member, data in sidecars.items():
+            if last_ext(member) == "json" and (gid, member) not in used:
+                obj, _ = _json(data)
+                folder = member.rpartition("/")[0]
+                for k, v in (obj.items() if isinstance(obj, dict) else ()):
+                    if isinstance(v, dict):
+                        mapped[f"{folder}/{k}" if folder else str(k)] = (v, member)
+    out = []
+    for (name, sidecars), own in zip(images, owned, strict=True):
+        meta, error, ambiguous = None, None, None
+        if "json" in own:
+            obj, error = _json(sidecars[own["json"]])
             meta = obj if isinstance(obj, dict) else None
             if error is None and meta is None:
                 error = "not a JSON object"
-            error = f"its metadata {side['json'][0]} is {error}" if error else None
+            error = f"its metadata {own['json']} is {error}" if error else None
         elif name in mapped:
-            meta = mapped[name]
-        cls = _cls(side["cls"][1]) if "cls" in side and cls_ok else None
-        out[name] = Metadata(meta, cls, error)
+            meta = mapped[name][0]
+            if name in dups:
+                ambiguous = mapped[name][1]
+        if ambiguous is None and own and ({name, *own.values()} & own_dups):
+            ambiguous = ", ".join(sorted(own.values()))
+        fields = {ext: sidecars[m].decode("utf-8", "replace").strip() for ext, m in own.items()
+                  if ext != "json"}
+        out.append(Metadata(meta, fields, error, ambiguous and (
+            f"duplicate member name: the archive holds more than one member named {name!r} (or its "
+            f"metadata's), so its metadata ({ambiguous}) cannot be paired with one of them")))
     return out
+
+
+def _parsed_label(raw: object, name: str) -> tuple[int | None, str | None]:
+    parsed = None if isinstance(raw, bool) or not isinstance(raw, (str, int)) else parse_label(raw)
+    if parsed is None:
+        return None, (f"label {raw!r} (its metadata's {name!r}) is neither real nor fake: 0, 1, real, "
+                      f"fake, 0_real, 1_fake, nature or ai")
+    return parsed, None
 
 
 def member_labels(name: str, place: Place, md: Metadata, opts: SourceOptions,
@@ -120,28 +180,27 @@ def member_labels(name: str, place: Place, md: Metadata, opts: SourceOptions,
     inner = split_key(name)[2]
     label, source, split = infer_from_layout([*place.dirs, *inner], place.root_name, opts.layout)
     refusal = None
-    if md.cls is not None:
-        label = md.cls
-    field = opts.label_field
-    if field and md.error:
-        refusal = f"--label-field {field}: {md.error}"
-    elif field and md.meta is not None and field in md.meta:
-        raw = md.meta[field]
-        parsed = None if isinstance(raw, bool) or not isinstance(raw, (str, int)) else parse_label(raw)
-        if parsed is None:
-            refusal = (f"label {raw!r} (its metadata's {field!r}) is neither real nor fake: 0, 1, real, "
-                       f"fake, 0_real, 1_fake, nature or ai")
-        label = parsed
-    if opts.source_field and md.meta is not None and md.meta.get(opts.source_field) not in (None, ""):
-        source = str(md.meta[opts.source_field])
+    named = opts.label_field
+    if (named or opts.source_field) and md.ambiguous:
+        refusal = md.ambiguous
+    elif named and named not in md.fields and md.error:
+        refusal = f"--label-field {named}: {md.error}"
+    elif named and (raw := md.value(named)) is not _MISSING:
+        label, refusal = _parsed_label(raw, named)
+    if opts.source_field and md.value(opts.source_field) not in (_MISSING, None, ""):
+        source = str(md.value(opts.source_field))
     return label, source or place.folder, split, refusal
 
 
-def holds(inp: StoragePath, suffix: str) -> bool:
-    """Whether `inp` is an archive with this suffix, or a folder or prefix with one below it."""
-    if inp.suffix.lower() == suffix and not inp.is_dir():
-        return True
-    return inp.is_dir() and any(f.suffix.lower() == suffix for f, _ in location(inp).walk_files(inp))
+def holds(inp: StoragePath, *suffixes: str) -> bool:
+    """Whether `inp` is an archive with one of these suffixes (of its name: `.tar.gz` too), or a
+    folder or prefix with one below it."""
+    def named(f: StoragePath) -> bool:
+        return f.name.lower().endswith(suffixes)
+
+    if not inp.is_dir():
+        return named(inp)
+    return any(named(f) for f, _ in location(inp).walk_files(inp))
 
 
 def _img2dataset_metadata(f: StoragePath, tars: set[tuple[str, str]]) -> bool:
@@ -158,6 +217,9 @@ def walk(inp: StoragePath, opts: SourceOptions, found: Collected, listers: dict[
     are read), or every file below a folder or prefix: archives through `listers` (by suffix),
     img2dataset's metadata left out, any other file as an image file (the files source reads it)."""
     suffix = inp.suffix.lower()
+    if not inp.is_dir() and is_compressed_tar(inp.name):
+        found.refuse(input_address(inp), COMPRESSED)
+        return []
     if suffix in listers and not inp.is_dir():
         full = as_path(input_address(inp))
         place = Place(tuple(full.parent.parts[-4:]), full.parent.name, source_folder(full))
@@ -169,7 +231,9 @@ def walk(inp: StoragePath, opts: SourceOptions, found: Collected, listers: dict[
     for f in files:
         rel = tuple(f.relative_to(inp).parts[:-1])
         lister = listers.get(f.suffix.lower())
-        if lister is not None:
+        if is_compressed_tar(f.name):
+            found.refuse(input_address(f), COMPRESSED)
+        elif lister is not None:
             out += lister(f, Place(rel, root_name, source_folder(as_path(input_address(f)))), opts, found)
         elif not _img2dataset_metadata(f, tars):
             label, source, split = infer_from_layout(list(rel), root_name, opts.layout)

@@ -3,26 +3,32 @@ prefix) of `00000.tar`, `00001.tar`, ... whose samples are `KEY.jpg` (or .png, .
 `KEY.json` / `KEY.txt` / `KEY.cls`, with img2dataset's `00000.parquet` and `00000_stats.json`
 beside each tar (its metadata: never inputs, never rejects); or one `.tar`.
 
-The address of an image is `file.tar#member` with the offset of its bytes in the tar. `shard` reads
-each tar once, in large sequential reads, and hashes and decodes each image member as it passes
-(the members' labels come from the sidecars that follow them, so a tar is listed and probed in the
-same pass); `extract` reads a member by its offset, one ranged read each, as packed tars are read.
-A member that is not an image, is truncated or too large is a reject naming `file.tar#member`; a
-damaged or truncated tar is a reject naming the tar (its members before the damage are kept)."""
+The address of an image is `file.tar#member` with the offset of its bytes in the tar. Listing reads
+each tar once, in large sequential reads, keeping of each image member its name, offset and size
+and of each sample its metadata members (`KEY.json`, `.txt`, `.cls`: consecutive members of one key,
+as WebDataset groups them, a repeated name starting a new sample); `shard` then hashes and decodes
+the images in one probe task per tar (on `--workers` processes, checkpointed per tar), reading
+them by their offsets in one pass; `extract` reads a member by its offset, one ranged read each, as
+packed tars are read. A member that is not an image, is truncated or too large is a reject naming
+`file.tar#member`; a damaged, truncated or unreadable tar is a reject naming the tar (its members
+before the damage are kept); a compressed tar (`.tar.gz`, `.tgz`) is a reject saying so."""
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Hashable
 
-from stages.domain.image_limits import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
+from stages.domain.image_limits import DEFAULT_MAX_BYTES
 from stages.domain.probing import probe_bytes
 from stages.domain.sources.archive_folders import (
+    COMPRESSED_TARS,
     NO_LABEL,
     Lister,
     Place,
     is_sidecar,
     member_labels,
     read_metadata,
+    split_key,
     split_member,
     walk,
 )
@@ -41,49 +47,7 @@ from stages.domain.sources.base import (
 from storage.archive_members import ArchiveError, Member
 from storage.locations import STORAGE_ERRORS, StoragePath
 from storage.run import within_roots
-from storage.tar_members import TarMembers, iter_tar
-
-# `shard` probes in the listing pass under these limits; a probe asked for other ones re-reads the
-# members whose result they could change (those refused, and those over the limits asked for)
-PASS_LIMITS = (DEFAULT_MAX_PIXELS, DEFAULT_MAX_BYTES)
-
-
-class ProbedTar:
-    """The probe results of a tar's image members from the listing pass, by (address, offset):
-    `shard`'s probe unit for the tar (equal by the tar alone), handed to its probe task."""
-
-    __slots__ = ("tar", "results")
-
-    def __init__(self, tar: str, results: dict[tuple[str, int], tuple[dict, bool]]):
-        self.tar, self.results = tar, results  # result, and whether a re-read may change it
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, ProbedTar) and other.tar == self.tar
-
-    def __hash__(self) -> int:
-        return hash(self.tar)
-
-    def __getstate__(self) -> tuple:
-        return self.tar, self.results
-
-    def __setstate__(self, state: tuple) -> None:
-        self.tar, self.results = state
-
-
-def _pass_probe(m: Member) -> tuple[dict, bool]:
-    """A member's probe in the listing pass, and whether other limits could change it."""
-    if m.refused is not None:
-        return {"reason": m.refused}, False
-    if m.data is None:
-        return {"reason": f"too large: {m.size} bytes > --max-bytes {PASS_LIMITS[1]}"}, True
-    return probe_bytes(m.data, *PASS_LIMITS), True
-
-
-def _within(result: dict, max_pixels: int, max_bytes: int) -> bool:
-    """Whether a probe that passed under the pass's limits passes under these too."""
-    facts = result.get("facts") or {}
-    pixels = (facts.get("width") or 0) * (facts.get("height") or 0)
-    return result["size"] <= max_bytes and pixels <= max_pixels
+from storage.tar_members import TarMembers, iter_tar, read_spans
 
 
 class TarReader(EntryReader):
@@ -118,11 +82,8 @@ class WebDatasetTars(InputSource):
     kind = "webdataset"
     no_label = NO_LABEL
 
-    def __init__(self) -> None:
-        self._probed: dict[str, ProbedTar] = {}  # this process's listing pass, by tar
-
     def recognises(self, inp: StoragePath) -> bool:
-        return _holds(inp, ".tar")
+        return _holds(inp, ".tar", *COMPRESSED_TARS)
 
     def listers(self) -> dict[str, Lister]:
         """What a folder of tars may also hold: zips are listed by the zip source."""
@@ -135,28 +96,31 @@ class WebDatasetTars(InputSource):
 
     def list_tar(self, tar: StoragePath, place: Place, opts: SourceOptions, found: Collected,
                  ) -> list[Candidate]:
-        """The image members of one tar, read, hashed and decoded in one pass (results kept for the
-        probe); a tar damaged part-way is a reject naming it, its members before the damage kept."""
+        """The image members of one tar (name, offset, size), each labelled by the metadata members
+        of its own sample; a tar damaged part-way is a reject naming it, its members before the
+        damage kept."""
         address = input_address(tar)
-        images: list[tuple[Member, tuple[dict, bool]]] = []
-        sidecars: dict[str, bytes] = {}
+        images: list[tuple[Member, dict[str, bytes]]] = []  # no bytes kept: the probe reads them
+        key, sample, seen = None, {}, set()  # the current sample: its key, metadata, member names
         try:
-            for m in iter_tar(tar, PASS_LIMITS[1]):
+            for m in iter_tar(tar, DEFAULT_MAX_BYTES, wanted=is_sidecar):
+                if split_key(m.name)[0] != key or m.name in seen:  # WebDataset's grouping
+                    key, sample, seen = split_key(m.name)[0], {}, set()
+                seen.add(m.name)
                 if is_sidecar(m.name) and m.data is not None:
-                    sidecars[m.name] = m.data
+                    sample[m.name] = m.data
                 else:
-                    images.append((m, _pass_probe(m)))
+                    images.append((m, sample))
         except ArchiveError as e:
             found.refuse(address, e.why)
-        metadata = read_metadata(sidecars, [m.name for m, _ in images])
-        out, results = [], {}
-        for m, probed in images:
-            label, source, split, refusal = member_labels(m.name, place, metadata[m.name], opts)
-            path = f"{address}#{m.name}"
-            out.append(Candidate(path, label, source, split, refusal, kind=self.kind, offset=m.offset,
-                                 size=m.size))
-            results[(path, m.offset)] = probed
-        self._probed[address] = ProbedTar(address, results)
+        names = Counter(m.name for m, _ in images)
+        metadata = read_metadata([(m.name, side) for m, side in images],
+                                 dups=frozenset(n for n, k in names.items() if k > 1))
+        out = []
+        for (m, _), md in zip(images, metadata, strict=True):
+            label, source, split, refusal = member_labels(m.name, place, md, opts)
+            out.append(Candidate(f"{address}#{m.name}", label, source, split, m.refused or refusal,
+                                 kind=self.kind, offset=m.offset, size=m.size))
         return out
 
     def owns(self, address: str) -> bool:
@@ -167,27 +131,24 @@ class WebDatasetTars(InputSource):
 
     def probe_group(self, address: Address, found: Collected) -> Hashable | None:
         parts = split_member(address.path, ".tar")
-        return self._probed.get(parts[0]) if parts else None
+        return parts[0] if parts else None  # a tar is probed whole, in one task
 
     def probe(self, addresses: list[Address], group: Hashable | None, max_pixels: int,
               max_bytes: int) -> list[dict]:
-        """The listing pass's results; a member whose result these limits could change is read
-        again by its offset and probed under them."""
-        results = group.results if isinstance(group, ProbedTar) else {}
-        reader = TarReader()
-        out = []
-        for a in addresses:
-            result, may_change = results.get((a.path, a.offset), ({}, True))
-            if result and (not may_change or (max_pixels, max_bytes) == PASS_LIMITS
-                           or ("reason" not in result and _within(result, max_pixels, max_bytes))):
-                out.append(result)
-                continue
-            if a.size is not None and a.size > max_bytes:  # probe_bytes' reason, without the read
-                out.append({"reason": f"too large: {a.size} bytes > --max-bytes {max_bytes}"})
-                continue
-            try:
-                out.append(probe_bytes(reader.read(a), max_pixels, max_bytes))
-            except ReadError as e:
-                out.append({"reason": str(e)})
-        reader.close()
+        """The image members of one tar, read by their offsets in one pass (in archive order: large
+        sequential reads), hashed and decoded."""
+        parts = split_member(addresses[0].path, ".tar") if addresses else None
+        if parts is None or any(a.offset is None or a.size is None for a in addresses):
+            return [{"reason": "not a tar member's address with its offset (file.tar#member)"}
+                    for _ in addresses]
+        out: list[dict] = [{"reason": f"too large: {a.size} bytes > --max-bytes {max_bytes}"}
+                           for a in addresses]  # probe_bytes' reason, without the read
+        todo = [i for i, a in enumerate(addresses) if a.size <= max_bytes]
+        try:
+            spans = read_spans(parts[0], [(addresses[i].offset, addresses[i].size) for i in todo])
+            for i, got in zip(todo, spans, strict=True):
+                out[i] = {"reason": got} if isinstance(got, str) else probe_bytes(got, max_pixels, max_bytes)
+        except ArchiveError as e:  # the tar cannot be opened: every member is refused so
+            for i in todo:
+                out[i] = {"reason": e.why}
         return out

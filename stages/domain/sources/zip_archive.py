@@ -11,6 +11,7 @@ damaged, encrypted or too large is a reject naming `file.zip#member`; a zip that
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Hashable
 
 from stages.domain.image_limits import DEFAULT_MAX_BYTES
@@ -72,10 +73,12 @@ def list_zip(path: StoragePath, place: Place, opts: SourceOptions, found: Collec
                 images.append(info)
     finally:
         close_zip(zf)
-    metadata = read_metadata(sidecars, [i.filename for i in images])
+    names = Counter(i.filename for i in infos)  # a zip may hold one name twice: its metadata is ambiguous
+    dups = frozenset(n for n, k in names.items() if k > 1)
+    metadata = read_metadata([(i.filename, sidecars) for i in images], dups, own_dups=dups)
     out = []
-    for info in images:
-        label, source, split, refusal = member_labels(info.filename, place, metadata[info.filename], opts)
+    for info, md in zip(images, metadata, strict=True):
+        label, source, split, refusal = member_labels(info.filename, place, md, opts)
         out.append(Candidate(f"{address}#{info.filename}", label, source, split, refusal, kind="zip",
                              offset=info.header_offset, size=info.file_size))
     return out
