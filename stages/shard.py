@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -25,7 +23,7 @@ import pipeline
 from stages.domain.image_limits import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from stages.domain.layouts import LAYOUTS, SPLIT_NAMES, parse_label
 from stages.domain.parquet_layouts import ColumnOptions, resolve_dataset
-from stages.domain.probe_tasks import PROBE_BATCH, _probe_batch, probe_all  # noqa: F401 (importable here)
+from stages.domain.probe_tasks import probe_all
 from stages.domain.sources import (
     Candidate,
     Collected,
@@ -37,7 +35,7 @@ from stages.domain.sources import (
 )
 from stages.domain.sources import source as source_of
 from stages.domain.sources.base import entry_address, input_address
-from storage.locations import ObjectPath, as_path, is_url
+from storage.locations import as_path, is_url, location
 from storage.packed_images import pack_path, write_pack
 from storage.parquet_images import check_index_append, path_order, split_address, write_index
 from storage.run import Append, Entry, Run, RunError, RunInfo
@@ -88,12 +86,13 @@ def collect(inputs: list[Path], label: str | None = None, source: str | None = N
     found_c: list[Candidate] = []
     for inp in inputs:
         inp = as_path(inp)
-        if not isinstance(inp, ObjectPath) and not os.path.lexists(inp):
+        if not location(inp).exists(inp):
             raise ShardError(f"{inp}: no such file or folder")
         found_c += recognise(inp).candidates(inp, opts, found)
     split_map = split_map or {}
     return [
         replace(c, label=forced_label if forced_label is not None else c.label,
+                label_reason=None if forced_label is not None else c.label_reason,  # --label: not needed
                 source=source or c.source or "unknown",
                 split=split or split_map.get(c.split or "train", c.split or "train"))
         for c in found_c
@@ -102,13 +101,7 @@ def collect(inputs: list[Path], label: str | None = None, source: str | None = N
 
 def input_roots(inputs: list[Path]) -> list[str]:
     """The folders (or single files) the run may read: a list file's folder, a folder itself."""
-    roots = []
-    for inp in inputs:
-        if is_url(str(inp)) or isinstance(inp, ObjectPath):
-            roots.append(input_address(inp))
-        else:
-            roots.append(recognise(Path(inp)).root(Path(inp)))
-    return sorted(set(roots))
+    return sorted({recognise(as_path(inp)).root(as_path(inp)) for inp in inputs})
 
 
 def conflict_rejects(key: str, group: list[Entry], old: Entry | None) -> list[dict]:
@@ -237,12 +230,9 @@ def progress_dir(run: Run, inputs: list[str], opts: ShardOptions, append: bool) 
 
 def clear_progress(checkpoints: Path) -> None:
     """Remove a finished shard command's probe checkpoints (and their folder once empty)."""
-    if isinstance(checkpoints, ObjectPath):
-        checkpoints.rmtree()  # a prefix: nothing is left once its objects are gone
-        return
-    shutil.rmtree(checkpoints, ignore_errors=True)
-    if checkpoints.parent.exists() and not any(checkpoints.parent.iterdir()):
-        checkpoints.parent.rmdir()
+    loc = location(checkpoints)
+    loc.remove_tree(checkpoints)
+    loc.remove_empty_folder(checkpoints.parent)
 
 
 def shard_summary(info: RunInfo, entries: list[Entry], conflicts: int, extra: dict) -> dict:
@@ -324,8 +314,8 @@ def run_shard(inputs: list[Path], run_dir: Path, shard_size: int = 1024, label: 
         raise ShardError(f"--shard-size must be at least 1 (got {shard_size})")
     opts = ShardOptions(shard_size, label, source, split, layout, tuple(split_map or ()), max_pixels,
                         max_bytes, columns or ColumnOptions(), label_field, source_field)
-    inputs = [as_path(p) if is_url(str(p)) else resolve_dataset(Path(p), download)  # ids: the hub cache
-              for p in inputs]
+    inputs = [as_path(p) if is_url(str(p))  # kind question allowed: a URL, or text that may be a hub id
+              else resolve_dataset(Path(p), download) for p in inputs]
     found = Collected()
     candidates = collect(inputs, label, source, split, layout, parse_split_map(split_map), opts.columns,
                          found, opts.sources())
@@ -355,9 +345,9 @@ def run_shard(inputs: list[Path], run_dir: Path, shard_size: int = 1024, label: 
             extra.update(pack_shards(run, [run.shard_entries(i) for i in shards], a.first_shard))
         return shard_summary(run.info(), [], 0, extra)
     first = run.info().num_shards if append else 0
-    probed = iter(probe_all([c for c in candidates if c.reason is None], workers, max_pixels,
+    probed = iter(probe_all([c for c in candidates if c.refusal is None], workers, max_pixels,
                             max_bytes, checkpoints, found))
-    results = [{"reason": c.reason} if c.reason else next(probed) for c in candidates]
+    results = [{"reason": c.refusal} if c.refusal else next(probed) for c in candidates]
     entries, rejects, duplicates, conflicts = build_manifest(
         candidates, results, {e.key: e for e in run.entries()} if append else None)
     rejects = sorted(found.rejects + rejects, key=lambda r: path_order(r["path"]))

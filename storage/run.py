@@ -51,6 +51,7 @@ class Entry:
 
 def within_roots(path: str, roots: list[str]) -> bool:
     """True when `path`, normalised lexically (`..` resolved, symlinks kept), lies in a root."""
+    # kind question allowed: path syntax (a URL compared as written, a local path normalised lexically)
     norm = str(as_path(path)) if is_url(path) else os.path.normpath(path)
     for root in roots:
         root = str(as_path(root)) if is_url(root) else os.path.normpath(root)

@@ -75,8 +75,9 @@ def test_walk_files_lists_every_file_below_with_its_size_in_path_order(where):
 
 
 def test_walk_files_on_a_filesystem_does_not_follow_symlinked_folders(tmp_path):
-    """A symlink to a folder is not followed (no loop, no file twice); a symlink to a file is
-    listed with its target's size, a dangling one or a loop of links with its own."""
+    """A symlink to a folder is not followed (no loop, no file twice) but listed, with its own
+    size, so that a caller can say it is not taken; a symlink to a file is listed with its target's
+    size, a dangling one or a loop of links with its own."""
     from storage.locations import location
 
     (tmp_path / "d").mkdir()
@@ -88,7 +89,8 @@ def test_walk_files_on_a_filesystem_does_not_follow_symlinked_folders(tmp_path):
     (tmp_path / "d" / "x2").symlink_to(tmp_path / "d" / "x1")
     got = [(p.name, size) for p, size in location(tmp_path).walk_files(tmp_path / "d")]
     assert got == [("f", 4), ("gone", len(str(tmp_path / "nowhere"))), ("link", 4),
-                   ("x1", len(str(tmp_path / "d" / "x2"))), ("x2", len(str(tmp_path / "d" / "x1")))]
+                   ("loop", len(str(tmp_path / "d"))), ("x1", len(str(tmp_path / "d" / "x2"))),
+                   ("x2", len(str(tmp_path / "d" / "x1")))]
 
 
 def test_write_marker_creates_once_on_object_storage_and_replaces_on_a_filesystem(where):
@@ -238,10 +240,122 @@ def test_only_object_storage_lacks_flock():
     assert s3.has_flock is False and s3.described == "on object storage"
 
 
+def test_location_takes_a_string_as_as_path_reads_it(tmp_path):
+    """`location()` of a string: a URL's location is object storage's, any other text a local
+    path's; so `zarr_store` of a string path opens (it raised TypeError)."""
+    import zarr
+
+    from storage.locations import as_path, location
+    from storage.zarr_cache import zarr_store
+
+    assert location("s3://b/k") is location(as_path("s3://b/k"))
+    assert location(str(tmp_path)) is location(tmp_path)
+    group = zarr.open_group(zarr_store(str(tmp_path / "z.zarr")), mode="w")
+    group.create_array("a", shape=(2,), dtype="i4")[:] = [3, 4]
+    assert zarr.open_group(zarr_store(str(tmp_path / "z.zarr")), mode="r")["a"][:].tolist() == [3, 4]
+
+
+def test_exists_says_whether_anything_is_at_a_path(where):
+    """A file, a folder (a prefix with objects below it) exist; a missing name does not."""
+    root, loc = where
+    put(root / "a" / "f.png", b"12")
+    assert loc.exists(root / "a" / "f.png") and loc.exists(root / "a")
+    assert not loc.exists(root / "missing") and not loc.exists(root / "a" / "f")
+
+
+def test_exists_on_a_filesystem_counts_a_dangling_symlink(tmp_path):
+    """A dangling symlink is an input the user gave: it exists (reading it says why it fails)."""
+    from storage.locations import location
+
+    (tmp_path / "gone").symlink_to(tmp_path / "nowhere")
+    assert location(tmp_path).exists(tmp_path / "gone")
+
+
+def test_read_many_gives_each_files_bytes_or_its_error(where):
+    """Several files read in one call (object storage: concurrent GETs), by the path as text; a
+    missing one gives FileNotFoundError, one over `limit` TooLarge with its size, others theirs."""
+    from storage.locations import read_many
+    from storage.locations.base import TooLarge
+
+    root, loc = where
+    put(root / "a.png", b"aaa")
+    put(root / "sub" / "b.png", b"bbbbbbb")
+    paths = [str(root / "a.png"), str(root / "sub" / "b.png"), str(root / "missing.png")]
+    got = loc.read_many(paths)
+    assert got[paths[0]] == b"aaa" and got[paths[1]] == b"bbbbbbb"
+    assert isinstance(got[paths[2]], FileNotFoundError)
+    limited = read_many(paths[:2], limit=5)
+    assert limited[paths[0]] == b"aaa"
+    assert isinstance(limited[paths[1]], TooLarge) and limited[paths[1]].size == 7
+
+
+def test_read_many_on_a_filesystem_says_a_folder_is_one(tmp_path):
+    """A folder (a symlink to one, say) is not read: IsADirectoryError."""
+    from storage.locations import location
+
+    (tmp_path / "d").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "d")
+    got = location(tmp_path).read_many([str(tmp_path / "link")])
+    assert isinstance(got[str(tmp_path / "link")], IsADirectoryError)
+
+
+def test_remove_tree_deletes_everything_below_and_remove_empty_folder_only_an_empty_one(where):
+    """`remove_tree` deletes a folder's files at any depth (a sibling whose name extends it is
+    kept); `remove_empty_folder` removes a folder only when nothing is below it."""
+    root, loc = where
+    for rel in ("p/q/1.json", "p/q/sub/2.json", "p/q2/3.json"):
+        put(root / rel, b"{}")
+    loc.remove_tree(root / "p" / "q")
+    assert [str(p.relative_to(root)) for p, _ in loc.walk_files(root)] == ["p/q2/3.json"]
+    loc.remove_empty_folder(root / "p")
+    assert loc.exists(root / "p")
+    loc.remove_tree(root / "p" / "q2")
+    loc.remove_empty_folder(root / "p")
+    assert not loc.exists(root / "p")
+    loc.remove_tree(root / "never")  # nothing there: nothing to do
+    loc.remove_empty_folder(root / "never")
+
+
+def test_address_and_absolute_name_a_path_as_a_run_records_it(tmp_path, monkeypatch):
+    """A local path made absolute (`..` resolved lexically), a URL as it is."""
+    from storage.locations import as_path, location
+
+    monkeypatch.chdir(tmp_path)
+    assert location("x/../y.png").address("x/../y.png") == str(tmp_path / "y.png")
+    assert location(Path("y")).absolute(Path("y")) == tmp_path / "y"
+    url = as_path("s3://b/k/x.png")
+    assert location(url).absolute(url) == url and location(url).address(url) == "s3://b/k/x.png"
+
+
+def test_relative_names_a_path_below_a_folder_in_its_own_syntax(tmp_path):
+    """An absolute path (a URL on object storage) relative to a folder, as posix text; '..' first
+    when outside it; None for text that is no absolute path of that kind (a relative pattern)."""
+    from storage.locations import as_path, location
+
+    assert location(tmp_path).relative(tmp_path, str(tmp_path / "a" / "b.parquet")) == "a/b.parquet"
+    assert location(tmp_path).relative(tmp_path / "a", str(tmp_path / "c")) == "../c"
+    assert location(tmp_path).relative(tmp_path, "data/*.parquet") is None
+    url = as_path("s3://b/ds")
+    assert location(url).relative(url, "s3://b/ds/data/x.parquet") == "data/x.parquet"
+    assert location(url).relative(url, "s3://b/other/x.parquet").startswith("../")
+    assert location(url).relative(url, "/data/x.parquet") is None
+
+
+# Where asking for a URL is not asking which kind of storage a path is (path: reason).
+KIND_QUESTIONS_ALLOWED = {
+    "storage/run.py": "within_roots compares path syntax: a URL is normalised as a URL, a path lexically",
+    "stages/shard.py": "a URL input is an input as it is, other text may be a Hugging Face dataset id "
+                       "(input parsing, before any path exists)",
+    "stages/domain/sources/list_file.py": "NOT YET MOVED: list files are read with local file APIs, so on "
+                                          "object storage they are refused with what to give instead",
+}
+
+
 def test_no_code_outside_storage_locations_asks_which_kind_a_path_is():
-    """`is_remote` and `Location.remote` are used only inside storage/locations/ (the project's .py
-    files; tests and hidden folders such as .venv left out)."""
-    pattern = re.compile(r"\bis_remote\b|\.remote\b")
+    """`is_remote`, `Location.remote`, `isinstance(..., ObjectPath)` and `is_url(` are used only
+    inside storage/locations/ (the project's .py files; tests and hidden folders such as .venv left
+    out), but where KIND_QUESTIONS_ALLOWED says why a line asks something else."""
+    pattern = re.compile(r"\bis_remote\b|\.remote\b|isinstance\([^)]*\bObjectPath\b|\bis_url\(")
     found = []
     for path in sorted(ROOT.rglob("*.py")):
         rel = path.relative_to(ROOT)
@@ -249,7 +363,26 @@ def test_no_code_outside_storage_locations_asks_which_kind_a_path_is():
             continue
         if rel.parts[:2] == ("storage", "locations"):
             continue
-        for n, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
-            if pattern.search(line):
+        lines = path.read_text(errors="replace").splitlines()
+        for n, line in enumerate(lines, 1):
+            if pattern.search(line) and not line.lstrip().startswith(("def ", "from ", "import ")):
+                said = "\n".join(lines[max(0, n - 4):n])  # the line or the three before it
+                if str(rel) in KIND_QUESTIONS_ALLOWED and "kind question allowed" in said:
+                    continue
                 found.append(f"{rel}:{n}: {line.strip()}")
     assert found == []
+
+
+def test_the_extending_page_names_every_method_of_a_location():
+    """docs/extending.md's "A storage location" names each abstract method of `Location` (and its
+    attributes), and no longer says that no code asks which kind a path is without saying where."""
+    import inspect
+
+    from storage.locations.base import Location
+
+    page = (ROOT / "docs" / "extending.md").read_text()
+    section = page.split("## A storage location", 1)[1].split("\n## ", 1)[0]
+    abstract = sorted(Location.__abstractmethods__)
+    public = [name for name, _ in inspect.getmembers(Location) if not name.startswith("_")]
+    missing = [name for name in sorted(set(abstract) | set(public)) if f"`{name}`" not in section]
+    assert missing == []

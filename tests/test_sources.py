@@ -191,3 +191,49 @@ def test_a_seventh_source_is_one_class_and_one_registry_line(tmp_path, monkeypat
     assert RunReader(ReadContext(run.root)).read_many(entries) == [by_key[e.key] for e in entries]
     decoded = ShardImages(entries, 32, 10**8, roots=list(run.info().roots))
     assert all(decoded[i][2] is None and tuple(decoded[i][1].shape) == (3, 32, 32) for i in range(4))
+
+
+def _tar(path: Path, members: dict[str, bytes]) -> Path:
+    import io
+    import tarfile
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w") as t:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            t.addfile(info, io.BytesIO(data))
+    return path
+
+
+@pytest.mark.parametrize("with_tar", [False, True])
+def test_a_symlinked_folder_in_an_input_folder_is_a_reject_whichever_source_lists_it(tmp_path, with_tar):
+    """A symlink to a folder inside an input folder is reported ("is a folder") both when the
+    files source lists the folder and when an archive source does (a folder holding a tar): one
+    walk lists a folder for every source (it was silently skipped beside a tar)."""
+    data = tmp_path / "data"
+    write(data / "real" / "a.png", image_bytes(1))
+    write(tmp_path / "elsewhere" / "b.png", image_bytes(2))
+    (data / "real" / "linked").symlink_to(tmp_path / "elsewhere")
+    if with_tar:
+        _tar(data / "00000.tar", {"k1.png": image_bytes(3), "k1.json": b'{"label": 1}'})
+    run_shard([data], tmp_path / "run", workers=1, label_field="label" if with_tar else None)
+    rejects = {Path(r["path"]).name: r["reason"] for r in Run(tmp_path / "run").rejects()}
+    assert rejects == {"linked": "is a folder, not an image file"}
+
+
+def test_a_forced_label_overrides_a_label_refusal_but_no_other(tmp_path):
+    """`--label fake` takes an image whose metadata's --label-field value is no label (the value
+    is not needed); a refusal that is not about the label (a list row outside its folder) stays."""
+    from stages.shard import collect
+
+    tar = _tar(tmp_path / "wds" / "00000.tar", {"k1.png": image_bytes(1), "k1.json": b'{"label": "maybe"}'})
+    opts = SourceOptions(label_field="label")
+    (plain,) = collect([tar], options=opts)
+    assert plain.reason is not None and "neither real nor fake" in plain.reason
+    (forced,) = collect([tar], label="fake", options=opts)
+    assert forced.reason is None and forced.label == 1
+    write(tmp_path / "outside.png", image_bytes(2))
+    listed = write(tmp_path / "lists" / "l.csv", b"path,label\n../outside.png,real\n")
+    (row,) = collect([listed], label="fake")
+    assert row.reason is not None and row.reason.startswith("outside the list file's folder")

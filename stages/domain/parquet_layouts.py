@@ -29,7 +29,7 @@ from pathlib import Path, PurePosixPath
 
 from stages.domain.layouts import parse_label
 from storage.errors import UserError
-from storage.locations import ObjectPath, as_path
+from storage.locations import ObjectPath, as_path, location
 from storage.parquet_images import ParquetError, ParquetSource, open_parquet
 
 IMAGE_NAMES = ("image", "image_data", "img", "image_bytes", "jpg", "png", "bytes")
@@ -98,10 +98,8 @@ class Columns:
 
 
 def _listing(folder: Path) -> list[Path]:
-    """Every file below a folder (one listing on object storage), `.git` left out."""
-    if isinstance(folder, ObjectPath):
-        return [p for p, _ in folder.walk_files() if ".git" not in p.relative_to(folder).parts]
-    return sorted(p for p in folder.rglob("*") if p.is_file() and ".git" not in p.relative_to(folder).parts)
+    """Every file below a folder (`Location.walk_files`: one listing, in path order), `.git` left out."""
+    return [p for p, _ in location(folder).walk_files(folder) if ".git" not in p.relative_to(folder).parts]
 
 
 def _hidden(rel: PurePosixPath) -> bool:
@@ -227,7 +225,7 @@ class DatasetFiles:
 
 
 def _absolute(p: Path | ObjectPath) -> Path | ObjectPath:
-    return p if isinstance(p, ObjectPath) else Path(os.path.abspath(p))
+    return location(p).absolute(p)
 
 
 def _by_names(base: Path, parquet: list[Path]) -> DatasetFiles:
@@ -293,9 +291,8 @@ def _data_dir(folder: Path, config: dict) -> str:
 def _pattern_in(folder: Path, base: str, pattern: str) -> str | None:
     """A data_files pattern relative to the dataset folder (below `base`, its data_dir; an absolute
     one as it is); None when it reaches outside the folder."""
-    if os.path.isabs(pattern) and not isinstance(folder, ObjectPath):
-        rel = os.path.relpath(pattern, os.path.abspath(folder)).replace(os.sep, "/")
-    else:
+    rel = location(folder).relative(folder, pattern)  # an absolute path (a URL) in the folder's syntax
+    if rel is None:
         rel = posixpath.normpath(posixpath.join(base, pattern) if base else pattern)
     return None if rel == ".." or rel.startswith("../") or rel.startswith("/") else rel
 

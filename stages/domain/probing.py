@@ -6,66 +6,49 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
 import warnings
 
 from PIL import Image, UnidentifiedImageError
 
 from stages.domain.image_facts import header_facts
 from stages.domain.image_limits import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
-from storage.locations import as_path, is_url
-from storage.locations.object_store import read_objects
+from storage.locations import read_many
+from storage.locations.base import TooLarge
 
 OBJECTS_AT_ONCE = 64  # objects fetched concurrently by one probe task: latency overlapped, memory bounded
 
 
 def probe_file(path: str, max_pixels: int = DEFAULT_MAX_PIXELS,
                max_bytes: int = DEFAULT_MAX_BYTES) -> dict:
-    """Read, hash and fully decode one file: `{"key", "size", "facts"}` or `{"reason"}`."""
-    if is_url(path):
-        return probe_object(path, max_pixels, max_bytes)
-    try:
-        if os.path.isdir(path):
-            return {"reason": "is a folder, not an image file"}
-        size = os.path.getsize(path)
-        if size == 0:
-            return {"reason": "empty file (0 bytes)"}
-        if size > max_bytes:
-            return {"reason": f"too large: {size} bytes > --max-bytes {max_bytes}"}
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as e:
-        return {"reason": f"unreadable: {e.strerror or e}"}
-    return probe_bytes(data, max_pixels, max_bytes)
+    """Read, hash and fully decode one file or object: `{"key", "size", "facts"}` or `{"reason"}`."""
+    return probe_files([path], max_pixels, max_bytes)[0]
 
 
 def probe_files(paths: list[str], max_pixels: int, max_bytes: int) -> list[dict]:
-    """`probe_file` of each path, the objects on object storage fetched concurrently in groups."""
-    if not any(is_url(p) for p in paths):
-        return [probe_file(p, max_pixels, max_bytes) for p in paths]
+    """`probe_file` of each path, read in groups the way its location reads several
+    (`Location.read_many`: objects fetched concurrently, files one by one, a file over
+    `max_bytes` never read)."""
     out = []
     for k in range(0, len(paths), OBJECTS_AT_ONCE):
         part = paths[k:k + OBJECTS_AT_ONCE]
-        got = read_objects([p for p in part if is_url(p)])
-        out += [probe_object(p, max_pixels, max_bytes, got[p]) if is_url(p) else
-                probe_file(p, max_pixels, max_bytes) for p in part]
+        got = read_many(part, max_bytes)
+        out += [probe_read(got[p], max_pixels, max_bytes) for p in part]
     return out
 
 
-def probe_object(url: str, max_pixels: int, max_bytes: int, fetched: bytes | BaseException | None = None,
-                 ) -> dict:
-    """`probe_file` of an object on object storage (read whole: one GET), or of its bytes fetched."""
-    try:
-        if isinstance(fetched, BaseException):
-            raise fetched
-        data = fetched if fetched is not None else as_path(url).read_bytes()
-    except FileNotFoundError:
-        return {"reason": "missing: no such object"}
-    except OSError as e:
-        return {"reason": f"unreadable: {e.strerror or e}"}
-    if not data:
+def probe_read(got: bytes | OSError, max_pixels: int, max_bytes: int) -> dict:
+    """`probe_file` of what reading a file or object gave: its bytes, or the error."""
+    if isinstance(got, IsADirectoryError):
+        return {"reason": "is a folder, not an image file"}
+    if isinstance(got, TooLarge):
+        return {"reason": f"too large: {got.size} bytes > --max-bytes {max_bytes}"}
+    if isinstance(got, FileNotFoundError):
+        return {"reason": f"missing: {got.strerror or 'no such object'}"}
+    if isinstance(got, OSError):
+        return {"reason": f"unreadable: {got.strerror or got}"}
+    if not got:
         return {"reason": "empty file (0 bytes)"}
-    return probe_bytes(data, max_pixels, max_bytes)
+    return probe_bytes(got, max_pixels, max_bytes)
 
 
 def probe_bytes(data: bytes | None, max_pixels: int = DEFAULT_MAX_PIXELS,

@@ -46,12 +46,26 @@ def as_path(path: str | Path | ObjectPath) -> StoragePath:
     return path if isinstance(path, Path) else Path(text)
 
 
-def location(path: StoragePath) -> Location:
-    """The storage operations of `path`'s kind."""
+def location(path: str | StoragePath) -> Location:
+    """The storage operations of `path`'s kind (a string is read by `as_path` first)."""
+    if isinstance(path, str):
+        path = as_path(path)
     for kind, loc in LOCATIONS.items():
         if isinstance(path, kind):
             return loc
     raise TypeError(f"not a storage path: {path!r}")
+
+
+def read_many(paths: list[str], limit: int | None = None) -> dict[str, bytes | OSError]:
+    """`Location.read_many` of paths of any kinds (each kind's paths read its way), by path."""
+    by_kind: dict[int, tuple[Location, list[str]]] = {}
+    for p in paths:
+        loc = location(p)
+        by_kind.setdefault(id(loc), (loc, []))[1].append(p)
+    out: dict[str, bytes | OSError] = {}
+    for loc, part in by_kind.values():
+        out.update(loc.read_many(part, limit))
+    return out
 
 
 def staged(folder: StoragePath) -> AbstractContextManager[Path]:

@@ -8,6 +8,7 @@ the ones whose meaning differs between a POSIX filesystem and an object store.""
 from __future__ import annotations
 
 import contextvars
+import errno
 import hashlib
 import json
 import time
@@ -62,6 +63,14 @@ class RangeReader(ABC):
         """Release what the reader holds open."""
 
 
+class TooLarge(OSError):
+    """A file not read because it is larger than the limit asked (`read_many`); its size in `size`."""
+
+    def __init__(self, path: object, size: int):
+        super().__init__(errno.EFBIG, f"{size} bytes, more than asked for", str(path))
+        self.size = size
+
+
 class Location(ABC):
     """The storage-specific operations on a path of one kind."""
 
@@ -107,9 +116,46 @@ class Location(ABC):
     @abstractmethod
     def walk_files(self, folder: Any) -> list[tuple[Any, int]]:
         """Every file below `folder` (at any depth) with its size in bytes, sorted by its path as
-        text (an object store's key order); [] when `folder` does not exist. Symlinked folders are
-        not followed; a symlink to a file is listed with the size of its target, one that cannot be
-        followed (dangling, a loop) with its own size (reading it says why)."""
+        text (an object store's key order); [] when `folder` does not exist. The one listing of a
+        folder for every input source. Symlinked folders are not followed but listed, with the
+        link's own size (reading one says it is a folder); a symlink to a file is listed with the
+        size of its target, one that cannot be followed (dangling, a loop) with its own size."""
+
+    @abstractmethod
+    def exists(self, path: Any) -> bool:
+        """Whether anything is at `path`: a file, a folder (a prefix with objects below it), a
+        symlink even when it cannot be followed (reading it says why)."""
+
+    @abstractmethod
+    def absolute(self, path: Any) -> Any:
+        """`path` as a run records it: a local path made absolute (`..` resolved lexically, symlinks
+        kept), a URL as it is."""
+
+    def address(self, path: Any) -> str:
+        """`absolute(path)` as text: the address an input or an image is recorded by."""
+        return str(self.absolute(path))
+
+    @abstractmethod
+    def relative(self, folder: Any, text: str) -> str | None:
+        """`text`, an absolute path of this kind (a URL on object storage), relative to `folder` as
+        a posix path (starting with `..` when outside it); None when `text` is not one (a relative
+        path or pattern, to be taken relative to `folder` by the caller)."""
+
+    @abstractmethod
+    def read_many(self, paths: list[str], limit: int | None = None) -> dict[str, bytes | OSError]:
+        """The whole bytes of each path (as text), or the error reading it gave: on a filesystem
+        read one by one, a file over `limit` bytes never read (`TooLarge`), a folder
+        IsADirectoryError; on object storage fetched concurrently (one GET each), one over `limit`
+        TooLarge once fetched."""
+
+    @abstractmethod
+    def remove_tree(self, folder: Any) -> None:
+        """Delete `folder` and everything below it (nothing there: nothing done)."""
+
+    @abstractmethod
+    def remove_empty_folder(self, folder: Any) -> None:
+        """Remove `folder` when nothing is below it: an empty folder on a filesystem; nothing on
+        object storage, where a prefix without objects does not exist."""
 
     @abstractmethod
     def write_marker(self, path: Any, data: bytes) -> bool:

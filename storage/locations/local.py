@@ -3,8 +3,10 @@ creation by `link`, which a rename-based writer never half-creates."""
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
+import shutil
 import tempfile
 import uuid
 from collections.abc import Callable, Iterator
@@ -12,7 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
-from storage.locations.base import Location, RangeReader, check_fence
+from storage.locations.base import Location, RangeReader, TooLarge, check_fence
 
 
 def fsync_dir(path: Path) -> None:
@@ -116,7 +118,10 @@ class LocalLocation(Location):
 
     def walk_files(self, folder: Path) -> list[tuple[Path, int]]:
         out = []
-        for dirpath, _, files in os.walk(folder, followlinks=False):
+        for dirpath, dirs, files in os.walk(folder, followlinks=False):
+            linked = [name for name in dirs if os.path.islink(os.path.join(dirpath, name))]
+            for name in linked:  # not followed, but listed: a caller says it is not taken
+                out.append((os.path.join(dirpath, name), os.lstat(os.path.join(dirpath, name)).st_size))
             for name in files:
                 full = os.path.join(dirpath, name)
                 try:
@@ -125,6 +130,41 @@ class LocalLocation(Location):
                     size = os.lstat(full).st_size  # the link's own size; reading it says why
                 out.append((full, size))
         return [(Path(full), size) for full, size in sorted(out)]
+
+    def exists(self, path: Path) -> bool:
+        return os.path.lexists(path)
+
+    def absolute(self, path: Path) -> Path:
+        return Path(os.path.abspath(path))
+
+    def relative(self, folder: Path, text: str) -> str | None:
+        if not os.path.isabs(text):
+            return None
+        return os.path.relpath(text, os.path.abspath(folder)).replace(os.sep, "/")
+
+    def read_many(self, paths: list[str], limit: int | None = None) -> dict[str, bytes | OSError]:
+        out: dict[str, bytes | OSError] = {}
+        for p in paths:
+            try:
+                if os.path.isdir(p):
+                    raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), p)
+                size = os.path.getsize(p)
+                if limit is not None and size > limit:
+                    raise TooLarge(p, size)
+                with open(p, "rb") as f:
+                    out[p] = f.read()
+            except OSError as e:
+                out[p] = e
+        return out
+
+    def remove_tree(self, folder: Path) -> None:
+        shutil.rmtree(folder, ignore_errors=True)
+
+    def remove_empty_folder(self, folder: Path) -> None:
+        try:
+            folder.rmdir()  # only an empty one: ENOTEMPTY otherwise
+        except OSError:
+            pass
 
     def write_marker(self, path: Path, data: bytes) -> bool:
         self.write_whole(path, data)

@@ -30,7 +30,7 @@ from typing import Any, BinaryIO
 import fsspec
 
 from storage.errors import OptionError, UserError
-from storage.locations.base import Location, RangeReader, check_fence
+from storage.locations.base import Location, RangeReader, TooLarge, check_fence
 
 RETRY_ATTEMPTS = 10  # botocore's standard mode: exponential backoff with jitter, up to ~20 s apart
 _FILESYSTEMS: dict[tuple[int, str], Any] = {}
@@ -510,6 +510,35 @@ class ObjectLocation(Location):
 
     def walk_files(self, folder: ObjectPath) -> list[tuple[ObjectPath, int]]:
         return folder.walk_files()
+
+    def exists(self, path: ObjectPath) -> bool:
+        return path.exists()
+
+    def absolute(self, path: ObjectPath) -> ObjectPath:
+        return path
+
+    def relative(self, folder: ObjectPath, text: str) -> str | None:
+        scheme, sep, _ = text.partition("://")
+        if not sep or scheme != folder.protocol:
+            return None
+        key = ObjectPath(text).key
+        return posixpath.relpath("/" + key, "/" + folder.key)
+
+    def read_many(self, paths: list[str], limit: int | None = None) -> dict[str, bytes | OSError]:
+        out: dict[str, bytes | OSError] = {}
+        for p, got in read_objects(paths).items():
+            if isinstance(got, bytes) and limit is not None and len(got) > limit:
+                got = TooLarge(p, len(got))
+            elif isinstance(got, BaseException) and not isinstance(got, OSError):
+                got = OSError(errno.EIO, str(got), p)  # the client's own error, said as a read error
+            out[p] = got
+        return out
+
+    def remove_tree(self, folder: ObjectPath) -> None:
+        folder.rmtree()
+
+    def remove_empty_folder(self, folder: ObjectPath) -> None:
+        pass  # a prefix without objects does not exist
 
     def write_marker(self, path: ObjectPath, data: bytes) -> bool:
         return self.create_exclusive(path, data)

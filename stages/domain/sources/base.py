@@ -21,7 +21,6 @@ unchanged, their kind inferred from the address (`owns`).
 
 from __future__ import annotations
 
-import os
 from abc import ABC, abstractmethod
 from collections.abc import Hashable
 from dataclasses import dataclass, field
@@ -30,7 +29,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from stages.domain.parquet_layouts import ColumnOptions
 from storage.errors import UserError
-from storage.locations import ObjectPath, StoragePath, as_path, is_url
+from storage.locations import ObjectPath, StoragePath, as_path, location
 from storage.parquet_images import ParquetSource
 
 if TYPE_CHECKING:
@@ -79,10 +78,16 @@ class Candidate:
     kind: str = "files"  # the source kind whose reader reads it
     offset: int | None = None  # see Address
     size: int | None = None
+    label_reason: str | None = None  # set when only its label is refused (a forced --label clears it)
 
     @property
     def address(self) -> Address:
         return Address(self.path, self.offset, self.size)
+
+    @property
+    def refusal(self) -> str | None:
+        """Why the candidate is refused before it is read (None: it is read)."""
+        return self.reason or self.label_reason
 
 
 @dataclass
@@ -212,7 +217,7 @@ class InputSource(ABC):
 
 def input_address(inp: str | Path | ObjectPath) -> str:
     """An input as the run records it: a URL as it is, a local path made absolute."""
-    return str(as_path(inp)) if is_url(str(inp)) or isinstance(inp, ObjectPath) else os.path.abspath(inp)
+    return location(inp).address(as_path(inp))
 
 
 def entry_address(entry: Entry) -> Address:

@@ -4,10 +4,8 @@ or one image file or object. The address is the file's absolute path or the obje
 
 from __future__ import annotations
 
-import os
 from collections.abc import Hashable
 from functools import partial
-from pathlib import Path
 
 from stages.domain.layouts import infer_from_layout
 from stages.domain.probing import probe_files
@@ -22,38 +20,21 @@ from stages.domain.sources.base import (
     ShardError,
     SourceOptions,
 )
-from storage.locations import ObjectPath, StoragePath, as_path, is_url, location
-from storage.locations.object_store import read_objects
+from storage.locations import StoragePath, as_path, location, read_many
 from storage.run import Entry, within_roots
 
 
-def walk_folder(root: Path, layout: str = "auto") -> list[Candidate]:
-    """Every file below `root` (sorted, symlinked folders not followed), with its layout labels."""
-    out = []
+def walk_folder(root: StoragePath, layout: str = "auto") -> list[Candidate]:
+    """Every file below the folder or prefix `root`, with its layout labels: one listing
+    (`Location.walk_files`, in path order), symlinked folders listed (not followed) so that the
+    probe reports them instead of skipping them silently."""
+    loc = location(root)
     root_name = root.resolve().name
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
-        dirnames.sort()
-        rel_dirs = list(Path(dirpath).relative_to(root).parts)
-        label, source, split = infer_from_layout(rel_dirs, root_name, layout)
-        for name in sorted(filenames):
-            out.append(Candidate(os.path.abspath(os.path.join(dirpath, name)), label, source, split))
-        # Folders named like images (x.jpg/) or symlinks to folders are files the user may expect
-        # to be taken: report them instead of silently skipping.
-        for name in list(dirnames):
-            full = os.path.join(dirpath, name)
-            if os.path.islink(full):
-                out.append(Candidate(os.path.abspath(full), label, source, split))
-    return out
-
-
-def walk_objects(root: ObjectPath, layout: str = "auto") -> list[Candidate]:
-    """Every object below the prefix `root` (one listing, in key order), with its layout labels:
-    a folder of images on object storage."""
     out = []
-    for obj, _ in root.walk_files():
-        rel_dirs = list(obj.relative_to(root).parts[:-1])
-        label, source, split = infer_from_layout(rel_dirs, root.name, layout)
-        out.append(Candidate(str(obj), label, source, split))
+    for f, _ in loc.walk_files(root):
+        rel_dirs = list(f.relative_to(root).parts[:-1])
+        label, source, split = infer_from_layout(rel_dirs, root_name, layout)
+        out.append(Candidate(loc.address(f), label, source, split))
     return out
 
 
@@ -72,15 +53,13 @@ class FileReader(EntryReader):
         return _got(lambda: as_path(address.path).read_bytes())
 
     def read_many(self, addresses: list[Address]) -> list[bytes | ReadError]:
-        """Objects on object storage fetched concurrently (their latency overlapped), files one by one."""
-        urls = [a.path for a in addresses if is_url(a.path) and self._allowed(a)]
-        fetched = read_objects(urls) if len(urls) > 1 else {}
+        """Each location's way (`Location.read_many`: objects fetched concurrently, files one by one)."""
+        fetched = read_many([a.path for a in addresses if self._allowed(a)])
         out: list[bytes | ReadError] = []
         for a in addresses:
             try:
                 self._inside(a)
-                got = fetched.get(a.path)
-                out.append(self.read(a) if got is None else _got(partial(_raise_or, got)))
+                out.append(_got(partial(_raise_or, fetched[a.path])))
             except ReadError as e:
                 out.append(e)
         return out
@@ -128,17 +107,14 @@ class Files(InputSource):
         return True  # the last resort: anything no other source took is a folder or a file
 
     def candidates(self, inp: StoragePath, opts: SourceOptions, found: Collected) -> list[Candidate]:
-        if isinstance(inp, ObjectPath):
-            if inp.is_dir():
-                return walk_objects(inp, opts.layout)
-            if not inp.exists():
-                raise ShardError(f"{inp}: no such object or prefix")
-            lab, src, spl = infer_from_layout([inp.parent.name], inp.parent.name, opts.layout)
-            return [Candidate(str(inp), lab, src or inp.parent.name, spl)]
         if inp.is_dir():
             return walk_folder(inp, opts.layout)
-        lab, src, spl = infer_from_layout(list(inp.parent.parts[-4:]), inp.parent.name, opts.layout)
-        return [Candidate(os.path.abspath(inp), lab, src or inp.parent.name, spl)]
+        if not location(inp).exists(inp):
+            raise ShardError(f"{inp}: no such file or folder")
+        parent = inp.parent
+        lab, src, spl = infer_from_layout([p for p in parent.parts[-4:] if "://" not in p], parent.name,
+                                          opts.layout)
+        return [Candidate(location(inp).address(inp), lab, src or parent.name, spl)]
 
     def owns(self, address: str) -> bool:
         return True  # asked last: an address no other source claims is a file's

@@ -59,12 +59,14 @@ class ListFile(InputSource):
     packable = True
 
     def recognises(self, inp: StoragePath) -> bool:
-        if isinstance(inp, ObjectPath):  # refused in `candidates`, with what to give instead
+        # kind question allowed (not yet moved): list files are read with local file APIs, so on
+        # object storage they are refused in `candidates`, with what to give instead
+        if isinstance(inp, ObjectPath):
             return inp.suffix.lower() in LIST_SUFFIXES
         return inp.suffix.lower() in LIST_SUFFIXES and not inp.is_dir()
 
     def candidates(self, inp: StoragePath, opts: SourceOptions, found: Collected) -> list[Candidate]:
-        if isinstance(inp, ObjectPath):
+        if isinstance(inp, ObjectPath):  # kind question allowed: see `recognises`
             raise ShardError(f"{inp}: list files on object storage are not read; give a prefix of image "
                              f"files or parquet files")
         return read_list(inp)
