@@ -340,7 +340,7 @@ def test_shard_into_a_bucket_that_does_not_exist_stops_before_any_image_work(in_
     def no_image_work(*args, **kwargs):
         raise AssertionError("an image was probed before the output location was checked")
 
-    monkeypatch.setattr(stages.shard, "_probe_batch", no_image_work)  # reads and decodes a batch
+    monkeypatch.setattr("stages.domain.probe_tasks._probe_batch", no_image_work)  # reads and decodes a batch
     missing = f"s3://no-such-bucket-{uuid.uuid4().hex[:12]}/runs/r1"
     with pytest.raises(UserError, match=f"{missing}.*(does not exist|no such bucket)"):
         stages.shard.run_shard([str(bucket / "data")], missing, shard_size=4)
