@@ -41,7 +41,7 @@ EMPTY = np.uint64(2**64 - 1)
 ZSTD_LEVEL = 1
 
 
-def zarr_store(path: StoragePath) -> Any:
+def zarr_store(path: str | StoragePath) -> Any:
     """What zarr-python opens for `path` (`Location.zarr_store`: the local path, or an fsspec store
     for a URL, each process its own, that deletes keys literally)."""
     return location(path).zarr_store(path)
