@@ -44,6 +44,7 @@ ZSTD_LEVEL = 1
 def zarr_store(path: str | StoragePath) -> Any:
     """What zarr-python opens for `path` (`Location.zarr_store`: the local path, or an fsspec store
     for a URL, each process its own, that deletes keys literally)."""
+    path = as_path(path)
     return location(path).zarr_store(path)
 
 
