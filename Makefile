@@ -28,15 +28,20 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
+# Test files are shared by TEST_WORKERS processes (pytest-xdist; a file's tests stay on one worker, so
+# its module fixtures are made once); TEST_WORKERS=0 runs them in this process, one after another.
+TEST_WORKERS ?= 2
+PYTEST := $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
+
 test: $(DEMO_STAMP) demo-system-libs
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(PYTEST) -m "not slow"
 
 test-long: $(DEMO_STAMP) demo-system-libs
-	$(BIN)/python -m pytest -q
+	$(PYTEST)
 
 # make test, then the 30 slowest tests (setup and call apart): where the suite's time goes
 test-durations: $(DEMO_STAMP) demo-system-libs
-	$(BIN)/python -m pytest -q -m "not slow" --durations=30 --durations-min=1
+	$(PYTEST) -m "not slow" --durations=30 --durations-min=1
 
 # ruff (style, complexity <= 15), then layers one way, no import cycles, no function over 80 lines
 lint: $(STAMP)

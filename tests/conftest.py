@@ -12,13 +12,32 @@ import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import numpy as np
-import pytest
-import torch
-from PIL import Image
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs two workers (pytest-xdist, one per core): each one, and every process its tests
+    # start, computes on one thread, so that two workers with torch's thread per core do not
+    # oversubscribe the cores; every process of the run then also sums in the same order (the same
+    # bytes across processes). Set before torch is imported.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+# The files that take longest, first: `make test` hands whole files to its two workers in this order
+# (`--dist loadfile --no-loadscope-reorder`), and a long file handed out last would keep one core busy
+# alone at the end. `make test-durations` shows where the time goes.
+LONG_FILES = ("test_demo.py", "test_object_storage.py", "test_reliability.py", "test_crash_points.py",
+              "test_archive_sources.py", "test_train_eval.py", "test_claims.py", "test_hf_datasets.py")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Long files first (a stable sort: tests keep their order within a file)."""
+    rank = {name: i for i, name in enumerate(LONG_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
 
 
 def image_bytes(seed: int, size: tuple[int, int] = (48, 40), mode: str = "RGB", fmt: str = "PNG",
