@@ -30,8 +30,9 @@ sys.path.insert(0, str(ROOT))
 # The files that take longest, first: `make test` hands whole files to its two workers in this order
 # (`--dist loadfile --no-loadscope-reorder`), and a long file handed out last would keep one core busy
 # alone at the end. `make test-durations` shows where the time goes.
-LONG_FILES = ("test_demo.py", "test_object_storage.py", "test_reliability.py", "test_crash_points.py",
-              "test_archive_sources.py", "test_train_eval.py", "test_claims.py", "test_hf_datasets.py")
+LONG_FILES = ("test_demo.py", "test_object_storage.py", "test_parquet.py", "test_reliability.py",
+              "test_trust.py", "test_webdataset.py", "test_crash_points.py", "test_distributed_train.py",
+              "test_robustness.py", "test_archive_sources.py", "test_location_operations.py")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
