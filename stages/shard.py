@@ -93,6 +93,7 @@ def collect(inputs: list[Path], label: str | None = None, source: str | None = N
     return [
         replace(c, label=forced_label if forced_label is not None else c.label,
                 label_reason=None if forced_label is not None else c.label_reason,  # --label: not needed
+                reason=c.reason if forced_label is not None else c.refusal,  # one reason, as before kinds
                 source=source or c.source or "unknown",
                 split=split or split_map.get(c.split or "train", c.split or "train"))
         for c in found_c

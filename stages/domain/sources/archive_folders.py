@@ -1,7 +1,8 @@
 """What the two archive sources (`webdataset_tar.py`, `zip_archive.py`) share: walking an input that
 holds archives (one archive, or a folder or prefix of them; img2dataset's `NNNNN.parquet` and
 `NNNNN_stats.json` beside a tar left out as its metadata, any other file there taken as an image
-file), and an image member's label, source and split.
+file, an archive beside loose image files refused: its folder is an image folder, a parquet dataset
+folder left to the parquet source), and an image member's label, source and split.
 
 A member's label comes from, in this order: the metadata field named by `--label-field` (a key of
 the sample's `KEY.json` as WebDataset pairs it, or of its entry in a JSON member mapping image file
@@ -19,8 +20,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from stages.domain.layouts import infer_from_layout, parse_label
-from stages.domain.parquet_layouts import source_folder
+from stages.domain.parquet_layouts import is_parquet_dataset, source_folder
 from stages.domain.sources.base import Candidate, Collected, SourceOptions, input_address
+from storage.archive_members import IMAGE_SUFFIXES
 from storage.locations import StoragePath, as_path, location
 
 SIDECARS = frozenset({"json", "txt", "cls"})  # a sample's metadata members (WebDataset's extensions)
@@ -30,6 +32,9 @@ COMPRESSED = ("compressed tar: members cannot be read in place; decompress it (g
 NO_LABEL = ("no label: no --label-field value in its metadata, and the folders name no real/fake class "
             "(0_real, 1_fake, real, nature, ai, <generator> under a split); give --label-field, --label "
             "or --layout")
+STRAY_ARCHIVE = ("an archive inside an image folder: its members are not read; give the archive (or a "
+                 "folder of archives) as its own input")
+ARCHIVES = (".tar", ".zip", *COMPRESSED_TARS)
 _MISSING = object()
 
 
@@ -174,19 +179,29 @@ def _parsed_label(raw: object, name: str) -> tuple[int | None, str | None]:
     return parsed, None
 
 
+@dataclass(frozen=True)
+class Refusal:
+    """Why an image member is refused before it is read: `reason` whatever the label (its metadata
+    cannot be paired with it), `label` only for want of a label (a forced `--label` clears it)."""
+
+    reason: str | None = None
+    label: str | None = None
+
+
 def member_labels(name: str, place: Place, md: Metadata, opts: SourceOptions,
-                  ) -> tuple[int | None, str | None, str | None, str | None]:
+                  ) -> tuple[int | None, str | None, str | None, Refusal]:
     """(label, source, split, refusal) of the image member `name` of an archive at `place`."""
     inner = split_key(name)[2]
     label, source, split = infer_from_layout([*place.dirs, *inner], place.root_name, opts.layout)
-    refusal = None
+    refusal = Refusal()
     named = opts.label_field
     if (named or opts.source_field) and md.ambiguous:
-        refusal = md.ambiguous
+        refusal = Refusal(reason=md.ambiguous)
     elif named and named not in md.fields and md.error:
-        refusal = f"--label-field {named}: {md.error}"
+        refusal = Refusal(label=f"--label-field {named}: {md.error}")
     elif named and (raw := md.value(named)) is not _MISSING:
-        label, refusal = _parsed_label(raw, named)
+        label, why = _parsed_label(raw, named)
+        refusal = Refusal(label=why)
     if opts.source_field and md.value(opts.source_field) not in (_MISSING, None, ""):
         source = str(md.value(opts.source_field))
     return label, source or place.folder, split, refusal
@@ -194,13 +209,40 @@ def member_labels(name: str, place: Place, md: Metadata, opts: SourceOptions,
 
 def holds(inp: StoragePath, *suffixes: str) -> bool:
     """Whether `inp` is an archive with one of these suffixes (of its name: `.tar.gz` too), or a
-    folder or prefix with one below it."""
+    folder or prefix with one below it that is no parquet dataset (`parquet_claims`)."""
     def named(f: StoragePath) -> bool:
         return f.name.lower().endswith(suffixes)
 
     if not inp.is_dir():
         return named(inp)
-    return any(named(f) for f, _ in location(inp).walk_files(inp))
+    files = [f for f, _ in location(inp).walk_files(inp)]
+    return any(named(f) for f in files) and not parquet_claims(inp, files)
+
+
+def parquet_claims(inp: StoragePath, files: list[StoragePath]) -> bool:
+    """Whether a folder holding archives is a parquet dataset (a Hugging Face repo with an extra
+    images.zip), its every `.parquet` not img2dataset's metadata beside a tar of the same stem."""
+    tars = {(str(f.parent), f.stem) for f in files if f.suffix.lower() == ".tar"}
+    stray = any(f.suffix.lower() == ".parquet" and not _img2dataset_metadata(f, tars) for f in files)
+    return stray and is_parquet_dataset(inp)
+
+
+def stray_folders(files: list[StoragePath]) -> set[str]:
+    """The folders where an archive sits beside a loose image file: image folders, whose archives
+    are not read (`STRAY_ARCHIVE`). A symlink loop named .png is no image file."""
+    archive_dirs = {str(f.parent) for f in files if f.name.lower().endswith(ARCHIVES)}
+    out: set[str] = set()
+    for f in files:
+        d = str(f.parent)
+        if d in archive_dirs and d not in out and f.suffix.lower() in IMAGE_SUFFIXES and f.is_file():
+            out.add(d)
+    return out
+
+
+def archive_refusal(name: str) -> str | None:
+    """The reject reason of an archive listed as a file of an image folder (`STRAY_ARCHIVE`);
+    None for any other file."""
+    return STRAY_ARCHIVE if name.lower().endswith(ARCHIVES) else None
 
 
 def _img2dataset_metadata(f: StoragePath, tars: set[tuple[str, str]]) -> bool:
@@ -211,15 +253,21 @@ def _img2dataset_metadata(f: StoragePath, tars: set[tuple[str, str]]) -> bool:
     return stem is not None and (str(f.parent), stem) in tars
 
 
+def refused(address: str, reason: str, kind: str) -> Candidate:
+    """An archive (or member) refused whole before any image is read: a candidate with its reason,
+    so that it counts in the run's `files` as it is a reject."""
+    return Candidate(address, None, None, None, reason, kind=kind)
+
+
 def walk(inp: StoragePath, opts: SourceOptions, found: Collected, listers: dict[str, Lister],
          ) -> list[Candidate]:
     """The candidates of an input holding archives: one archive (its folders as a single file's
     are read), or every file below a folder or prefix: archives through `listers` (by suffix),
-    img2dataset's metadata left out, any other file as an image file (the files source reads it)."""
+    img2dataset's metadata left out, any other file as an image file (the files source reads it),
+    an archive beside loose image files refused (`stray_folders`)."""
     suffix = inp.suffix.lower()
     if not inp.is_dir() and is_compressed_tar(inp.name):
-        found.refuse(input_address(inp), COMPRESSED)
-        return []
+        return [refused(input_address(inp), COMPRESSED, "webdataset")]
     if suffix in listers and not inp.is_dir():
         full = as_path(input_address(inp))
         place = Place(tuple(full.parent.parts[-4:]), full.parent.name, source_folder(full))
@@ -227,12 +275,15 @@ def walk(inp: StoragePath, opts: SourceOptions, found: Collected, listers: dict[
     files = [f for f, _ in location(inp).walk_files(inp)]
     tars = {(str(f.parent), f.stem) for f in files if f.suffix.lower() == ".tar"}
     root_name = inp.resolve().name
+    strays = stray_folders(files)
     out: list[Candidate] = []
     for f in files:
         rel = tuple(f.relative_to(inp).parts[:-1])
         lister = listers.get(f.suffix.lower())
-        if is_compressed_tar(f.name):
-            found.refuse(input_address(f), COMPRESSED)
+        if str(f.parent) in strays and archive_refusal(f.name):
+            out.append(refused(input_address(f), STRAY_ARCHIVE, "files"))
+        elif is_compressed_tar(f.name):
+            out.append(refused(input_address(f), COMPRESSED, "webdataset"))
         elif lister is not None:
             out += lister(f, Place(rel, root_name, source_folder(as_path(input_address(f)))), opts, found)
         elif not _img2dataset_metadata(f, tars):

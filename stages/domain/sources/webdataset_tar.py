@@ -28,6 +28,7 @@ from stages.domain.sources.archive_folders import (
     is_sidecar,
     member_labels,
     read_metadata,
+    refused,
     split_key,
     split_member,
     walk,
@@ -102,6 +103,7 @@ class WebDatasetTars(InputSource):
         address = input_address(tar)
         images: list[tuple[Member, dict[str, bytes]]] = []  # no bytes kept: the probe reads them
         key, sample, seen = None, {}, set()  # the current sample: its key, metadata, member names
+        damaged = None
         try:
             for m in iter_tar(tar, DEFAULT_MAX_BYTES, wanted=is_sidecar):
                 if split_key(m.name)[0] != key or m.name in seen:  # WebDataset's grouping
@@ -112,16 +114,16 @@ class WebDatasetTars(InputSource):
                 else:
                     images.append((m, sample))
         except ArchiveError as e:
-            found.refuse(address, e.why)
+            damaged = refused(address, e.why, self.kind)
         names = Counter(m.name for m, _ in images)
         metadata = read_metadata([(m.name, side) for m, side in images],
                                  dups=frozenset(n for n, k in names.items() if k > 1))
         out = []
         for (m, _), md in zip(images, metadata, strict=True):
             label, source, split, refusal = member_labels(m.name, place, md, opts)
-            out.append(Candidate(f"{address}#{m.name}", label, source, split, m.refused or refusal,
-                                 kind=self.kind, offset=m.offset, size=m.size))
-        return out
+            out.append(Candidate(f"{address}#{m.name}", label, source, split, m.refused or refusal.reason,
+                                 kind=self.kind, offset=m.offset, size=m.size, label_reason=refusal.label))
+        return out + ([damaged] if damaged is not None else [])
 
     def owns(self, address: str) -> bool:
         return False  # every entry records its kind

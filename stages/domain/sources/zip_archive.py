@@ -23,6 +23,7 @@ from stages.domain.sources.archive_folders import (
     is_sidecar,
     member_labels,
     read_metadata,
+    refused,
     split_member,
     walk,
 )
@@ -57,18 +58,18 @@ def list_zip(path: StoragePath, place: Place, opts: SourceOptions, found: Collec
     try:
         zf = open_zip(path)
     except ArchiveError as e:
-        found.refuse(address, e.why)
-        return []
+        return [refused(address, e.why, "zip")]
     try:
         infos = sorted((i for i in zf.infolist() if not i.is_dir()), key=lambda i: i.header_offset)
-        sidecars, images = {}, []
+        sidecars, images, bad = {}, [], []
         for info in infos:
             if is_sidecar(info.filename) and member_refusal(info) is None \
                     and info.file_size <= DEFAULT_MAX_BYTES:
                 try:
                     sidecars[info.filename] = read_member(zf, info, info.file_size)
                 except ValueError as e:
-                    found.refuse(f"{address}#{info.filename}", f"metadata member unreadable: {e}")
+                    why = f"metadata member unreadable: {e}"
+                    bad.append(refused(f"{address}#{info.filename}", why, "zip"))
             elif not is_sidecar(info.filename):
                 images.append(info)
     finally:
@@ -79,9 +80,9 @@ def list_zip(path: StoragePath, place: Place, opts: SourceOptions, found: Collec
     out = []
     for info, md in zip(images, metadata, strict=True):
         label, source, split, refusal = member_labels(info.filename, place, md, opts)
-        out.append(Candidate(f"{address}#{info.filename}", label, source, split, refusal, kind="zip",
-                             offset=info.header_offset, size=info.file_size))
-    return out
+        out.append(Candidate(f"{address}#{info.filename}", label, source, split, refusal.reason, kind="zip",
+                             offset=info.header_offset, size=info.file_size, label_reason=refusal.label))
+    return out + bad
 
 
 class ZipReader(EntryReader):
