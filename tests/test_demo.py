@@ -49,19 +49,26 @@ def run_demo(work: Path) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def demo_runs(module_tmp) -> tuple[Path, subprocess.CompletedProcess, subprocess.CompletedProcess]:
+def demo_first(module_tmp) -> tuple[Path, subprocess.CompletedProcess]:
     if MISSING:
         pytest.skip(f"needs Debian's {', '.join(MISSING)} (`make test` installs them as root)")
     work = module_tmp("demo")
-    return work, run_demo(work), run_demo(work)
+    return work, run_demo(work)
+
+
+@pytest.fixture(scope="module")
+def demo_runs(demo_first) -> tuple[Path, subprocess.CompletedProcess, subprocess.CompletedProcess]:
+    """The first run, and a second one in the same folder (which reuses everything)."""
+    work, first = demo_first
+    return work, first, run_demo(work)
 
 
 def table_lines(text: str) -> list[str]:
     return [line for line in text.splitlines() if line.startswith("|")]
 
 
-def test_demo_data_layout(demo_runs):
-    work, first, _ = demo_runs
+def test_demo_data_layout(demo_first):
+    work, first = demo_first
     data = work / "data"
     summary = json.loads(data_summary(data).read_text())
     assert summary["skipped"] == {}
@@ -95,8 +102,8 @@ def test_demo_data_layout(demo_runs):
     assert {g.split("-")[0] for g in groups_in["train"] | groups_in["test"]} >= {"mate", "jigzo"}
 
 
-def test_demo_report_has_seen_related_and_unrelated_generators(demo_runs):
-    work, first, _ = demo_runs
+def test_demo_report_has_seen_related_and_unrelated_generators(demo_first):
+    work, first = demo_first
     out = work / "run" / "eval" / "demo"
     rep = json.loads((out / "report.json").read_text())
     generators = [f"demo/{g}" for g in (*UPSCALERS, "stylegan2")]
@@ -130,6 +137,7 @@ def test_demo_report_has_seen_related_and_unrelated_generators(demo_runs):
     assert model_info["final_loss"] < model_info["first_loss"]
 
 
+@pytest.mark.slow  # a second demo run (about 50 s): in make test-long, to keep make test within 10 minutes
 def test_second_demo_run_reuses_data_model_and_checkpoint(demo_runs):
     work, first, second = demo_runs
     assert "demo data: " + str(work / "data") + " is up to date" in second.stdout
@@ -140,9 +148,9 @@ def test_second_demo_run_reuses_data_model_and_checkpoint(demo_runs):
 
 
 @pytest.mark.slow  # a third whole demo run, made from nothing (DDPM and detector trained again): test-long
-def test_a_demo_run_from_nothing_prints_the_same_table(demo_runs, tmp_path):
+def test_a_demo_run_from_nothing_prints_the_same_table(demo_first, tmp_path):
     """Data, DDPM, features and detector all made again in another folder: the same figures."""
-    _, first, _ = demo_runs
+    _, first = demo_first
     again = run_demo(tmp_path / "again")
     assert "training a" in again.stdout
     assert table_lines(again.stdout) == table_lines(first.stdout)
@@ -199,6 +207,7 @@ def test_the_jigzo_puzzles_give_photos_without_border():
         assert (grey[:, -3:] < 24).mean() < 0.9 and (grey[-3:] < 24).mean() < 0.9, path
 
 
+@pytest.mark.slow  # demo data for every photo (about 40 s): in make test-long
 def test_a_generator_that_cannot_load_is_skipped_and_named(tmp_path, monkeypatch):
     import demo.data as data
 

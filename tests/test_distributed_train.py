@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from conftest import ROOT, cli
 from test_reliability import clean  # noqa: F401
@@ -90,6 +91,7 @@ def test_ddp_averaged_gradients_equal_one_process_gradients(clean, tmp_path):  #
     assert norm > 0 and diff < 1e-4 * norm, (diff, norm)
 
 
+@pytest.mark.slow  # torchrun training (about 45 s): in make test-long; make test keeps the DDP gradients test
 def test_two_ranks_train_like_one(clean, tmp_path):  # noqa: F811
     """torchrun end to end: the same samples per epoch, metrics and checkpoints from rank 0 only."""
     run = tmp_path / "run"

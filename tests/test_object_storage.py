@@ -130,8 +130,10 @@ def test_credentials_in_a_url_are_refused_without_echoing_them(s3, bucket):
     assert SECRET_KEY not in out.stdout + out.stderr
 
 
-@pytest.mark.parametrize("kill_at", [pytest.param(3, marks=pytest.mark.slow), 11,
-                                     pytest.param(24, marks=pytest.mark.slow)])
+# all in make test-long (about 40 s each): make test keeps the local kills at every write (test_crash_points)
+# and the whole flow on S3
+@pytest.mark.slow
+@pytest.mark.parametrize("kill_at", [3, 11, 24])
 def test_extract_killed_at_a_write_resumes_to_the_local_bytes(s3, bucket, reference, tiny_model, kill_at):
     """kill -9 when the extract's n-th write request reaches the server (it never arrives): no done
     marker without its data, and a rerun ends with the local run's checksums."""
@@ -155,6 +157,7 @@ def test_extract_killed_at_a_write_resumes_to_the_local_bytes(s3, bucket, refere
     s3_cli(s3, "verify", "--run", run)
 
 
+@pytest.mark.slow  # about 45 s: in make test-long; make test keeps two local workers and the claims' S3 tests
 def test_two_workers_on_one_s3_run_do_each_shard_once_through_faults(s3, bucket, reference, tiny_model):
     """Two extract processes on one run while every 13th request fails with a 503 and every 17th
     write happens but its answer is lost: each shard is marked done once (one conditional create

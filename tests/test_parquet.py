@@ -63,6 +63,7 @@ def files_outside(run: Path, before: set[str], roots: list[Path]) -> set[str]:
     return {str(p) for root in roots for p in root.rglob("*")} - before
 
 
+@pytest.mark.slow  # about 23 s: in make test-long; make test keeps Community Forensics' and the hub layouts
 def test_openfake_layout_with_no_options(tmp_path, tiny_model):
     data = make_openfake(tmp_path / "OpenFake")
     before = {str(p) for p in data.rglob("*")}

@@ -118,6 +118,7 @@ def test_streamed_training_resumes_exactly_and_evaluates(wds_run, tmp_path):
     assert proc.returncode == 2 and "random access" in proc.stderr
 
 
+@pytest.mark.slow  # about 23 s: in make test-long; make test keeps torchrun ranks sharing extract's queue
 def test_torchrun_streams_disjoint_tars_per_rank(wds_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(wds_run, run)
