@@ -14,6 +14,7 @@ import bisect
 import functools
 import hashlib
 import re
+from collections.abc import Hashable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -205,17 +206,24 @@ class RowGroupReader:
 
 
 def read_units(paths: list[str], sources: dict[str, ParquetSource], batch_size: int) -> list[list[int]]:
-    """A shard's rows (by index) cut into units that one loader worker reads whole: consecutive
-    runs of one row group (plain files: runs of `batch_size`), merged while a unit stays within
-    `batch_size` rows. A unit's batches are its `batch_size` chunks; they do not depend on the
-    number of workers, so neither do the stored bytes."""
-    segments: list[list[int]] = []
-    last = object()
-    for i, path in enumerate(paths):
+    """A shard's rows (by index) cut into units that one loader worker reads whole (`unit_runs`,
+    a row group being the group; plain files have none)."""
+    groups = []
+    for path in paths:
         parts = split_address(path)
-        group = None
-        if parts is not None and parts[0] in sources:
-            group = (parts[0], sources[parts[0]].row_group_of(parts[1])[0])
+        groups.append((parts[0], sources[parts[0]].row_group_of(parts[1])[0])
+                      if parts is not None and parts[0] in sources else None)
+    return unit_runs(groups, batch_size)
+
+
+def unit_runs(groups: list[Hashable | None], batch_size: int) -> list[list[int]]:
+    """Positions cut into units that one loader worker reads whole: consecutive runs of one group
+    (no group: runs of `batch_size`), merged while a unit stays within `batch_size`. A unit's batches
+    are its `batch_size` chunks: they do not depend on the number of workers, so neither do the
+    stored bytes."""
+    segments: list[list[int]] = []
+    last: object = object()
+    for i, group in enumerate(groups):
         if segments and group == last and (group is not None or len(segments[-1]) < batch_size):
             segments[-1].append(i)
         else:

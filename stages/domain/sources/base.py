@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from stages.domain.parquet_layouts import ColumnOptions
 from storage.errors import UserError
 from storage.locations import ObjectPath, StoragePath, as_path, location
-from storage.parquet_images import ParquetSource
+from storage.parquet_images import ParquetSource, unit_runs  # noqa: F401 (re-exported)
 
 if TYPE_CHECKING:
     from storage.run import Entry
@@ -233,25 +233,3 @@ def check_key(data: bytes | None, key: str, changed: str) -> bytes:
     if not data or hashlib.sha256(data).hexdigest() != key:
         raise ReadError(changed)
     return data
-
-
-def unit_runs(groups: list[Hashable | None], batch_size: int) -> list[list[int]]:
-    """Positions cut into units that one loader worker reads whole: consecutive runs of one group
-    (no group: runs of `batch_size`), merged while a unit stays within `batch_size`. A unit's batches
-    are its `batch_size` chunks: they do not depend on the number of workers, so neither do the
-    stored bytes."""
-    segments: list[list[int]] = []
-    last: object = object()
-    for i, group in enumerate(groups):
-        if segments and group == last and (group is not None or len(segments[-1]) < batch_size):
-            segments[-1].append(i)
-        else:
-            segments.append([i])
-        last = group
-    units: list[list[int]] = []
-    for seg in segments:
-        if units and len(units[-1]) + len(seg) <= batch_size:
-            units[-1] += seg
-        else:
-            units.append(list(seg))
-    return units
